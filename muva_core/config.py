@@ -1,0 +1,157 @@
+"""Typed run configuration: one dataclass per step, YAML files per protocol, flat keys.
+
+Every field name is unique across the sections, so a configuration flattens to one
+``{key: value}`` dict. Those flat keys are, at once, the YAML keys (nested by section or
+flat), the notebooks' papermill parameters and the CLI's ``-p key=value`` overrides.
+Unknown keys fail with a message that names the file and suggests the closest key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message says where and why."""
+
+
+@dataclass
+class DataConfig:
+    """Which protocol, where its data lives, and how images are prepared."""
+
+    protocol: str = "synth:A2B"
+    data_root: str = "data"            # real datasets: folder holding Market-1501-v15.09.15/, MSMT17_V1/, ...
+    synth_root: str = "data/synthetic"  # where `muva synth` writes (and the synthetic protocols read)
+    synth_scale: str = "default"       # small | default
+    height: int = 256
+    width: int = 128
+    norm: str = "clip"                 # clip | half (the reference code's mean = std = 0.5)
+    num_instances: int = 4             # K images per identity in a P x K batch
+    batch_size: int = 64               # P x K
+    num_workers: int = 2
+
+
+@dataclass
+class EvalConfig:
+    """Re-ID evaluation (paper section 4.1: mAP and CMC, no re-ranking)."""
+
+    metric: str = "euclidean"          # distance on the BN-neck features after L2 normalisation
+    max_rank: int = 50
+    eval_chunk_size: int = 1024
+
+
+@dataclass
+class RunConfig:
+    """The whole run. Sections are plain attributes; keys are unique across sections."""
+
+    seed: int = 0
+    device: str = "auto"               # auto | cpu | cuda
+    reports_dir: str = "reports"
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # ---- flat view ---------------------------------------------------------------------
+    def to_flat(self) -> dict[str, Any]:
+        """All keys as one flat dict (the papermill parameters)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                out.update(dataclasses.asdict(value))
+            else:
+                out[f.name] = value
+        return out
+
+    def to_nested(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_of(self, key: str) -> str | None:
+        """The section holding ``key`` (``None`` for a top-level key); KeyError when unknown."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                if key in {g.name for g in fields(value)}:
+                    return f.name
+            elif f.name == key:
+                return None
+        raise KeyError(key)
+
+    def update(self, values: dict[str, Any], source: str = "overrides") -> "RunConfig":
+        """Set flat or section-nested keys in place, type-checked; returns ``self``."""
+        for key, value in values.items():
+            section_names = {f.name for f in fields(self) if dataclasses.is_dataclass(getattr(self, f.name))}
+            if key in section_names and isinstance(value, dict):
+                self.update(value, source=f"{source} [{key}]")
+                continue
+            try:
+                section = self.section_of(key)
+            except KeyError:
+                raise ConfigError(_unknown_key_message(key, source, list(self.to_flat()))) from None
+            target = self if section is None else getattr(self, section)
+            setattr(target, key, _coerce(target, key, value, source))
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(loaded).__name__}")
+        cfg = cls().update(loaded, source=str(path))
+        if overrides:
+            cfg.update(overrides)
+        return cfg
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_nested(), sort_keys=False)
+        if path is not None:
+            from .io import atomic_path
+
+            with atomic_path(path) as tmp:
+                tmp.write_text(text)
+        return text
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["key=value", ...]`` (CLI ``-p``) to a dict, values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def _unknown_key_message(key: str, source: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"{source}: unknown config key {key!r}{hint} (known keys: {', '.join(sorted(known))})"
+
+
+def _coerce(obj: Any, key: str, value: Any, source: str) -> Any:
+    hints = typing.get_type_hints(type(obj))
+    expected = hints[key]
+    origin = typing.get_origin(expected)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected in (int, float, str, bool):
+        if isinstance(value, bool) and expected is not bool:
+            raise ConfigError(f"{source}: key {key!r} expects {expected.__name__}, got {value!r}")
+        if not isinstance(value, expected):
+            raise ConfigError(f"{source}: key {key!r} expects {expected.__name__}, got {value!r}")
+        return value
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        return type(getattr(obj, key))(value) if getattr(obj, key) is not None else list(value)
+    return value
