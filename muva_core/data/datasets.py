@@ -188,7 +188,7 @@ class ReIDDataset:
     def __init__(self, root: str | os.PathLike, verify_images: bool = False) -> None:
         if not self.name:
             raise TypeError(f"{type(self).__name__} is not registered (use @register_dataset)")
-        self.root = Path(root).expanduser()
+        self.root = Path(os.path.abspath(Path(root).expanduser()))
         self.dataset_dir = self.resolve_root(self.root)
         raw = self._parse()
         self.train, self.query, self.gallery = self._apply_rules(raw)
@@ -303,7 +303,7 @@ class ReIDDataset:
 # Market-style folders: bounding_box_train / query / bounding_box_test, names 0002_c1s1_000451_03.jpg
 # --------------------------------------------------------------------------------------
 
-_MARKET_PATTERN = re.compile(r"^([-\d]+)_c(\d+)")
+_MARKET_PATTERN = re.compile(r"^(-?\d+)_c(\d+)")
 
 
 def _scan_dir(folder: Path) -> list[Path]:
@@ -361,7 +361,7 @@ class MarketStyleDataset(ReIDDataset):
             recs: list[_Raw] = []
             for f in files:
                 pid, cam = _parse_market_name(f, self.pattern, self.max_cam, self.name)
-                recs.append((str(f.resolve()), f.relative_to(self.dataset_dir).as_posix(), pid, cam))
+                recs.append((str(f), f.relative_to(self.dataset_dir).as_posix(), pid, cam))
             raw[split] = recs
         return raw
 
@@ -485,7 +485,7 @@ class MSMT17(MarketStyleDataset):
                 if not path.is_file():
                     missing.append(f"{path} ({list_path.name} line {lineno})")
                     continue
-                recs.append((str(path.resolve()), path.relative_to(self.dataset_dir).as_posix(), pid, cam - 1))
+                recs.append((str(path), path.relative_to(self.dataset_dir).as_posix(), pid, cam - 1))
         if missing:
             shown = "\n  ".join(missing[:5])
             more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""

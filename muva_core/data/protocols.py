@@ -1,0 +1,246 @@
+"""Named domain-generalisation protocols: which datasets to train on, which one to test on.
+
+* 12 single-source protocols over the paper's four datasets {MA, D, MS, C3} (Tables 1, 2):
+  every ordered pair, named ``MA2D``, ``MA2MS``, ``MA2C3``, ``D2MA``, ...
+* 4 multi-source leave-one-out protocols (Table 3): ``D+MS+C3->MA``, ``MA+MS+C3->D``,
+  ``MA+D+C3->MS``, ``MA+D+MS->C3`` (train splits of the three sources combined).
+* Synthetic-domain protocols over ``synth_A`` .. ``synth_D``: ``synth:A2B`` (all ordered
+  pairs) and leave-one-out ``synth:B+C+D->A`` etc.
+
+Names contain ``:`` and ``->``; :func:`protocol_slug` gives a folder-safe form
+(``synth:A2B`` -> ``synth_A2B``, ``D+MS+C3->MA`` -> ``D+MS+C3_to_MA``) which
+:func:`get_protocol` also accepts.
+"""
+from __future__ import annotations
+
+import difflib
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from muva_core.data.datasets import ReIDDataset, SourceInfo, canonical_name, combine_train, load_dataset
+from muva_core.data.samples import Sample
+
+__all__ = [
+    "DATASET_CODES",
+    "SYNTH_LETTERS",
+    "Protocol",
+    "ProtocolData",
+    "register_protocol",
+    "get_protocol",
+    "list_protocols",
+    "protocol_slug",
+    "build_protocol_data",
+]
+
+DATASET_CODES: dict[str, str] = {
+    "MA": "market1501",
+    "D": "dukemtmcreid",
+    "MS": "msmt17",
+    "C3": "cuhk03_np",
+}
+"""The paper's short dataset codes -> canonical dataset names (C3 = CUHK03-NP detected)."""
+
+SYNTH_LETTERS: tuple[str, ...] = ("A", "B", "C", "D")
+
+KINDS = ("single", "multi")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A train/test protocol: train on ``sources`` (canonical dataset names), test on ``target``."""
+
+    name: str
+    sources: tuple[str, ...]
+    target: str
+    synthetic: bool = False
+    description: str = ""
+
+    @property
+    def kind(self) -> str:
+        """``"single"`` (one source) or ``"multi"`` (several sources combined)."""
+        return "single" if len(self.sources) == 1 else "multi"
+
+    @property
+    def slug(self) -> str:
+        return protocol_slug(self.name)
+
+
+_PROTOCOLS: dict[str, Protocol] = {}
+
+
+def protocol_slug(name: str) -> str:
+    """A folder-safe form of a protocol name: ``:`` -> ``_``, ``->`` -> ``_to_``, spaces removed."""
+    return name.replace(" ", "").replace("->", "_to_").replace(":", "_").replace("/", "_")
+
+
+def register_protocol(name: str, sources: Sequence[str], target: str, *, synthetic: bool = False,
+                      description: str = "") -> Protocol:
+    """Register a protocol; ``sources`` / ``target`` may be dataset aliases (stored canonical)."""
+    srcs = tuple(canonical_name(s) for s in sources)
+    tgt = canonical_name(target)
+    if not srcs:
+        raise ValueError(f"protocol {name!r} has no source dataset")
+    if tgt in srcs:
+        raise ValueError(f"protocol {name!r}: target {tgt!r} is also a source")
+    if len(set(srcs)) != len(srcs):
+        raise ValueError(f"protocol {name!r}: repeated source in {srcs}")
+    slugs = {p.slug: p.name for p in _PROTOCOLS.values()}
+    if name in _PROTOCOLS or protocol_slug(name) in slugs:
+        raise ValueError(f"protocol {name!r} (slug {protocol_slug(name)!r}) is already registered")
+    proto = Protocol(name=name, sources=srcs, target=tgt, synthetic=synthetic, description=description)
+    _PROTOCOLS[name] = proto
+    return proto
+
+
+def _register_builtin() -> None:
+    codes = list(DATASET_CODES)
+    for a, b in itertools.permutations(codes, 2):
+        register_protocol(f"{a}2{b}", [DATASET_CODES[a]], DATASET_CODES[b],
+                          description=f"single-source: train {a}, test {b} (paper Tables 1-2)")
+    for tgt in codes:
+        srcs = [c for c in codes if c != tgt]
+        register_protocol("+".join(srcs) + "->" + tgt, [DATASET_CODES[c] for c in srcs], DATASET_CODES[tgt],
+                          description=f"multi-source leave-one-out: train {'+'.join(srcs)}, test {tgt} (paper Table 3)")
+    for a, b in itertools.permutations(SYNTH_LETTERS, 2):
+        register_protocol(f"synth:{a}2{b}", [f"synth_{a}"], f"synth_{b}", synthetic=True,
+                          description=f"synthetic single-source: train synth_{a}, test synth_{b}")
+    for tgt in SYNTH_LETTERS:
+        srcs = [c for c in SYNTH_LETTERS if c != tgt]
+        register_protocol(f"synth:{'+'.join(srcs)}->{tgt}", [f"synth_{c}" for c in srcs], f"synth_{tgt}",
+                          synthetic=True, description=f"synthetic multi-source leave-one-out: test synth_{tgt}")
+
+
+def get_protocol(name: str) -> Protocol:
+    """The protocol registered as ``name`` (or with that slug, or case-insensitively equal)."""
+    if name in _PROTOCOLS:
+        return _PROTOCOLS[name]
+    key = protocol_slug(name).lower()
+    for p in _PROTOCOLS.values():
+        if p.slug.lower() == key:
+            return p
+    choices = list(_PROTOCOLS) + [p.slug for p in _PROTOCOLS.values()]
+    close = difflib.get_close_matches(name, choices, n=5, cutoff=0.5)
+    hint = f"; did you mean: {', '.join(close)}?" if close else ""
+    raise ValueError(
+        f"unknown protocol {name!r}{hint} (registered: {', '.join(_PROTOCOLS)}; see list_protocols())"
+    )
+
+
+def list_protocols(kind: str | None = None) -> list[str]:
+    """Registered protocol names, in registration order.
+
+    ``kind``: None (all), ``"single"`` / ``"multi"`` (by number of sources), ``"real"`` /
+    ``"synthetic"`` (by dataset family), or a combination like ``"synthetic-multi"``.
+    """
+    protos = list(_PROTOCOLS.values())
+    if kind is None:
+        return [p.name for p in protos]
+    wanted = set(kind.replace("_", "-").lower().split("-"))
+    allowed = {"single", "multi", "real", "synthetic", "synth"}
+    if not wanted <= allowed:
+        raise ValueError(f"unknown protocol kind {kind!r}; use single, multi, real, synthetic or e.g. 'synthetic-multi'")
+
+    def ok(p: Protocol) -> bool:
+        if "single" in wanted and p.kind != "single":
+            return False
+        if "multi" in wanted and p.kind != "multi":
+            return False
+        if ({"synthetic", "synth"} & wanted) and not p.synthetic:
+            return False
+        if "real" in wanted and p.synthetic:
+            return False
+        return True
+
+    return [p.name for p in protos if ok(p)]
+
+
+# --------------------------------------------------------------------------------------
+# Data for a protocol
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProtocolData:
+    """Everything a run needs from the data side of a protocol.
+
+    ``train``: the (combined) source train samples with pid/camid offsets; ``query`` /
+    ``gallery``: the target's test split (original pids); ``num_classes``: training identities;
+    ``sources``: per source :class:`SourceInfo`; ``datasets``: the parsed datasets by name.
+    """
+
+    protocol: Protocol
+    train: list[Sample]
+    query: list[Sample]
+    gallery: list[Sample]
+    num_classes: int
+    num_cams: int
+    sources: dict[str, SourceInfo]
+    datasets: dict[str, ReIDDataset] = field(repr=False, default_factory=dict)
+
+    def summary(self):
+        """A pandas table: one row per source (train) and two for the target (query, gallery)."""
+        import pandas as pd
+
+        rows = []
+        for name, info in self.sources.items():
+            rows.append(dict(role="source", dataset=name, split="train", images=info.num_images, ids=info.num_pids,
+                             cameras=info.num_cams, pid_offset=info.pid_offset, cam_offset=info.cam_offset))
+        for split, samples in (("query", self.query), ("gallery", self.gallery)):
+            rows.append(dict(role="target", dataset=self.protocol.target, split=split, images=len(samples),
+                             ids=len({s.pid for s in samples}), cameras=len({s.camid for s in samples}),
+                             pid_offset=None, cam_offset=None))
+        return pd.DataFrame(rows)
+
+
+def _root_for(dataset: str, roots: Mapping[str, str | os.PathLike] | str | os.PathLike) -> Path:
+    if isinstance(roots, (str, os.PathLike)):
+        return Path(roots)
+    by_name: dict[str, Path] = {}
+    special: dict[str, Path] = {}
+    for key, value in roots.items():
+        if key in ("synth", "*"):
+            special[key] = Path(value)
+        else:
+            by_name[canonical_name(key)] = Path(value)
+    if dataset in by_name:
+        return by_name[dataset]
+    if dataset.startswith("synth_") and "synth" in special:
+        return special["synth"]
+    if "*" in special:
+        return special["*"]
+    raise ValueError(
+        f"no root folder given for dataset {dataset!r}; roots has {sorted(roots)}"
+        + (" (a 'synth' key serves every synthetic domain)" if dataset.startswith("synth_") else "")
+    )
+
+
+def build_protocol_data(name: str | Protocol, roots: Mapping[str, str | os.PathLike] | str | os.PathLike,
+                        **load_kwargs) -> ProtocolData:
+    """Parse the datasets of protocol ``name`` and assemble its train / query / gallery.
+
+    ``roots`` maps dataset names (or aliases) to root folders; key ``"synth"`` serves every
+    synthetic domain, key ``"*"`` any dataset not named; a single path serves all datasets.
+    ``load_kwargs`` go to :func:`load_dataset` (e.g. ``verify_images=True``).
+    """
+    proto = name if isinstance(name, Protocol) else get_protocol(name)
+    # Check every root first, so a missing key fails before any slow parsing.
+    needed = {ds: _root_for(ds, roots) for ds in (*proto.sources, proto.target)}
+    datasets = {ds: load_dataset(ds, root, **load_kwargs) for ds, root in needed.items()}
+    train, info = combine_train([datasets[s] for s in proto.sources])
+    target = datasets[proto.target]
+    return ProtocolData(
+        protocol=proto,
+        train=train,
+        query=list(target.query),
+        gallery=list(target.gallery),
+        num_classes=sum(i.num_pids for i in info.values()),
+        num_cams=sum(i.num_cams for i in info.values()),
+        sources=info,
+        datasets=datasets,
+    )
+
+
+_register_builtin()

@@ -1,0 +1,264 @@
+"""Image + part-mask transforms for 256x128 Re-ID inputs, and the image dataset.
+
+A part mask is ``[3, Gh*Gw]`` (head, upper, legs) over the ViT patch grid of the *network
+input* (256x128 with 16-pixel patches -> Gh x Gw = 16 x 8 = 128), flattened row-wise. Resizing
+the image therefore leaves the mask as it is; a horizontal flip flips the columns of the grid.
+
+Train pipeline (reference order): resize -> horizontal flip (image and mask together) ->
+[pad + random crop] -> to-tensor -> normalise -> [random erasing]. Random crop and random
+erasing are off by default (the paper's Table 11 ablation switches them on).
+
+Random crop with a mask: the image is shifted by (dy, dx) pixels, |dy|, |dx| <= padding; the
+mask is shifted by ``round(dy / patch), round(dx / patch)`` grid cells, vacated cells set to 0.
+With the default padding 10 < 16 the mask moves by at most one cell, so it stays aligned to
+within half a patch (8 px) - approximately, not exactly. Random erasing does not change the
+mask (an erased part is occluded, not absent).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+import torchvision.transforms.functional as TF
+from torchvision.transforms import InterpolationMode
+
+from muva_core.data.datasets import read_image
+from muva_core.data.samples import DatasetError, Sample
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "NORMALIZATIONS",
+    "flip_patch_mask",
+    "shift_patch_mask",
+    "ReIDTransform",
+    "build_train_transform",
+    "build_test_transform",
+    "ReIDImageDataset",
+]
+
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "clip": (CLIP_MEAN, CLIP_STD),
+    "reference": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # the reference code's 0.5 / 0.5
+}
+
+MaskLike = Any  # torch.Tensor or np.ndarray, shape [..., Gh*Gw]
+
+
+def _check_grid(mask: MaskLike, grid_hw: tuple[int, int]) -> None:
+    gh, gw = grid_hw
+    if mask.shape[-1] != gh * gw:
+        raise ValueError(f"part mask has {mask.shape[-1]} patches in its last dim, expected {gh}x{gw}={gh * gw}")
+
+
+def flip_patch_mask(mask: MaskLike, grid_hw: tuple[int, int]) -> MaskLike:
+    """Mirror a row-wise flattened patch mask ``[..., Gh*Gw]`` left-right (flip the grid columns)."""
+    _check_grid(mask, grid_hw)
+    gh, gw = grid_hw
+    shape = mask.shape
+    if isinstance(mask, torch.Tensor):
+        return mask.reshape(*shape[:-1], gh, gw).flip(-1).reshape(shape)
+    return np.ascontiguousarray(np.flip(np.asarray(mask).reshape(*shape[:-1], gh, gw), axis=-1)).reshape(shape)
+
+
+def shift_patch_mask(mask: MaskLike, grid_hw: tuple[int, int], dy: int, dx: int, fill: float = 0) -> MaskLike:
+    """Shift a flattened patch mask by ``dy`` rows and ``dx`` columns of the grid; vacated cells get ``fill``."""
+    _check_grid(mask, grid_hw)
+    gh, gw = grid_hw
+    if dy == 0 and dx == 0:
+        return mask
+    shape = mask.shape
+    is_t = isinstance(mask, torch.Tensor)
+    grid = mask.reshape(*shape[:-1], gh, gw)
+    out = torch.full_like(grid, fill) if is_t else np.full_like(grid, fill)
+    src_y = slice(max(0, -dy), gh - max(0, dy))
+    dst_y = slice(max(0, dy), gh - max(0, -dy))
+    src_x = slice(max(0, -dx), gw - max(0, dx))
+    dst_x = slice(max(0, dx), gw - max(0, -dx))
+    if abs(dy) < gh and abs(dx) < gw:
+        out[..., dst_y, dst_x] = grid[..., src_y, src_x]
+    return out.reshape(shape)
+
+
+def _rand(generator: torch.Generator | None) -> float:
+    return float(torch.rand(1, generator=generator))
+
+
+def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
+    """Uniform integer in [low, high]."""
+    return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+
+class ReIDTransform:
+    """Transform an image and (optionally) its part mask together.
+
+    ``__call__(image, mask=None, generator=None) -> (tensor [3, H, W], mask or None)``; the
+    image may be a PIL image or an HxWx3 uint8 array; the mask a tensor/array ``[3, Gh*Gw]``
+    (returned as a tensor of the same dtype). ``generator`` makes the random choices
+    reproducible (default: torch's global RNG, seeded per DataLoader worker).
+    """
+
+    accepts_mask = True
+
+    def __init__(
+        self,
+        size: tuple[int, int] = (256, 128),
+        patch_size: int = 16,
+        train: bool = False,
+        flip_prob: float = 0.5,
+        random_crop: bool = False,
+        crop_padding: int = 10,
+        random_erasing: bool = False,
+        erasing_prob: float = 0.5,
+        norm: str = "clip",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        interpolation: str = "bicubic",
+    ) -> None:
+        h, w = size
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"input size {size} is not a multiple of the patch size {patch_size}")
+        if norm not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalisation {norm!r}; use one of {sorted(NORMALIZATIONS)} or mean=/std=")
+        self.size = (int(h), int(w))
+        self.patch_size = patch_size
+        self.grid_hw = (h // patch_size, w // patch_size)
+        self.train = train
+        self.flip_prob = flip_prob if train else 0.0
+        self.random_crop = random_crop and train
+        self.crop_padding = crop_padding
+        self.random_erasing = random_erasing and train
+        self.erasing_prob = erasing_prob
+        self.mean = tuple(float(m) for m in (mean if mean is not None else NORMALIZATIONS[norm][0]))
+        self.std = tuple(float(s) for s in (std if std is not None else NORMALIZATIONS[norm][1]))
+        self.interpolation = InterpolationMode(interpolation)
+
+    def __call__(self, image, mask: MaskLike | None = None, generator: torch.Generator | None = None):
+        if isinstance(image, np.ndarray):
+            from PIL import Image
+
+            image = Image.fromarray(image)
+        if mask is not None:
+            mask = torch.from_numpy(np.array(mask)) if not isinstance(mask, torch.Tensor) else mask
+            _check_grid(mask, self.grid_hw)
+        image = TF.resize(image, list(self.size), interpolation=self.interpolation, antialias=True)
+        if self.flip_prob > 0 and _rand(generator) < self.flip_prob:
+            image = TF.hflip(image)
+            if mask is not None:
+                mask = flip_patch_mask(mask, self.grid_hw)
+        if self.random_crop:
+            p = self.crop_padding
+            image = TF.pad(image, [p, p, p, p], fill=0)
+            top, left = _randint(0, 2 * p, generator), _randint(0, 2 * p, generator)
+            image = TF.crop(image, top, left, *self.size)
+            if mask is not None:  # content moved by (p - top, p - left) pixels
+                dy = round((p - top) / self.patch_size)
+                dx = round((p - left) / self.patch_size)
+                mask = shift_patch_mask(mask, self.grid_hw, dy, dx)
+        tensor = TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        if self.random_erasing and _rand(generator) < self.erasing_prob:
+            tensor = self._erase(tensor, generator)
+        return tensor, mask
+
+    @staticmethod
+    def _erase(img: torch.Tensor, generator: torch.Generator | None, scale=(0.02, 0.33), ratio=(0.3, 3.3)):
+        """Random erasing (Zhong et al.) with per-pixel normal noise (timm's 'pixel' mode), one box."""
+        _, h, w = img.shape
+        area = h * w
+        log_r = (math.log(ratio[0]), math.log(ratio[1]))
+        for _ in range(10):
+            target = area * (scale[0] + (scale[1] - scale[0]) * _rand(generator))
+            aspect = math.exp(log_r[0] + (log_r[1] - log_r[0]) * _rand(generator))
+            eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+            if 0 < eh < h and 0 < ew < w:
+                y, x = _randint(0, h - eh, generator), _randint(0, w - ew, generator)
+                img = img.clone()
+                img[:, y : y + eh, x : x + ew] = torch.randn((img.shape[0], eh, ew), generator=generator)
+                return img
+        return img
+
+    def __repr__(self) -> str:
+        parts = [f"size={self.size}", f"train={self.train}"]
+        if self.train:
+            parts += [f"flip_prob={self.flip_prob}", f"random_crop={self.random_crop}", f"random_erasing={self.random_erasing}"]
+        parts += [f"mean={self.mean}", f"std={self.std}"]
+        return f"ReIDTransform({', '.join(parts)})"
+
+
+def build_train_transform(
+    size: tuple[int, int] = (256, 128),
+    patch_size: int = 16,
+    flip_prob: float = 0.5,
+    random_crop: bool = False,
+    crop_padding: int = 10,
+    random_erasing: bool = False,
+    erasing_prob: float = 0.5,
+    norm: str = "clip",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> ReIDTransform:
+    """Train transform: resize, flip (image + mask), optional crop / erasing, to-tensor, normalise."""
+    return ReIDTransform(size, patch_size, True, flip_prob, random_crop, crop_padding, random_erasing,
+                         erasing_prob, norm, mean, std)
+
+
+def build_test_transform(
+    size: tuple[int, int] = (256, 128),
+    patch_size: int = 16,
+    norm: str = "clip",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> ReIDTransform:
+    """Test transform: resize, to-tensor, normalise (the mask passes through unchanged)."""
+    return ReIDTransform(size, patch_size, False, norm=norm, mean=mean, std=std)
+
+
+class ReIDImageDataset(Dataset):
+    """Torch dataset over :class:`Sample` lists: ``dict(image, pid, camid, index[, mask])``.
+
+    ``masks``: None, a mapping ``Sample.key -> [3, Gh*Gw]`` (e.g. a loaded mask store), or a
+    tensor / array / sequence aligned with ``samples``. With masks the transform must accept them
+    (a :class:`ReIDTransform`), so that a flip moves the mask with the image.
+    Images are opened with :func:`read_image` (a DatasetError names an unreadable file).
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform=None, masks: Mapping[str, MaskLike] | Sequence | None = None):
+        self.samples = list(samples)
+        self.transform = transform if transform is not None else build_test_transform()
+        self.masks = masks
+        if masks is not None:
+            if not getattr(self.transform, "accepts_mask", False):
+                raise TypeError(
+                    "masks were given but the transform does not take a mask (use ReIDTransform / "
+                    "build_train_transform so the mask is flipped with the image)"
+                )
+            if not isinstance(masks, Mapping) and len(masks) != len(self.samples):
+                raise ValueError(f"masks has {len(masks)} entries for {len(self.samples)} samples")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _mask(self, index: int) -> MaskLike:
+        if isinstance(self.masks, Mapping):
+            s = self.samples[index]
+            try:
+                return self.masks[s.key]
+            except KeyError:
+                raise DatasetError(f"no part mask for {s.key!r} (image {s.path})") from None
+        return self.masks[index]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s = self.samples[index]
+        image = read_image(s.path)
+        item: dict[str, Any] = {"pid": s.pid, "camid": s.camid, "index": index}
+        if self.masks is None:
+            out = self.transform(image)
+            item["image"] = out[0] if isinstance(out, tuple) else out
+        else:
+            item["image"], item["mask"] = self.transform(image, self._mask(index))
+        return item
