@@ -38,6 +38,24 @@ class DataConfig:
 
 
 @dataclass
+class GroundingConfig:
+    """Part pseudo-labels: which expert, how boxes are calibrated and voted into patch masks."""
+
+    backend: str = "synthetic"         # synthetic | cogvlm | florence2 | owlv2 | grounding_dino | vitpose
+    ground_model: str = ""             # model id or local path ("" = the backend's default id)
+    ground_splits: str = "train"       # comma-separated splits to label (training needs train only)
+    ground_batch_size: int = 0         # 0 = the backend's own batch size
+    trust_remote_code: bool = False    # required for cogvlm (remote model code; explicit opt-in)
+    cache_dir: str = "data/cache"      # grounding tables and masks, shared across runs of a dataset
+    calibrate: bool = True             # False = vote raw boxes (Table 9 ablation)
+    calib_method: str = "robust_z"     # robust_z | quantile
+    calib_windows: str = "stripes"     # stripes (the paper) | data (median plausible box per part)
+    vote_rule: str = "center"          # center | coverage
+    vote_min_coverage: float = 0.5
+    patch_size: int = 16
+
+
+@dataclass
 class EvalConfig:
     """Re-ID evaluation (paper section 4.1: mAP and CMC, no re-ranking)."""
 
@@ -54,6 +72,7 @@ class RunConfig:
     device: str = "auto"               # auto | cpu | cuda
     reports_dir: str = "reports"
     data: DataConfig = field(default_factory=DataConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     # ---- flat view ---------------------------------------------------------------------

@@ -1,0 +1,151 @@
+"""The grounding steps of a run: label -> calibrate -> vote, cached per dataset.
+
+Outputs live under ``<cache_dir>/<dataset>/`` and are named by a short hash of the settings
+that produced them, so runs of the same dataset share them and a changed setting never reads
+a stale file:
+
+    boxes-<backend>-<h>.parquet        raw expert answers (one row per image and part)
+    calibrated-<h>.parquet             + cal_x0..cal_y1, replaced, rule
+    calibration-<h>.json               the CalibrationReport (thresholds, replacement counts)
+    masks-<h>.safetensors              patch masks [N, 3, Npatch] keyed by dataset/relpath
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from ..config import RunConfig
+from ..data.samples import Sample
+from ..io import write_json, write_parquet
+from .base import GroundingBackend, get_backend
+from .calibration import DEFAULT_WINDOWS, CalibrationReport, calibrate_boxes
+from .labelling import label_dataset
+from .voting import MaskStore, load_masks
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def build_backend(cfg: RunConfig) -> GroundingBackend:
+    """The grounding expert named by ``cfg.grounding.backend``."""
+    g = cfg.grounding
+    if g.backend == "synthetic":
+        return get_backend("synthetic", truth=cfg.data.synth_root, seed=cfg.seed)
+    kwargs = {}
+    if g.ground_model:
+        kwargs["model_id"] = g.ground_model
+    if g.backend == "cogvlm":
+        kwargs["trust_remote_code"] = g.trust_remote_code
+    if cfg.device != "auto":
+        kwargs["device"] = cfg.device
+    return get_backend(g.backend, **kwargs)
+
+
+@dataclass
+class GroundingPaths:
+    boxes: Path
+    calibrated: Path
+    report: Path
+    masks: Path
+
+
+def grounding_paths(cfg: RunConfig, dataset: str) -> GroundingPaths:
+    g = cfg.grounding
+    label_key = {"backend": g.backend, "model": g.ground_model, "splits": g.ground_splits,
+                 "seed": cfg.seed if g.backend == "synthetic" else None}
+    h_label = _digest(label_key)
+    calib_key = {**label_key, "calibrate": g.calibrate, "method": g.calib_method, "windows": g.calib_windows}
+    h_cal = _digest(calib_key)
+    vote_key = {**calib_key, "rule": g.vote_rule, "cov": g.vote_min_coverage, "patch": g.patch_size,
+                "size": (cfg.data.height, cfg.data.width)}
+    h_vote = _digest(vote_key)
+    folder = Path(g.cache_dir) / dataset
+    return GroundingPaths(
+        boxes=folder / f"boxes-{g.backend}-{h_label}.parquet",
+        calibrated=folder / f"calibrated-{h_cal}.parquet",
+        report=folder / f"calibration-{h_cal}.json",
+        masks=folder / f"masks-{h_vote}.safetensors",
+    )
+
+
+def select_splits(dataset, splits: str) -> list[Sample]:
+    out: list[Sample] = []
+    for name in [s.strip() for s in splits.split(",") if s.strip()]:
+        if name not in ("train", "query", "gallery"):
+            raise ValueError(f"ground_splits: unknown split {name!r} (use train, query, gallery)")
+        out.extend(getattr(dataset, name))
+    return out
+
+
+def run_grounding(cfg: RunConfig, dataset, backend: GroundingBackend | None = None, progress: bool = True) -> pd.DataFrame:
+    """Label ``dataset``'s configured splits (resumable; returns the cached table when complete)."""
+    paths = grounding_paths(cfg, dataset.name)
+    samples = select_splits(dataset, cfg.grounding.ground_splits)
+    if paths.boxes.is_file():
+        return pd.read_parquet(paths.boxes)
+    backend = backend or build_backend(cfg)
+    return label_dataset(samples, backend, paths.boxes, batch_size=cfg.grounding.ground_batch_size or None,
+                         progress=progress)
+
+
+def run_calibration(cfg: RunConfig, dataset_name: str, boxes: pd.DataFrame) -> tuple[pd.DataFrame, CalibrationReport | None]:
+    """Calibrate the raw boxes (or, with ``calibrate: false``, copy them unchanged) and cache the result."""
+    g = cfg.grounding
+    paths = grounding_paths(cfg, dataset_name)
+    if g.calibrate:
+        if g.calib_windows not in ("stripes", "data"):
+            raise ValueError(f"calib_windows: expected 'stripes' or 'data', got {g.calib_windows!r}")
+        windows = "data" if g.calib_windows == "data" else DEFAULT_WINDOWS
+        table, report = calibrate_boxes(boxes, method=g.calib_method, windows=windows)
+        write_json(paths.report, report.to_dict())
+    else:
+        table, report = boxes.copy(), None
+        for c in ("x0", "y0", "x1", "y1"):
+            table[f"cal_{c}"] = table[c]
+        table["replaced"] = False
+        table["rule"] = ""
+    write_parquet(paths.calibrated, table)
+    return table, report
+
+
+def run_voting(cfg: RunConfig, dataset_name: str, calibrated: pd.DataFrame) -> MaskStore:
+    """Vote calibrated boxes into patch masks and save the mask file."""
+    g = cfg.grounding
+    paths = grounding_paths(cfg, dataset_name)
+    store = MaskStore.from_table(calibrated, img_size=(cfg.data.height, cfg.data.width), patch=g.patch_size,
+                                 rule=g.vote_rule, min_coverage=g.vote_min_coverage, source=paths.calibrated.name)
+    store.save(paths.masks)
+    return store
+
+
+def prepare_masks(cfg: RunConfig, datasets: Sequence, progress: bool = True) -> dict[str, Path]:
+    """Label, calibrate and vote every dataset (each step skipped when its cached output exists)."""
+    out = {}
+    for ds in datasets:
+        paths = grounding_paths(cfg, ds.name)
+        if not paths.masks.is_file():
+            boxes = run_grounding(cfg, ds, progress=progress)
+            if paths.calibrated.is_file():
+                calibrated = pd.read_parquet(paths.calibrated)
+            else:
+                calibrated, _ = run_calibration(cfg, ds.name, boxes)
+            run_voting(cfg, ds.name, calibrated)
+        out[ds.name] = paths.masks
+    return out
+
+
+def load_protocol_masks(paths: dict[str, Path]) -> MaskStore:
+    """One store holding the masks of every source dataset (keys are unique across datasets)."""
+    import numpy as np
+
+    stores = [load_masks(p) for p in paths.values()]
+    if len(stores) == 1:
+        return stores[0]
+    keys = [k for s in stores for k in s.keys]
+    return MaskStore(keys, np.concatenate([s.masks for s in stores]), stores[0].meta)
