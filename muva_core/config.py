@@ -71,6 +71,8 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
     reports_dir: str = "reports"
+    run_dir: str = ""                  # where a run's notebooks write ("" = <reports_dir>/<protocol>/interactive)
+    num_examples: int = 8              # images shown in example figures
     data: DataConfig = field(default_factory=DataConfig)
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

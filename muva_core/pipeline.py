@@ -23,7 +23,23 @@ def ensure_synthetic(cfg: RunConfig, progress: bool = True) -> Path:
 
 
 def protocol_roots(cfg: RunConfig) -> dict[str, str]:
-    return {"synth": cfg.data.synth_root, "default": cfg.data.data_root}
+    """Dataset roots for ``build_protocol_data``: the synthetic root, and ``data_root`` for every real dataset."""
+    return {"synth": cfg.data.synth_root, "*": cfg.data.data_root}
+
+
+def load_protocol(cfg: RunConfig, progress: bool = True):
+    """The protocol's data (:class:`~muva_core.data.protocols.ProtocolData`); generates the synthetic set if needed."""
+    from .data.protocols import build_protocol_data, get_protocol
+
+    proto = get_protocol(cfg.data.protocol)
+    if proto.synthetic:
+        ensure_synthetic(cfg, progress=progress)
+    return build_protocol_data(proto.name, protocol_roots(cfg))
+
+
+def source_datasets(data) -> list:
+    """The parsed source datasets of a protocol (whose train splits get part pseudo-labels)."""
+    return [data.datasets[name] for name in data.sources]
 
 
 def evaluate_baselines(query, gallery, cfg: RunConfig, progress: bool = True) -> dict[str, dict[str, float]]:
@@ -49,12 +65,10 @@ def evaluate_baselines(query, gallery, cfg: RunConfig, progress: bool = True) ->
 
 def run_baseline(cfg: RunConfig, progress: bool = True) -> dict:
     """Colour-histogram baselines on the target domain of ``cfg.data.protocol``; writes metrics.json."""
-    from .data.protocols import build_protocol_data, get_protocol, protocol_slug
+    from .data.protocols import protocol_slug
 
-    proto = get_protocol(cfg.data.protocol)
-    if proto.name.startswith("synth"):
-        ensure_synthetic(cfg, progress=progress)
-    data = build_protocol_data(proto.name, protocol_roots(cfg))
+    data = load_protocol(cfg, progress=progress)
+    proto = data.protocol
     t0 = time.perf_counter()
     metrics = evaluate_baselines(data.query, data.gallery, cfg, progress=progress)
     out = Path(cfg.reports_dir) / protocol_slug(proto.name) / "baseline"

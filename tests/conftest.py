@@ -171,3 +171,11 @@ def synth_root(data_root: Path) -> Path:
     for letter in SYNTH_TRAIN_IDS:
         _write_market_style(parent / f"synth_{letter}", synth_files(letter))
     return parent
+
+
+@pytest.fixture(scope="session")
+def small_synth_root(tmp_path_factory) -> Path:
+    """The real synthetic generator at ``scale="small"`` (seed 0), shared by the whole session."""
+    from muva_core.data.synthetic import generate_synthetic
+
+    return generate_synthetic(tmp_path_factory.mktemp("synthetic") / "synth", seed=0, scale="small", progress=False)

@@ -206,6 +206,27 @@ def flip_boxes(boxes: np.ndarray, width: float | np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- storage
+def mask_statistics(masks: np.ndarray, parts: Sequence[str] = PARTS) -> pd.DataFrame:
+    """Per part: mean / std patches per mask, fraction of masks empty or full, and mean overlap
+    (patches shared) with each other part, for masks ``[N, P, Npatch]``."""
+    m = np.asarray(masks).astype(bool)
+    counts = m.sum(axis=2)
+    rows = {}
+    for i, part in enumerate(parts):
+        row = {
+            "patches_mean": float(counts[:, i].mean()) if len(m) else np.nan,
+            "patches_std": float(counts[:, i].std()) if len(m) else np.nan,
+            "coverage": float(counts[:, i].mean() / m.shape[2]) if len(m) else np.nan,
+            "empty_frac": float((counts[:, i] == 0).mean()) if len(m) else np.nan,
+            "full_frac": float((counts[:, i] == m.shape[2]).mean()) if len(m) else np.nan,
+        }
+        for j, other in enumerate(parts):
+            if j != i:
+                row[f"overlap_{other}"] = float((m[:, i] & m[:, j]).sum(axis=1).mean()) if len(m) else np.nan
+        rows[part] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
 class MissingMasksError(KeyError):
     """Samples with no part mask in a mask file."""
 

@@ -1,0 +1,156 @@
+"""Matplotlib / seaborn figures of the workbook (paper Figures 4, 5, 6 and 7 style).
+
+Every function returns a matplotlib Figure; :func:`save_figure` writes it as PNG and SVG.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.patches import Rectangle
+
+from ..data.samples import PARTS, Sample
+
+PART_COLOURS = {"head": "#2ca02c", "upper": "#1f77b4", "legs": "#d62728", "person": "#7f7f7f"}
+
+
+def save_figure(fig, folder: str | Path, name: str, dpi: int = 120) -> list[Path]:
+    """Save ``fig`` as ``<folder>/<name>.png`` and ``.svg``; returns both paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.png", folder / f"{name}.svg"]
+    for p in paths:
+        fig.savefig(p, dpi=dpi, bbox_inches="tight")
+    return paths
+
+
+def _boxes_of(table: pd.DataFrame, key: str, columns: Sequence[str]) -> dict[str, tuple[float, ...] | None]:
+    rows = table[table["key"] == key]
+    out = {}
+    for _, r in rows.iterrows():
+        box = tuple(float(r[c]) for c in columns)
+        out[r["part"]] = None if any(np.isnan(box)) else box
+    return out
+
+
+def draw_boxes(ax, image, boxes: dict[str, tuple[float, ...] | None], title: str = "", linewidth: float = 1.5) -> None:
+    """An image with one coloured rectangle per part (missing parts are listed in the title)."""
+    ax.imshow(image)
+    missing = []
+    for part, box in boxes.items():
+        if box is None:
+            missing.append(part)
+            continue
+        x0, y0, x1, y1 = box
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=linewidth, ec=PART_COLOURS.get(part, "y")))
+    ax.set_title(title + (f"\nmissing: {','.join(missing)}" if missing else ""), fontsize=7)
+    ax.axis("off")
+
+
+def plot_part_boxes(samples: Sequence[Sample], table: pd.DataFrame, columns: Sequence[str] = ("x0", "y0", "x1", "y1"),
+                    ncols: int = 8, title: str = "") -> plt.Figure:
+    """Figure 4 style: sample images with their head / upper-body / leg boxes."""
+    from ..data.datasets import read_image
+
+    n = len(samples)
+    nrows = max(1, int(np.ceil(n / ncols)))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.4 * ncols, 2.9 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, s in zip(axes.flat, samples):
+        draw_boxes(ax, read_image(s.path), _boxes_of(table, s.key, columns), title=Path(s.relpath).name[:14])
+    handles = [Rectangle((0, 0), 1, 1, fill=False, ec=PART_COLOURS[p], label=p) for p in PARTS]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_box_height_hist(raw_stats: pd.DataFrame, cal_stats: pd.DataFrame, parts: pd.Series,
+                         stat: str = "height", bins: int = 40) -> plt.Figure:
+    """Figure 5 style: per part, the distribution of a normalised box statistic, raw vs calibrated."""
+    import seaborn as sns
+
+    frame = pd.concat([
+        pd.DataFrame({stat: raw_stats[stat].to_numpy(), "part": parts.to_numpy(), "boxes": "raw"}),
+        pd.DataFrame({stat: cal_stats[stat].to_numpy(), "part": parts.to_numpy(), "boxes": "calibrated"}),
+    ], ignore_index=True).dropna()
+    order = [p for p in PARTS if p in set(frame["part"])]
+    fig, axes = plt.subplots(1, len(order), figsize=(4.2 * len(order), 3.2), squeeze=False)
+    for ax, part in zip(axes[0], order):
+        sns.histplot(frame[frame["part"] == part], x=stat, hue="boxes", bins=bins, binrange=(0, 1), ax=ax,
+                     element="step", stat="count", common_norm=False, palette={"raw": "#1f77b4", "calibrated": "#d62728"})
+        ax.set_title(f"{part}: box {stat} / image {stat if stat != 'area' else 'area'}")
+        ax.set_xlabel(f"normalised {stat}")
+    fig.tight_layout()
+    return fig
+
+
+def mask_to_grid(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """A flattened (row-wise) patch mask ``[Npatch]`` back to its ``[gh, gw]`` grid."""
+    return np.asarray(mask).reshape(grid)
+
+
+def overlay_mask(ax, image, mask: np.ndarray, grid: tuple[int, int], colour: str = "#d62728", alpha: float = 0.45,
+                 title: str = "") -> None:
+    """Draw ``image`` with a patch mask (binary or probabilities in [0, 1]) as a coloured overlay."""
+    from matplotlib.colors import to_rgb
+
+    img = np.asarray(image, dtype=np.float32) / 255.0
+    h, w = img.shape[:2]
+    m = mask_to_grid(mask, grid).astype(np.float32)
+    up = np.kron(m, np.ones((int(np.ceil(h / grid[0])), int(np.ceil(w / grid[1])))))[:h, :w]
+    rgb = np.asarray(to_rgb(colour), dtype=np.float32)
+    blended = img * (1 - alpha * up[..., None]) + rgb * (alpha * up[..., None])
+    ax.imshow(np.clip(blended, 0, 1))
+    gh, gw = grid
+    for i in range(1, gh):
+        ax.axhline(i * h / gh - 0.5, color="w", lw=0.2, alpha=0.5)
+    for j in range(1, gw):
+        ax.axvline(j * w / gw - 0.5, color="w", lw=0.2, alpha=0.5)
+    ax.set_title(title, fontsize=7)
+    ax.axis("off")
+
+
+def plot_mask_voting(samples: Sequence[Sample], boxes_table: pd.DataFrame, masks: np.ndarray, grid: tuple[int, int],
+                     size: tuple[int, int] = (256, 128)) -> plt.Figure:
+    """Figure 6 style: per sample, the calibrated boxes, then each part's voted patch mask.
+
+    ``masks[i]`` is the ``[3, Npatch]`` mask of ``samples[i]``; boxes are drawn at the model input ``size``.
+    """
+    from ..data.datasets import read_image
+
+    cols = ("cal_x0", "cal_y0", "cal_x1", "cal_y1") if "cal_x0" in boxes_table.columns else ("x0", "y0", "x1", "y1")
+    fig, axes = plt.subplots(len(samples), 1 + len(PARTS), figsize=(1.5 * (1 + len(PARTS)), 2.9 * len(samples)),
+                             squeeze=False)
+    for row, s, sample_masks in zip(axes, samples, masks):
+        image = read_image(s.path)
+        scale_x, scale_y = size[1] / image.width, size[0] / image.height
+        boxes = {p: (None if b is None else (b[0] * scale_x, b[1] * scale_y, b[2] * scale_x, b[3] * scale_y))
+                 for p, b in _boxes_of(boxes_table, s.key, cols).items()}
+        image = image.resize((size[1], size[0]))
+        draw_boxes(row[0], image, boxes, title="calibrated boxes")
+        for ax, (p, part) in zip(row[1:], enumerate(PARTS)):
+            overlay_mask(ax, image, sample_masks[p], grid, colour=PART_COLOURS[part],
+                         title=f"{part}: {int(sample_masks[p].sum())} patches")
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(history: pd.DataFrame, x: str, ys: Sequence[str], title: str = "", logy: bool = False) -> plt.Figure:
+    """Loss / metric curves from a history table (one column per term)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for y in ys:
+        if y in history:
+            ax.plot(history[x], history[y], label=y, marker="." if len(history) < 40 else None)
+    ax.set_xlabel(x)
+    if logy:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
