@@ -1,0 +1,392 @@
+"""Re-ID retrieval metrics under the Market-1501 protocol: CMC, mAP and mINP.
+
+Protocol (as torchreid's ``eval_market1501``, section 4.1 of the paper): for each query, the gallery
+items with the same identity AND the same camera are removed; the remaining gallery items with the
+same identity are the positives. Queries with no positive left are skipped (and counted).
+
+- CMC: ``cmc[k]`` is the fraction of valid queries whose first positive is within the top ``k + 1``
+  (always ``max_rank`` long; torchreid instead truncates it when the gallery is smaller).
+- AP: the mean, over a query's positives, of the precision at the rank of that positive.
+- mINP (AGW, Ye et al. 2021): the mean over valid queries of ``num_positives / rank_of_last_positive``.
+
+Tie rule: the gallery is ranked by ascending distance and equal distances are ordered by gallery
+index (lower index first), i.e. exactly the order ``np.argsort(row, kind="stable")`` gives.
+
+Both entry points share one ranking routine, so ``evaluate(pairwise_distance(qf, gf, metric,
+chunk_size=c), ...)`` equals ``evaluate_features(qf, gf, ..., metric, chunk_size=c)`` exactly. With
+another chunk size the distances themselves may differ in the last bit (BLAS accumulation order
+depends on the matrix shape), which can swap near-tied gallery items; with exactly representable
+distances (e.g. small integer features) the results are identical for every chunk size.
+
+Instead of a full argsort per query, the ranking sorts only the distance *values* of a row (a fast
+SIMD sort) and finds the rank of each positive by binary search, then corrects for the removed
+same-camera items and for exact ties; a query costs one value sort plus O(#positives) work.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+METRICS: tuple[str, ...] = ("euclidean", "cosine")
+"""Supported distances: squared euclidean (as torchreid) and cosine distance ``1 - cos``."""
+
+DEFAULT_CHUNK_SIZE = 256
+"""Query rows per distance block: 256 x 82,161 gallery items is 84 MB of float32."""
+
+
+@dataclass(frozen=True, eq=False)
+class ReIDMetrics:
+    """Retrieval metrics; every rate is a fraction in [0, 1] (``as_dict`` gives percentages).
+
+    mAP:  mean average precision over the valid queries
+    cmc:  CMC curve, ``cmc[k]`` = Rank-(k+1) rate, length ``max_rank`` (read-only)
+    mINP: mean inverse negative penalty over the valid queries
+    num_valid_queries / num_skipped_queries: queries with / without a positive in the gallery
+    """
+
+    mAP: float
+    cmc: np.ndarray = field(repr=False)
+    mINP: float
+    num_valid_queries: int
+    num_skipped_queries: int
+
+    def rank(self, k: int) -> float:
+        """Rank-k rate (fraction); needs ``1 <= k <= max_rank``."""
+        if not 1 <= k <= len(self.cmc):
+            raise ValueError(f"Rank-{k} needs 1 <= k <= max_rank={len(self.cmc)}")
+        return float(self.cmc[k - 1])
+
+    @property
+    def rank1(self) -> float:
+        return self.rank(1)
+
+    @property
+    def rank5(self) -> float:
+        return self.rank(5)
+
+    @property
+    def rank10(self) -> float:
+        return self.rank(10)
+
+    @property
+    def num_queries(self) -> int:
+        return self.num_valid_queries + self.num_skipped_queries
+
+    def as_dict(self) -> dict[str, float | int]:
+        """Plain Python numbers: ``mAP``, ``Rank-1``, ``Rank-5``, ``Rank-10``, ``mINP`` in PERCENT
+        (Rank-k only where ``k <= max_rank``), plus the two query counts as ints."""
+        out: dict[str, float | int] = {"mAP": 100.0 * float(self.mAP)}
+        for k in (1, 5, 10):
+            if k <= len(self.cmc):
+                out[f"Rank-{k}"] = 100.0 * self.rank(k)
+        out["mINP"] = 100.0 * float(self.mINP)
+        out["num_valid_queries"] = int(self.num_valid_queries)
+        out["num_skipped_queries"] = int(self.num_skipped_queries)
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        """Exact equality of every field (no tolerance)."""
+        if not isinstance(other, ReIDMetrics):
+            return NotImplemented
+        return (
+            self.mAP == other.mAP
+            and self.mINP == other.mINP
+            and self.num_valid_queries == other.num_valid_queries
+            and self.num_skipped_queries == other.num_skipped_queries
+            and np.array_equal(self.cmc, other.cmc)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __str__(self) -> str:
+        d = self.as_dict()
+        ranks = " ".join(f"{k} {v:.2f}" for k, v in d.items() if k.startswith("Rank-"))
+        return (
+            f"mAP {d['mAP']:.2f} | {ranks} | mINP {d['mINP']:.2f} (%; "
+            f"{self.num_valid_queries} valid, {self.num_skipped_queries} skipped queries)"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# distances
+
+
+def _as_features(x: Any, name: str, device: torch.device | None = None) -> torch.Tensor:
+    """A 2-D float32 tensor view of ``x`` (no copy when it already is one)."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        with warnings.catch_warnings():  # read-only arrays are fine: the features are never written
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            t = torch.as_tensor(np.asarray(x))
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [num, dim], got shape {tuple(t.shape)}")
+    if device is not None:
+        t = t.to(device)
+    return t.to(torch.float32)
+
+
+def _squared_norms(x: torch.Tensor, block: int = 8192) -> torch.Tensor:
+    """Row-wise squared L2 norms, in row blocks (no full-size temporary)."""
+    return torch.cat([b.pow(2).sum(dim=1) for b in x.split(block)]) if len(x) else x.new_empty(0)
+
+
+def _prepare(qf: Any, gf: Any, metric: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validated float32 features and the per-row terms of the distance (computed once)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    g = _as_features(gf, "gf")
+    q = _as_features(qf, "qf", device=g.device)
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"feature dims differ: qf has {q.shape[1]}, gf has {g.shape[1]}")
+    if g.shape[0] == 0:
+        raise ValueError("gf is empty: the gallery needs at least one item")
+    if metric == "euclidean":
+        q_aux = _squared_norms(q)
+        g_aux = _squared_norms(g)
+    else:  # cosine: normalise the (small) query side, divide by the gallery norms per block
+        q = F.normalize(q, dim=1)
+        q_aux = q.new_empty(0)
+        g_aux = -1.0 / g.norm(dim=1).clamp_min(1e-12)
+    return q, g, q_aux, g_aux
+
+
+def _distance_block(q: torch.Tensor, q_aux: torch.Tensor, g: torch.Tensor, g_aux: torch.Tensor,
+                    metric: str) -> torch.Tensor:
+    """Distances of a block of (prepared) query rows to the whole gallery, float32 [B, G]."""
+    if metric == "euclidean":
+        # (|q|^2 + |g|^2) - 2 q.g, clamped at 0 (rounding can make it slightly negative)
+        d = q_aux.unsqueeze(1) + g_aux.unsqueeze(0)
+        return d.addmm_(q, g.T, beta=1.0, alpha=-2.0).clamp_(min=0.0)
+    d = q @ g.T  # q is unit-norm; g_aux = -1/|g|  ->  1 - cos
+    return d.mul_(g_aux.unsqueeze(0)).add_(1.0)
+
+
+def _blocks(prepared: tuple[torch.Tensor, ...], metric: str, chunk_size: int
+            ) -> Iterator[tuple[int, torch.Tensor]]:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    q, g, q_aux, g_aux = prepared
+    for start in range(0, q.shape[0], chunk_size):
+        stop = min(start + chunk_size, q.shape[0])
+        q_aux_blk = q_aux[start:stop] if q_aux.numel() else q_aux
+        with torch.no_grad():  # not around the yield: grad mode is thread-global
+            block = _distance_block(q[start:stop], q_aux_blk, g, g_aux, metric)
+        yield start, block
+
+
+def iter_distance_chunks(qf: Any, gf: Any, metric: str = "euclidean",
+                         chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(first_query_index, distances [B, num_gallery])`` blocks of the query-gallery
+    distance matrix, float32, on the features' device. Memory: one block at a time."""
+    return _blocks(_prepare(qf, gf, metric), metric, chunk_size)
+
+
+def pairwise_distance(qf: Any, gf: Any, metric: str = "euclidean",
+                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """Full query-gallery distance matrix [num_query, num_gallery], float32.
+
+    ``metric="euclidean"`` is the SQUARED euclidean distance (as torchreid; same ranking),
+    ``"cosine"`` is ``1 - cosine similarity``. Computed in query blocks of ``chunk_size`` rows,
+    exactly as ``evaluate_features`` does, so the two agree bit for bit at equal ``chunk_size``.
+    """
+    blocks = [d for _, d in iter_distance_chunks(qf, gf, metric, chunk_size)]
+    if not blocks:
+        g = _as_features(gf, "gf")
+        return g.new_empty((0, g.shape[0]))
+    return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+
+
+compute_distmat = pairwise_distance
+"""Alias of :func:`pairwise_distance`."""
+
+
+# --------------------------------------------------------------------------------------------
+# ranking
+
+
+def _to_numpy_1d(x: Any, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    return a
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Temporarily run torch CPU ops on ``n`` threads."""
+    old = torch.get_num_threads()
+    if n != old:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != old:
+            torch.set_num_threads(old)
+
+
+def _positive_ranks(row: np.ndarray, pos: np.ndarray, rem: np.ndarray, buf: np.ndarray) -> np.ndarray:
+    """0-based ranks, ascending, of the gallery items ``pos`` among all items except ``rem``.
+
+    The rank of p counts the kept items j with ``row[j] < row[p]``, or ``row[j] == row[p]`` and
+    ``j < p`` (the stable tie rule). ``buf`` is scratch space of ``row``'s shape and dtype.
+    """
+    dp = row[pos]
+    np.copyto(buf, row)
+    buf.sort()  # the values only: a SIMD sort, much cheaper than an argsort
+    if np.isnan(buf[-1]):  # NaN sorts last
+        raise ValueError("the distance matrix contains NaN")
+    before = np.searchsorted(buf, dp, side="left")  # items strictly closer, removed ones included
+    n_equal = np.searchsorted(buf, dp, side="right") - before
+    for k in np.flatnonzero(n_equal > 1):  # exact ties (rare for real features): break by index
+        before[k] += np.count_nonzero(row[: pos[k]] == dp[k])
+    if rem.size:  # the removed same-camera items never count
+        dr = row[rem]
+        ahead = (dr[None, :] < dp[:, None]) | ((dr[None, :] == dp[:, None]) & (rem[None, :] < pos[:, None]))
+        before -= ahead.sum(axis=1)
+    before.sort()
+    return before
+
+
+class _Ranker:
+    """Per-query CMC/AP/INP of distance rows, collected by query index, then aggregated."""
+
+    def __init__(self, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any, max_rank: int) -> None:
+        self.q_pids = _to_numpy_1d(q_pids, "q_pids")
+        self.g_pids = _to_numpy_1d(g_pids, "g_pids")
+        self.q_camids = _to_numpy_1d(q_camids, "q_camids")
+        self.g_camids = _to_numpy_1d(g_camids, "g_camids")
+        if len(self.q_pids) != len(self.q_camids):
+            raise ValueError(f"q_pids has {len(self.q_pids)} entries but q_camids has {len(self.q_camids)}")
+        if len(self.g_pids) != len(self.g_camids):
+            raise ValueError(f"g_pids has {len(self.g_pids)} entries but g_camids has {len(self.g_camids)}")
+        if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
+            raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
+        self.max_rank = int(max_rank)
+        self.num_q, self.num_g = len(self.q_pids), len(self.g_pids)
+        # gallery grouped by identity: the same-identity items of a query are one slice
+        self._order = np.argsort(self.g_pids, kind="stable")
+        sorted_pids = self.g_pids[self._order]
+        self._lo = np.searchsorted(sorted_pids, self.q_pids, side="left")
+        self._hi = np.searchsorted(sorted_pids, self.q_pids, side="right")
+        self.ap = np.zeros(self.num_q, dtype=np.float64)
+        self.inp = np.zeros(self.num_q, dtype=np.float64)
+        self.first = np.full(self.num_q, -1, dtype=np.int64)  # -1: skipped (no positive)
+
+    def check_shape(self, shape: tuple[int, ...], name: str) -> None:
+        if tuple(shape) != (self.num_q, self.num_g):
+            raise ValueError(f"{name} has shape {tuple(shape)}, expected (num_query, num_gallery) = "
+                             f"({self.num_q}, {self.num_g}) from the pid/camid arrays")
+
+    def rank_rows(self, rows: np.ndarray, start: int) -> None:
+        """Score queries ``start .. start + len(rows) - 1`` from their distance rows."""
+        buf = np.empty(rows.shape[1], dtype=rows.dtype)
+        for i, row in enumerate(rows):
+            q = start + i
+            same = self._order[self._lo[q]:self._hi[q]]  # ascending gallery index
+            same_cam = self.g_camids[same] == self.q_camids[q]
+            pos = same[~same_cam]
+            if pos.size == 0:
+                continue
+            ranks = _positive_ranks(row, pos, same[same_cam], buf)
+            n = ranks.size
+            self.first[q] = ranks[0]
+            self.ap[q] = np.mean(np.arange(1, n + 1) / (ranks + 1.0))
+            self.inp[q] = n / (ranks[-1] + 1.0)
+
+    def rank_block(self, rows: np.ndarray, start: int, pool: ThreadPoolExecutor, n_workers: int) -> None:
+        """``rank_rows`` with the rows split across ``n_workers`` pool threads (sorting releases the GIL)."""
+        if n_workers <= 1 or len(rows) < 2:
+            self.rank_rows(rows, start)
+            return
+        bounds = np.linspace(0, len(rows), min(n_workers, len(rows)) + 1).astype(int)
+        futures = [pool.submit(self.rank_rows, rows[a:b], start + a)
+                   for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        for f in futures:
+            f.result()
+
+    def result(self) -> ReIDMetrics:
+        valid = self.first >= 0
+        num_valid = int(valid.sum())
+        if num_valid == 0:
+            raise ValueError("no query has a valid match (a same-identity gallery item from another "
+                             "camera): the metrics are undefined")
+        first = self.first[valid]
+        hits = np.bincount(first[first < self.max_rank], minlength=self.max_rank)
+        cmc = np.cumsum(hits) / num_valid
+        cmc.setflags(write=False)
+        return ReIDMetrics(
+            mAP=float(np.mean(self.ap[valid])),
+            cmc=cmc,
+            mINP=float(np.mean(self.inp[valid])),
+            num_valid_queries=num_valid,
+            num_skipped_queries=self.num_q - num_valid,
+        )
+
+
+def evaluate(distmat: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any,
+             max_rank: int = 50, num_threads: int | None = None, progress: bool = False) -> ReIDMetrics:
+    """Market-1501 protocol metrics of a full distance matrix [num_query, num_gallery].
+
+    ``distmat`` may be a numpy array or a torch tensor (smaller = more similar). See the module
+    docstring for the protocol and the tie rule. Raises ``ValueError`` if no query has a valid
+    match, on shape mismatches, or on NaN in the row of a valid query. ``num_threads`` defaults to
+    the available cores.
+    """
+    if isinstance(distmat, torch.Tensor):
+        distmat = distmat.detach().cpu().numpy()
+    distmat = np.asarray(distmat)
+    if distmat.ndim != 2:
+        raise ValueError(f"distmat must be 2-D [num_query, num_gallery], got shape {distmat.shape}")
+    ranker = _Ranker(q_pids, g_pids, q_camids, g_camids, max_rank)
+    ranker.check_shape(distmat.shape, "distmat")
+    n_threads = num_threads or _available_cores()
+    step = DEFAULT_CHUNK_SIZE
+    with ThreadPoolExecutor(n_threads) as pool:
+        for start in tqdm(range(0, ranker.num_q, step), desc="evaluate", unit="block", disable=not progress):
+            ranker.rank_block(distmat[start:start + step], start, pool, n_threads)
+    return ranker.result()
+
+
+def evaluate_features(qf: Any, gf: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any,
+                      metric: str = "euclidean", max_rank: int = 50, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                      progress: bool = False, num_threads: int | None = None) -> ReIDMetrics:
+    """Market-1501 protocol metrics straight from query/gallery features, in bounded memory.
+
+    Features are numpy arrays or torch tensors [num, dim] (computed in float32 on the gallery
+    tensor's device). Distances are computed ``chunk_size`` query rows at a time with a matmul and
+    each block is ranked at once, so memory is the features plus one [chunk_size, num_gallery]
+    block. The result equals ``evaluate(pairwise_distance(qf, gf, metric, chunk_size), ...)``
+    exactly. ``num_threads`` (default: the available cores) applies to torch and the ranking.
+    """
+    ranker = _Ranker(q_pids, g_pids, q_camids, g_camids, max_rank)
+    prepared = _prepare(qf, gf, metric)
+    ranker.check_shape((prepared[0].shape[0], prepared[1].shape[0]), "(len(qf), len(gf))")
+    if ranker.num_q == 0:
+        raise ValueError("qf is empty: there is no query to evaluate")
+    n_threads = num_threads or _available_cores()
+    with _torch_threads(n_threads), ThreadPoolExecutor(n_threads) as pool:
+        bar = tqdm(total=ranker.num_q, desc="evaluate_features", unit="query", disable=not progress)
+        for start, dist in _blocks(prepared, metric, chunk_size):
+            ranker.rank_block(dist.cpu().numpy(), start, pool, n_threads)
+            bar.update(dist.shape[0])
+        bar.close()
+    return ranker.result()
