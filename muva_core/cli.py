@@ -1,6 +1,10 @@
 """The ``muva`` command line: batch runs of every workbook step.
 
     muva synth     --out DIR --seed S [--scale small|default]
+    muva ground    --dataset NAME --root DIR --backend B --out boxes.parquet [--shard i/n]
+    muva merge-shards --out boxes.parquet --count N
+    muva calibrate --boxes boxes.parquet --out calibrated.parquet [--report report.json]
+    muva vote      --boxes calibrated.parquet --out masks.safetensors
     muva datasets  NAME --root DIR                 (summary of a dataset's splits)
     muva protocols [--kind single|multi|synthetic]
     muva baseline  --protocol NAME [--config FILE] [-p key=value ...]
@@ -59,6 +63,78 @@ def cmd_protocols(args) -> int:
     return 0
 
 
+def _device_for_rank(device: str) -> str:
+    """Under torchrun each process takes the GPU of its LOCAL_RANK."""
+    if device == "auto" and "LOCAL_RANK" in os.environ:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
+def cmd_ground(args) -> int:
+    from .data.datasets import load_dataset
+    from .grounding.labelling import label_dataset, label_dataset_distributed, parse_shard, summarize_labels
+    from .grounding.steps import build_backend, select_splits
+
+    cfg = RunConfig().update({"backend": args.backend, "ground_model": args.model or "", "seed": args.seed,
+                              "trust_remote_code": args.trust_remote_code, "device": _device_for_rank(args.device),
+                              "synth_root": args.root})
+    ds = load_dataset(args.dataset, args.root)
+    samples = select_splits(ds, args.splits)
+    backend = build_backend(cfg)
+    common = dict(batch_size=args.batch_size or None, progress=not args.quiet)
+    if args.shard:  # one shard by hand (several machines): merge later with `muva merge-shards`
+        table = label_dataset(samples, backend, args.out, shard=parse_shard(args.shard), **common)
+    else:  # plain run, or under torchrun / accelerate: each rank its shard, rank 0 merges
+        table = label_dataset_distributed(samples, backend, args.out, **common)
+    summary = summarize_labels(table)
+    print(f"{ds.name}: {summary['images']} images labelled by {args.backend} "
+          f"({summary['seconds_per_image']:.3f} s/image); status counts {summary['status']}")
+    return 0
+
+
+def cmd_merge_shards(args) -> int:
+    from .grounding.labelling import merge_shards
+
+    table = merge_shards(args.out, args.count, remove=args.remove)
+    print(f"merged {args.count} shards into {args.out}: {len(table)} rows")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    import pandas as pd
+
+    from .grounding.calibration import DEFAULT_WINDOWS, calibrate_boxes
+    from .io import write_json, write_parquet
+
+    boxes = pd.read_parquet(args.boxes)
+    windows = "data" if args.windows == "data" else DEFAULT_WINDOWS
+    table, report = calibrate_boxes(boxes, method=args.method, windows=windows)
+    write_parquet(args.out, table)
+    if args.report:
+        write_json(args.report, report.to_dict())
+    print(report)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_vote(args) -> int:
+    import pandas as pd
+
+    from .grounding.voting import MaskStore, mask_statistics
+
+    table = pd.read_parquet(args.boxes)
+    columns = "calibrated" if "cal_x0" in table.columns and not args.raw else "raw"
+    store = MaskStore.from_table(table, img_size=(args.height, args.width), patch=args.patch, rule=args.rule,
+                                 min_coverage=args.min_coverage, columns=columns, source=str(args.boxes))
+    store.save(args.out)
+    print(mask_statistics(store.masks).round(3).to_string())
+    print(f"wrote {len(store)} masks ({columns} boxes, grid {store.grid}) to {args.out}")
+    return 0
+
+
 def cmd_baseline(args) -> int:
     from .pipeline import run_baseline
 
@@ -94,6 +170,47 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("protocols", help="list the registered protocols")
     p.add_argument("--kind", choices=["single", "multi", "synthetic"], default=None)
     p.set_defaults(func=cmd_protocols)
+
+    p = sub.add_parser("ground", help="label part boxes with a grounding expert (resumable; sharded; torchrun-aware)")
+    p.add_argument("--dataset", required=True, help="dataset name (market1501, msmt17, synth_A, ...)")
+    p.add_argument("--root", required=True, help="dataset root (for synth_* the synthetic root)")
+    p.add_argument("--backend", default="synthetic",
+                   help="synthetic | cogvlm | florence2 | owlv2 | grounding_dino | vitpose")
+    p.add_argument("--out", required=True, help="output parquet (one row per image and part)")
+    p.add_argument("--splits", default="train", help="comma-separated splits to label (default: train)")
+    p.add_argument("--shard", help="i/n: label every n-th image from offset i (torchrun: taken from RANK/WORLD_SIZE)")
+    p.add_argument("--batch-size", type=int, default=0)
+    p.add_argument("--model", help="model id or local path (default: the backend's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated expert")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the cogvlm backend's remote model code")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_ground)
+
+    p = sub.add_parser("merge-shards", help="merge the shard files of a sharded `muva ground` run")
+    p.add_argument("--out", required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--remove", action="store_true", help="delete the shard files after merging")
+    p.set_defaults(func=cmd_merge_shards)
+
+    p = sub.add_parser("calibrate", help="replace implausible part boxes by stripe windows (calibrate_boxes)")
+    p.add_argument("--boxes", required=True, help="labelling table from `muva ground`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--report", help="write the calibration report (thresholds, counts) as JSON here")
+    p.add_argument("--method", choices=["robust_z", "quantile"], default="robust_z")
+    p.add_argument("--windows", choices=["stripes", "data"], default="stripes")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("vote", help="vote (calibrated) boxes into patch masks [3, Npatch] (vote_patch_masks)")
+    p.add_argument("--boxes", required=True, help="calibrated table (or a raw labelling table)")
+    p.add_argument("--out", required=True, help="mask file (.safetensors)")
+    p.add_argument("--rule", choices=["center", "coverage"], default="center")
+    p.add_argument("--min-coverage", type=float, default=0.5)
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--patch", type=int, default=16)
+    p.add_argument("--raw", action="store_true", help="vote the raw boxes even when calibrated ones exist")
+    p.set_defaults(func=cmd_vote)
 
     p = sub.add_parser("baseline", help="evaluate colour-histogram baselines on a protocol's target domain")
     _add_config_args(p)
