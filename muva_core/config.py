@@ -56,6 +56,55 @@ class GroundingConfig:
 
 
 @dataclass
+class ModelConfig:
+    """The MUVA model (paper 3.1, 3.2, 4.2) and every ablation switch of Tables 5-8, 10, 12."""
+
+    backbone: str = "vit-b-16"         # vit-b-16 (the paper) | small | tiny (random weights, CPU tests/demos)
+    pretrained: str = "auto"           # open_clip tag (openai); auto = openai for vit-b-16, random for small/tiny; none
+    checkpoint_path: str = ""          # local CLIP weights (.safetensors / .pt); wins over pretrained
+    granularity: str = "G+H+U+L"       # Table 5: G, G+H, G+U, G+L, G+H+U, G+H+L, G+U+L, G+H+U+L
+    mask_mode: str = "predicted"       # predicted (AM-MSA) | stripe (Table 8)
+    rmp_heads: int = 2                 # Table 12: 2 single-source, 8 for MS and multi-source
+    rmp_layernorm: bool = True         # Table 10 LN
+    rmp_residual: bool = True          # Table 10 RC
+    mask_threshold: float = 0.5        # t of the mask gating
+    n_ctx: int = 4                     # learnable prompt tokens per identity per granularity
+    part_agnostic_prompts: bool = False  # Table 7 PAP: no part words in the templates
+    domain_specific_prompts: bool = False  # Table 7 DSP: learnable per-domain prompt tokens
+
+
+@dataclass
+class TrainConfig:
+    """Two-stage training (paper 3.3, 4.2). Defaults are the paper's; synthetic configs shrink them."""
+
+    vision_only: bool = False          # Table 6: no stage 1, no i2tce
+    stage1_epochs: int = 120
+    stage1_lr: float = 3.5e-4
+    stage1_warmup_epochs: int = 5
+    stage1_batch_ids: int = 64         # identities per stage-1 step
+    cmp_temperature: float = 0.0       # 0 = 1 / CLIP's logit scale (see README); 1.0 = the paper's literal eq. 1
+    stage2_epochs: int = 60
+    stage2_lr: float = 5e-6
+    weight_decay: float = 1e-4
+    rmp_lr_scale: float = 10.0
+    warmup_epochs: int = 10
+    warmup_factor: float = 0.1
+    lr_milestones: list = field(default_factory=lambda: [30, 50])
+    lr_gamma: float = 0.1
+    id_epsilon: float = 0.1
+    imp_temperature: float = 0.01
+    memory_momentum: float = 0.2
+    i2tce_logit_scale: float = 0.0     # 0 = CLIP's logit scale; 1.0 = the paper's literal eq. 4
+    mask_loss_weight: float = 1.0
+    mask_dice: str = "soft"            # soft | elementwise (eq. 8 as printed)
+    augment: str = "flip"              # flip (the paper) | flip+crop+erase (Table 11)
+    amp: bool = True                   # bf16 autocast on GPU (ignored on CPU: fp32)
+    log_every: int = 20                # steps between progress-bar loss updates
+    eval_every: int = 0                # evaluate on the target every N stage-2 epochs (0 = only at the end)
+    resume: bool = True                # continue from the run's checkpoints when they exist
+
+
+@dataclass
 class EvalConfig:
     """Re-ID evaluation (paper section 4.1: mAP and CMC, no re-ranking)."""
 
@@ -75,6 +124,8 @@ class RunConfig:
     num_examples: int = 8              # images shown in example figures
     data: DataConfig = field(default_factory=DataConfig)
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     # ---- flat view ---------------------------------------------------------------------

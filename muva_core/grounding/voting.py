@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -234,8 +235,10 @@ class MissingMasksError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class MaskStore:
-    """Part masks ``[N, 3, Npatch]`` (uint8) keyed by ``dataset/relpath``, with their voting metadata."""
+class MaskStore(Mapping):
+    """Part masks ``[N, 3, Npatch]`` (uint8) keyed by ``dataset/relpath``, with their voting metadata.
+
+    A read-only mapping ``key -> [3, Npatch]`` (so a data loader can take it as is)."""
 
     def __init__(self, keys: Sequence[str], masks: np.ndarray, meta: dict | None = None, path: str | os.PathLike | None = None):
         masks = np.asarray(masks)
@@ -283,6 +286,12 @@ class MaskStore:
             return self.masks[self._index[key]]
         except KeyError:
             raise MissingMasksError(f"no part mask for {key!r} in {self._where()} ({len(self)} keys)") from None
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.get(key)
+
+    def __iter__(self):
+        return iter(self.keys)
 
     def require(self, keys: Iterable[str]) -> None:
         """Raise :class:`MissingMasksError` (how many, which, the file) if any of ``keys`` has no mask."""

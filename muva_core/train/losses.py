@@ -306,3 +306,12 @@ class MUVALoss(nn.Module):
         assert total is not None
         terms["total"] = total
         return terms
+
+
+def normalize_per_granularity(features: Tensor, granularities: int) -> Tensor:
+    """L2-normalise each granularity's chunk of a concatenated multi-grained feature ``[B, G*E]``
+    and rescale by ``1/sqrt(G)``, so the whole vector is unit-norm and the cosine of two such
+    vectors is the mean of the per-granularity cosines (every granularity weighs the same)."""
+    B, D = features.shape
+    chunks = F.normalize(features.float().view(B, granularities, D // granularities), dim=-1)
+    return chunks.reshape(B, D) / granularities ** 0.5

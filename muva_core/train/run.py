@@ -1,0 +1,240 @@
+"""One training run of a protocol, end to end, resumable: masks -> stage 1 -> stage 2 -> evaluation.
+
+Layout of a run folder (``RunConfig.run_dir`` or ``reports/<protocol>/interactive``)::
+
+    config.yaml                    the resolved configuration
+    checkpoints/stage1-last.safetensors, stage1.safetensors
+    checkpoints/stage2-last.safetensors
+    model.safetensors              the final model (encoder, classifier, text prototypes)
+    history_stage1.csv, history_stage2.csv
+    metrics/train.json             evaluation on the target domain (+ mask IoU vs ground truth)
+
+Every step writes atomically; ``train.resume`` continues from the last finished epoch, and a
+resumed CPU run ends with the same metrics as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..config import RunConfig
+from ..eval import evaluate_features
+from ..eval.features import extract_features, resolve_device, sample_arrays
+from ..eval.masks import mask_iou, truth_patch_masks
+from ..io import atomic_path
+from ..model.factory import BuiltModel, MUVAReID, build_muva, part_indices
+from ..notebook import record, run_dir
+from ..seeding import seed_everything
+from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import DistInfo, barrier, init_distributed, shutdown
+from .losses import normalize_per_granularity
+from .memory import PrototypeMemory, all_gather_variable
+from .schedulers import WarmupCosineLR
+from .stage1 import text_prototypes, train_stage1, visual_centroids
+from .stage2 import build_optimizer, train_stage2
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict
+    history_stage1: pd.DataFrame
+    history_stage2: pd.DataFrame
+    mask_iou_truth: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _write_history(path: Path, previous: pd.DataFrame | None, new_row: dict) -> pd.DataFrame:
+    frame = pd.concat([previous, pd.DataFrame([new_row])], ignore_index=True) if previous is not None else pd.DataFrame([new_row])
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return frame
+
+
+def _read_history(path: Path, upto_epoch: int) -> pd.DataFrame | None:
+    if not path.is_file() or upto_epoch <= 0:
+        return None
+    frame = pd.read_csv(path)
+    return frame[frame["epoch"] <= upto_epoch]
+
+
+def _device(cfg: RunConfig, info: DistInfo) -> torch.device:
+    if info.enabled and torch.cuda.is_available() and cfg.device in ("auto", "cuda"):
+        return torch.device(f"cuda:{info.local_rank}")
+    return resolve_device(cfg.device)
+
+
+def _id_domains(data) -> torch.Tensor:
+    """Source-dataset index of every training identity (domain-specific prompts)."""
+    out = torch.zeros(data.num_classes, dtype=torch.long)
+    for i, info in enumerate(data.sources.values()):
+        out[info.pid_offset: info.pid_offset + info.num_pids] = i
+    return out
+
+
+def _sharded_centroids(model: MUVAReID, train, masks, cfg, device, info: DistInfo, progress: bool) -> torch.Tensor:
+    """VPM-1; under torchrun each rank encodes its share of the images and the features are gathered."""
+    if not info.enabled:
+        return visual_centroids(model.encoder, train, masks, model.classifier.out_features, cfg, device, progress)
+    mode = "pseudo" if model.encoder.n_parts else None
+    share = train[info.rank::info.world_size]
+    feats = extract_features(model.encoder, share, cfg, device, masks=masks if mode else None, mask_mode=mode,
+                             which="pre", normalize=False, progress=progress and info.main, desc="VPM-1 features")
+    labels = torch.tensor([s.pid for s in share], device=device)
+    feats, labels = all_gather_variable(feats.to(device)), all_gather_variable(labels)
+    G = 1 + model.encoder.n_parts
+    memory = PrototypeMemory(model.classifier.out_features, feats.shape[1]).to(device)
+    memory.build(normalize_per_granularity(feats, G), labels, gather=False)
+    return normalize_per_granularity(memory.centroids.clone(), G)
+
+
+def run_stage1(cfg: RunConfig, built: BuiltModel, train, masks, device, info: DistInfo, folder: Path,
+               progress: bool = True) -> pd.DataFrame:
+    """Stage 1 with resume; leaves the text prototypes (TPM) in ``built.model.text_prototypes``."""
+    model, prompts = built.model, built.prompts
+    ckpt = folder / "checkpoints"
+    final, last = ckpt / "stage1.safetensors", ckpt / "stage1-last.safetensors"
+    hist_path = folder / "history_stage1.csv"
+    flat = cfg.to_flat()
+    prompts.to(device)
+    if cfg.train.resume and final.is_file():
+        load_checkpoint(final, prompts=prompts, restore_rng=False)
+        history = _read_history(hist_path, cfg.train.stage1_epochs)
+    else:
+        optimizer = scheduler = None
+        start = 0
+        if cfg.train.resume and last.is_file():
+            optimizer = torch.optim.Adam(prompts.learnable_parameters(), lr=cfg.train.stage1_lr,
+                                         weight_decay=cfg.train.weight_decay)
+            warm = min(cfg.train.stage1_warmup_epochs, max(0, cfg.train.stage1_epochs - 1))
+            scheduler = WarmupCosineLR(optimizer, max_epochs=cfg.train.stage1_epochs, warmup_epochs=warm,
+                                       warmup_lr_init=min(1e-5, cfg.train.stage1_lr))
+            start = load_checkpoint(last, prompts=prompts, optimizer=optimizer, scheduler=scheduler)["epoch"]
+        centroids = _sharded_centroids(model, train, masks, cfg, device, info, progress)
+        previous = [_read_history(hist_path, start)]
+
+        def on_epoch_end(epoch, row, opt, sched):
+            previous[0] = _write_history(hist_path, previous[0], row) if info.main else previous[0]
+            if info.main:
+                save_checkpoint(last, prompts=prompts, optimizer=opt, scheduler=sched, epoch=epoch, config=flat,
+                                extra={"stage": 1})
+
+        train_stage1(prompts, centroids, cfg, device, logit_scale=float(model.clip_logit_scale), start_epoch=start,
+                     optimizer=optimizer, scheduler=scheduler, on_epoch_end=on_epoch_end, progress=progress and info.main)
+        if info.main:
+            save_checkpoint(final, prompts=prompts, epoch=cfg.train.stage1_epochs, config=flat, extra={"stage": 1},
+                            rng=False)
+        history = previous[0]
+    tp = text_prototypes(prompts, device)
+    model.text_prototypes.copy_(normalize_per_granularity(tp, len(prompts.granularities)))
+    return history if history is not None else pd.DataFrame()
+
+
+def run_stage2(cfg: RunConfig, built: BuiltModel, train, masks, device, info: DistInfo, folder: Path,
+               progress: bool = True) -> pd.DataFrame:
+    model = built.model
+    ckpt = folder / "checkpoints" / "stage2-last.safetensors"
+    hist_path = folder / "history_stage2.csv"
+    t = cfg.train
+    memory = PrototypeMemory(model.classifier.out_features, model.encoder.feat_dim, momentum=t.memory_momentum,
+                             temperature=t.imp_temperature).to(device)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    start = 0
+    if t.resume and ckpt.is_file():
+        start = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, memory=memory)["epoch"]
+    ddp = None
+    if info.enabled:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    rng = np.random.default_rng(cfg.seed)
+    monitor = [train[i] for i in sorted(rng.choice(len(train), size=min(64, len(train)), replace=False))]
+    previous = [_read_history(hist_path, start)]
+    flat = cfg.to_flat()
+
+    def on_epoch_end(epoch, row, opt, sched):
+        if info.main:
+            previous[0] = _write_history(hist_path, previous[0], row)
+            save_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, memory=memory, epoch=epoch,
+                            config=flat, extra={"stage": 2})
+
+    train_stage2(model, memory, train, masks, cfg, device, optimizer=optimizer, scheduler=scheduler,
+                 start_epoch=start, ddp_model=ddp, rank=info.rank, world_size=info.world_size, monitor=monitor,
+                 on_epoch_end=on_epoch_end, progress=progress)
+    return previous[0] if previous[0] is not None else pd.DataFrame()
+
+
+def evaluate_model(cfg: RunConfig, model: MUVAReID, data, device, progress: bool = True) -> tuple[dict, dict]:
+    """Re-ID metrics on the target's query/gallery, and predicted-mask IoU against ground-truth boxes
+    when the target has them (synthetic domains)."""
+    enc = model.encoder
+    samples = list(data.query) + list(data.gallery)
+    feats, probs = extract_features(enc, samples, cfg, device, return_masks=True, progress=progress, desc="test features")
+    nq = len(data.query)
+    qp, qc = sample_arrays(data.query)
+    gp, gc = sample_arrays(data.gallery)
+    metrics = evaluate_features(feats[:nq], feats[nq:], qp, gp, qc, gc, metric=cfg.eval.metric,
+                                max_rank=cfg.eval.max_rank, chunk_size=cfg.eval.eval_chunk_size)
+    iou = {}
+    target = data.datasets.get(data.protocol.target)
+    truth_file = Path(target.dataset_dir) / "part_boxes.parquet" if target is not None else None
+    if probs is not None and truth_file is not None and truth_file.is_file():
+        from ..grounding.simulated import load_truth
+
+        truth = truth_patch_masks(load_truth(truth_file), [s.key for s in samples], (cfg.data.height, cfg.data.width),
+                                  cfg.grounding.patch_size)
+        values = mask_iou(probs, torch.as_tensor(truth)[:, part_indices(model.parts)], cfg.model.mask_threshold)
+        iou = {p: float(v) for p, v in zip(model.parts, values)}
+    return metrics.as_dict(), iou
+
+
+def train_protocol(cfg: RunConfig, progress: bool = True) -> RunResult:
+    """The whole pipeline for ``cfg.data.protocol``; resumable; torchrun-aware (stage 2 under DDP)."""
+    from ..grounding.steps import load_protocol_masks, prepare_masks
+    from ..pipeline import load_protocol, source_datasets
+
+    t0 = time.perf_counter()
+    info = init_distributed(cfg.device)
+    seed_everything(cfg.seed)
+    device = _device(cfg, info)
+    folder = run_dir(cfg)
+    try:
+        data = load_protocol(cfg, progress=progress and info.main)
+        if info.main:
+            folder.mkdir(parents=True, exist_ok=True)
+            cfg.to_yaml(folder / "config.yaml")
+            prepare_masks(cfg, source_datasets(data), progress=progress)
+        barrier(info)
+        from ..grounding.steps import grounding_paths
+
+        masks = load_protocol_masks({d.name: grounding_paths(cfg, d.name).masks for d in source_datasets(data)})
+        masks.require([s.key for s in data.train])
+        built = build_muva(cfg, data.num_classes, _id_domains(data))
+        built.model.to(device)
+        h1 = pd.DataFrame()
+        if built.prompts is not None:
+            h1 = run_stage1(cfg, built, data.train, masks, device, info, folder, progress)
+        h2 = run_stage2(cfg, built, data.train, masks, device, info, folder, progress)
+        metrics, iou = {}, {}
+        if info.main:
+            save_checkpoint(folder / "model.safetensors", model=built.model, epoch=cfg.train.stage2_epochs,
+                            config=cfg.to_flat(), extra={"stage": "final"}, rng=False)
+            metrics, iou = evaluate_model(cfg, built.model, data, device, progress)
+            record(cfg, "train", {"protocol": data.protocol.name, "metrics": metrics, "mask_iou_truth": iou,
+                                  "seconds": round(time.perf_counter() - t0, 2), "num_classes": data.num_classes,
+                                  "train_images": len(data.train)})
+        barrier(info)
+        return RunResult(folder, metrics, h1, h2, iou, time.perf_counter() - t0)
+    finally:
+        shutdown(info)
+
+
+def load_trained(cfg: RunConfig, path: str | Path, num_classes: int, device="cpu") -> MUVAReID:
+    """A trained :class:`MUVAReID` from ``model.safetensors`` (or a stage-2 checkpoint)."""
+    built = build_muva(cfg, num_classes)
+    load_checkpoint(path, model=built.model, restore_rng=False)
+    return built.model.to(device).eval()
