@@ -192,45 +192,78 @@ def evaluate_model(cfg: RunConfig, model: MUVAReID, data, device, progress: bool
     return metrics.as_dict(), iou
 
 
-def train_protocol(cfg: RunConfig, progress: bool = True) -> RunResult:
-    """The whole pipeline for ``cfg.data.protocol``; resumable; torchrun-aware (stage 2 under DDP)."""
-    from ..grounding.steps import load_protocol_masks, prepare_masks
+@dataclass
+class RunContext:
+    """Everything the steps of one run share (built once by :func:`prepare_run`)."""
+
+    cfg: RunConfig
+    data: object
+    masks: object
+    built: BuiltModel
+    device: torch.device
+    info: DistInfo
+    folder: Path
+    started: float = field(default_factory=time.perf_counter)
+
+
+def prepare_run(cfg: RunConfig, progress: bool = True) -> RunContext:
+    """Data, part masks (labelled / calibrated / voted when not cached), the model, the run folder."""
+    from ..grounding.steps import grounding_paths, load_protocol_masks, prepare_masks
     from ..pipeline import load_protocol, source_datasets
 
-    t0 = time.perf_counter()
     info = init_distributed(cfg.device)
     seed_everything(cfg.seed)
     device = _device(cfg, info)
     folder = run_dir(cfg)
-    try:
-        data = load_protocol(cfg, progress=progress and info.main)
-        if info.main:
-            folder.mkdir(parents=True, exist_ok=True)
-            cfg.to_yaml(folder / "config.yaml")
-            prepare_masks(cfg, source_datasets(data), progress=progress)
-        barrier(info)
-        from ..grounding.steps import grounding_paths
+    data = load_protocol(cfg, progress=progress and info.main)
+    if info.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg.to_yaml(folder / "config.yaml")
+        prepare_masks(cfg, source_datasets(data), progress=progress)
+    barrier(info)
+    masks = load_protocol_masks({d.name: grounding_paths(cfg, d.name).masks for d in source_datasets(data)})
+    masks.require([s.key for s in data.train])
+    built = build_muva(cfg, data.num_classes, _id_domains(data))
+    built.model.to(device)
+    return RunContext(cfg, data, masks, built, device, info, folder)
 
-        masks = load_protocol_masks({d.name: grounding_paths(cfg, d.name).masks for d in source_datasets(data)})
-        masks.require([s.key for s in data.train])
-        built = build_muva(cfg, data.num_classes, _id_domains(data))
-        built.model.to(device)
-        h1 = pd.DataFrame()
-        if built.prompts is not None:
-            h1 = run_stage1(cfg, built, data.train, masks, device, info, folder, progress)
-        h2 = run_stage2(cfg, built, data.train, masks, device, info, folder, progress)
-        metrics, iou = {}, {}
-        if info.main:
-            save_checkpoint(folder / "model.safetensors", model=built.model, epoch=cfg.train.stage2_epochs,
-                            config=cfg.to_flat(), extra={"stage": "final"}, rng=False)
-            metrics, iou = evaluate_model(cfg, built.model, data, device, progress)
-            record(cfg, "train", {"protocol": data.protocol.name, "metrics": metrics, "mask_iou_truth": iou,
-                                  "seconds": round(time.perf_counter() - t0, 2), "num_classes": data.num_classes,
-                                  "train_images": len(data.train)})
-        barrier(info)
-        return RunResult(folder, metrics, h1, h2, iou, time.perf_counter() - t0)
+
+def stage1(ctx: RunContext, progress: bool = True) -> pd.DataFrame:
+    """Stage 1 (skipped for vision-only models): returns its history."""
+    if ctx.built.prompts is None:
+        return pd.DataFrame()
+    return run_stage1(ctx.cfg, ctx.built, ctx.data.train, ctx.masks, ctx.device, ctx.info, ctx.folder, progress)
+
+
+def stage2(ctx: RunContext, progress: bool = True) -> pd.DataFrame:
+    return run_stage2(ctx.cfg, ctx.built, ctx.data.train, ctx.masks, ctx.device, ctx.info, ctx.folder, progress)
+
+
+def finish_run(ctx: RunContext, progress: bool = True) -> tuple[dict, dict]:
+    """Save the final model, evaluate on the target, record ``metrics/train.json`` (rank 0)."""
+    metrics, iou = {}, {}
+    if ctx.info.main:
+        cfg = ctx.cfg
+        save_checkpoint(ctx.folder / "model.safetensors", model=ctx.built.model, epoch=cfg.train.stage2_epochs,
+                        config=cfg.to_flat(), extra={"stage": "final", "num_classes": ctx.data.num_classes}, rng=False)
+        metrics, iou = evaluate_model(cfg, ctx.built.model, ctx.data, ctx.device, progress)
+        record(cfg, "train", {"protocol": ctx.data.protocol.name, "metrics": metrics, "mask_iou_truth": iou,
+                              "seconds": round(time.perf_counter() - ctx.started, 2),
+                              "num_classes": ctx.data.num_classes, "train_images": len(ctx.data.train)})
+    barrier(ctx.info)
+    return metrics, iou
+
+
+def train_protocol(cfg: RunConfig, progress: bool = True) -> RunResult:
+    """The whole pipeline for ``cfg.data.protocol``; resumable; torchrun-aware (stage 2 under DDP)."""
+    ctx = prepare_run(cfg, progress)
+    try:
+        h1 = stage1(ctx, progress)
+        h2 = stage2(ctx, progress)
+        metrics, iou = finish_run(ctx, progress)
+        return RunResult(ctx.folder, metrics, h1, h2, iou, time.perf_counter() - ctx.started)
     finally:
-        shutdown(info)
+        shutdown(ctx.info)
 
 
 def load_trained(cfg: RunConfig, path: str | Path, num_classes: int, device="cpu") -> MUVAReID:

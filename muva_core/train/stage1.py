@@ -96,3 +96,14 @@ def text_prototypes(prompts, device, batch_size: int = 128, progress: bool = Fal
     """TPM: every identity's multi-grained text token after stage 1 ``[C, G*E]`` (not normalised)."""
     prompts.eval()
     return prompts.text_features_all(batch_size=batch_size, progress=progress).to(device)
+
+
+@torch.no_grad()
+def similarity_matrix(ctx, max_ids: int = 24) -> torch.Tensor:
+    """Cosine similarity ``[n, n]`` of the first ``n`` identities' text prototypes (TPM, after stage 1)
+    against their visual centroids (VPM-1): a bright diagonal means the prompts learned the identities."""
+    n = min(max_ids, ctx.data.num_classes)
+    samples = [s for s in ctx.data.train if s.pid < n]
+    centroids = visual_centroids(ctx.built.model.encoder, samples, ctx.masks, n, ctx.cfg, ctx.device, progress=False)
+    text = ctx.built.model.text_prototypes[:n].to(centroids.device)
+    return (text @ centroids.T).cpu()

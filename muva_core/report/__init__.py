@@ -1,0 +1,1 @@
+"""Reports: the paper's published numbers, comparison tables, the papermill runner."""
