@@ -5,10 +5,14 @@
     muva merge-shards --out boxes.parquet --count N
     muva calibrate --boxes boxes.parquet --out calibrated.parquet [--report report.json]
     muva vote      --boxes calibrated.parquet --out masks.safetensors
+    muva train     --protocol NAME [--config FILE] [-p key=value ...]
+    muva eval      --run DIR [--protocol NAME]
+    muva run       --protocol NAME [--config FILE] [--steps 01-06] [-p key=value ...]
+    muva export-onnx --run DIR --out model.onnx
     muva datasets  NAME --root DIR                 (summary of a dataset's splits)
     muva protocols [--kind single|multi|synthetic]
     muva baseline  --protocol NAME [--config FILE] [-p key=value ...]
-    muva demo      [--config FILE] [-p key=value ...]
+    muva demo      [-p key=value ...]            (= muva run --protocol synth:A2B)
 """
 from __future__ import annotations
 
@@ -135,6 +139,98 @@ def cmd_vote(args) -> int:
     return 0
 
 
+def _resolved(args) -> RunConfig:
+    from .report.runner import resolve_config
+
+    return resolve_config(getattr(args, "protocol", None), getattr(args, "config", None),
+                          parse_overrides(getattr(args, "param", None)))
+
+
+def cmd_train(args) -> int:
+    from .train.run import train_protocol
+
+    cfg = _resolved(args)
+    result = train_protocol(cfg, progress=not args.quiet)
+    if result.metrics:
+        print(_metrics_line(cfg.data.protocol, result.metrics, result.mask_iou_truth))
+        print(f"run folder: {result.run_dir} ({result.seconds:.0f} s)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .eval.features import resolve_device
+    from .pipeline import load_protocol
+    from .train.run import evaluate_model, load_trained
+
+    run = Path(args.run)
+    cfg = RunConfig.from_yaml(run / "config.yaml", parse_overrides(args.param))
+    if args.protocol:
+        cfg.update({"protocol": args.protocol})
+    data = load_protocol(cfg, progress=not args.quiet)
+    device = resolve_device(cfg.device)
+    ckpt = Path(args.checkpoint) if args.checkpoint else run / "model.safetensors"
+    from .train.checkpoint import read_checkpoint_info
+
+    num_classes = int(read_checkpoint_info(ckpt)["extra"].get("num_classes", 0)) or None
+    if num_classes is None:
+        raise ValueError(f"{ckpt}: the checkpoint does not record num_classes (not a final model.safetensors)")
+    model = load_trained(cfg, ckpt, num_classes, device)
+    metrics, iou = evaluate_model(cfg, model, data, device, progress=not args.quiet)
+    print(_metrics_line(data.protocol.name, metrics, iou))
+    if args.json:
+        print(json.dumps({"metrics": metrics, "mask_iou_truth": iou}))
+    return 0
+
+
+def cmd_export_onnx(args) -> int:
+    from .export import check_onnx_parity, export_onnx
+    from .train.checkpoint import read_checkpoint_info
+    from .train.run import load_trained
+
+    run = Path(args.run)
+    cfg = RunConfig.from_yaml(run / "config.yaml")
+    ckpt = run / "model.safetensors"
+    model = load_trained(cfg, ckpt, int(read_checkpoint_info(ckpt)["extra"]["num_classes"]), "cpu")
+    path = export_onnx(model.encoder, args.out, image_size=(cfg.data.height, cfg.data.width), norm=cfg.data.norm,
+                       extra_metadata={"backbone": cfg.model.backbone, "protocol": cfg.data.protocol})
+    import torch
+
+    diff = check_onnx_parity(model.encoder, path, torch.randn(2, 3, cfg.data.height, cfg.data.width))
+    print(f"wrote {path}; ONNX Runtime vs PyTorch max abs difference {diff:.2e}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .report.runner import parse_steps, run_notebooks
+
+    cfg = _resolved(args)
+    t0 = time.perf_counter()
+    folder = run_notebooks(cfg, parse_steps(args.steps), run_id=args.run_id, force=args.force,
+                           progress=not args.quiet)
+    import json
+
+    summary = json.loads((folder / "metrics.json").read_text())
+    if summary.get("metrics"):
+        print(_metrics_line(cfg.data.protocol, summary["metrics"], summary.get("mask_iou_truth") or {}))
+    print(f"report: {folder} ({time.perf_counter() - t0:.0f} s); index: {Path(cfg.reports_dir) / 'README.md'}")
+    return 0
+
+
+def _metrics_line(protocol: str, metrics: dict, iou: dict) -> str:
+    from .report.paper import paper_result
+
+    line = (f"{protocol}: mAP {metrics['mAP']:.1f}  Rank-1 {metrics['Rank-1']:.1f}  Rank-5 {metrics['Rank-5']:.1f}  "
+            f"Rank-10 {metrics['Rank-10']:.1f}  mINP {metrics['mINP']:.1f}")
+    if iou:
+        line += "\npredicted part masks vs ground-truth boxes (IoU): " + ", ".join(f"{k} {v:.2f}" for k, v in iou.items())
+    paper = paper_result(protocol)
+    if paper:
+        line += f"\npaper (MUVA, ViT-B/16): mAP {paper[0]:.1f}  Rank-1 {paper[1]:.1f}"
+    return line
+
+
 def cmd_baseline(args) -> int:
     from .pipeline import run_baseline
 
@@ -143,12 +239,15 @@ def cmd_baseline(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from .pipeline import run_demo
+DEMO_PROTOCOL = "synth:A2B"
 
-    cfg = _load_config(args)
-    run_demo(cfg, progress=not args.quiet)
-    return 0
+
+def cmd_demo(args) -> int:
+    """`muva run` on the default synthetic protocol (configs/synth_A2B.yaml), then the baselines for reference."""
+    if not getattr(args, "protocol", None):
+        args.protocol = DEMO_PROTOCOL
+    args.steps, args.run_id, args.force = None, None, False
+    return cmd_run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,7 +316,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_baseline)
 
-    p = sub.add_parser("demo", help="the main job on the embedded synthetic default (writes reports/)")
+    p = sub.add_parser("train", help="two-stage training + evaluation of a protocol (resumable; torchrun-aware)")
+    _add_config_args(p)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a trained run folder on its (or another) protocol's target")
+    p.add_argument("--run", required=True, help="run folder holding config.yaml and model.safetensors")
+    p.add_argument("--protocol", help="evaluate on this protocol's target instead")
+    p.add_argument("--checkpoint", help="model file (default: <run>/model.safetensors)")
+    p.add_argument("-p", "--param", action="append", metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export-onnx", help="export a trained encoder's embedding to ONNX (checked against PyTorch)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export_onnx)
+
+    p = sub.add_parser("run", help="execute the numbered notebooks for a protocol with papermill into reports/")
+    _add_config_args(p)
+    p.add_argument("--steps", help="which notebooks, e.g. 01-03 or 01,04 (default: 01-06)")
+    p.add_argument("--run-id", help="run folder name (default: run-<config hash>)")
+    p.add_argument("--force", action="store_true", help="re-run steps even when unchanged")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help=f"the main job: `muva run` on the synthetic default {DEMO_PROTOCOL} (writes reports/)")
     _add_config_args(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
@@ -229,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
         # every library error carries the path and the reason; show it without a traceback
         # (MUVA_DEBUG=1 shows the traceback too)
         if os.environ.get("MUVA_DEBUG"):

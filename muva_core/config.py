@@ -100,7 +100,6 @@ class TrainConfig:
     augment: str = "flip"              # flip (the paper) | flip+crop+erase (Table 11)
     amp: bool = True                   # bf16 autocast on GPU (ignored on CPU: fp32)
     log_every: int = 20                # steps between progress-bar loss updates
-    eval_every: int = 0                # evaluate on the target every N stage-2 epochs (0 = only at the end)
     resume: bool = True                # continue from the run's checkpoints when they exist
 
 

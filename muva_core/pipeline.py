@@ -1,8 +1,6 @@
 """Run-level orchestration shared by the CLI and the notebooks."""
 from __future__ import annotations
 
-import json
-import platform
 import time
 from pathlib import Path
 
@@ -77,38 +75,6 @@ def run_baseline(cfg: RunConfig, progress: bool = True) -> dict:
     write_json(out / "metrics.json", record)
     print(format_table(pd.DataFrame(metrics).T, f"{proto.name}: colour-histogram baselines on the target domain"))
     print(f"wrote {out / 'metrics.json'}")
-    return record
-
-
-def run_demo(cfg: RunConfig, progress: bool = True) -> dict:
-    """The main job on the synthetic default: generate the data, evaluate the baselines on every domain."""
-    from .data.datasets import load_dataset
-    from .data.synthetic import DOMAIN_STYLES
-
-    t0 = time.perf_counter()
-    root = ensure_synthetic(cfg, progress=progress)
-    t_synth = time.perf_counter() - t0
-    rows = []
-    for domain in sorted(DOMAIN_STYLES):
-        ds = load_dataset(f"synth_{domain}", root)
-        metrics = evaluate_baselines(ds.query, ds.gallery, cfg, progress=progress)
-        for feature, m in metrics.items():
-            rows.append({"domain": f"synth_{domain}", "feature": feature, **m})
-    table = pd.DataFrame(rows)
-    out = Path(cfg.reports_dir) / "demo"
-    record = {
-        "synthetic_root": str(root),
-        "seed": cfg.seed,
-        "scale": cfg.data.synth_scale,
-        "synth_seconds": round(t_synth, 2),
-        "total_seconds": round(time.perf_counter() - t0, 2),
-        "machine": platform.platform(),
-        "results": rows,
-    }
-    write_json(out / "metrics.json", record)
-    (out / "results.md").write_text(table.round(2).to_markdown(index=False) + "\n")
-    print(format_table(table.set_index(["domain", "feature"]), "Colour-histogram baselines per synthetic domain (query vs gallery)"))
-    print(f"synthetic data: {root} ({t_synth:.1f} s); report: {out}/metrics.json ({record['total_seconds']:.1f} s total)")
     return record
 
 
