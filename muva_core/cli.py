@@ -9,6 +9,7 @@
     muva eval      --run DIR [--protocol NAME]
     muva run       --protocol NAME [--config FILE] [--steps 01-06] [-p key=value ...]
     muva export-onnx --run DIR --out model.onnx
+    muva sweep     --table 5..12 --protocol NAME [--seeds 0,1,2]
     muva datasets  NAME --root DIR                 (summary of a dataset's splits)
     muva protocols [--kind single|multi|synthetic]
     muva baseline  --protocol NAME [--config FILE] [-p key=value ...]
@@ -218,6 +219,17 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .report.sweep import run_sweep, sweep_dir
+
+    cfg = _resolved(args)
+    seeds = [int(s) for s in args.seeds.replace(",", " ").split()]
+    summary = run_sweep(cfg, args.table, seeds=seeds, variants=args.variant, progress=not args.quiet)
+    print(summary.round(2).to_string())
+    print(f"wrote {sweep_dir(cfg, args.table)}/table{args.table}.md and .csv")
+    return 0
+
+
 def _metrics_line(protocol: str, metrics: dict, iou: dict) -> str:
     from .report.paper import paper_result
 
@@ -337,11 +349,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="execute the numbered notebooks for a protocol with papermill into reports/")
     _add_config_args(p)
-    p.add_argument("--steps", help="which notebooks, e.g. 01-03 or 01,04 (default: 01-06)")
+    p.add_argument("--steps", help="which notebooks, e.g. 01-03 or 01,04 (default: 01-07)")
     p.add_argument("--run-id", help="run folder name (default: run-<config hash>)")
     p.add_argument("--force", action="store_true", help="re-run steps even when unchanged")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help="run the variants of one of the paper's ablation tables (5-12) on a protocol")
+    p.add_argument("--table", type=int, required=True, choices=range(5, 13), metavar="5..12")
+    _add_config_args(p)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--variant", action="append", help="only this variant (repeatable; the paper's row label)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help=f"the main job: `muva run` on the synthetic default {DEMO_PROTOCOL} (writes reports/)")
     _add_config_args(p)

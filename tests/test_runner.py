@@ -20,7 +20,7 @@ def tiny_overrides(synth_root, tmp_path) -> dict:
 def test_parse_steps():
     assert parse_steps("01-03") == ["01_grounding", "02_calibration", "03_mask_voting"]
     assert parse_steps("01,05") == ["01_grounding", "05_stage2_reid"]
-    assert parse_steps(None)[-1] == "06_evaluate"
+    assert parse_steps(None)[-1] == "07_figures"
     with pytest.raises(ValueError, match="--steps"):
         parse_steps("one")
 
@@ -47,6 +47,10 @@ def test_run_executes_every_notebook_then_skips_unchanged_steps(small_synth_root
     for nb in parse_steps(None):
         assert (folder / "notebooks" / f"{nb}.ipynb").is_file()
     assert (folder / "figures" / "05_stage2_losses.png").is_file()
+    figures = json.loads((folder / "metrics" / "07_figures.json").read_text())
+    assert {"07_figure5_box_heights.png", "07_figure7_predicted_masks.png"} <= set(figures["figures"])
+    assert set(figures["cost"]) == {"MUVA", "MUVA (w/o AM-MSA)"}
+    assert figures["cost"]["MUVA"]["params_infer_M"] > figures["cost"]["MUVA (w/o AM-MSA)"]["params_infer_M"]
     index = (tmp_path / "reports" / "README.md").read_text()
     assert f"{summary['metrics']['mAP']:.1f}" in index and folder.name in index
     # same configuration again: every step skipped, through the CLI
@@ -54,7 +58,7 @@ def test_run_executes_every_notebook_then_skips_unchanged_steps(small_synth_root
                                                  for a in ("-p", f"{k}={json.dumps(v) if isinstance(v, list) else v}")]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("skipped") == 6
+    assert out.count("skipped") == len(parse_steps(None))
 
 
 @pytest.mark.slow

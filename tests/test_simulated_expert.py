@@ -11,24 +11,7 @@ from PIL import Image
 from muva_core.data.samples import PARTS, DatasetError
 from muva_core.grounding import get_backend
 from muva_core.grounding.simulated import DEFAULT_RATES, FAILURE_MODES, SimulatedExpert, UnknownKeyError, failure_mode
-
-
-def make_truth(n: int, seed: int = 0, img_size=(256, 128)) -> pd.DataFrame:
-    """Plausible true part boxes for person crops of ``img_size=(H, W)``, varied scale and offset."""
-    H, W = img_size
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        rel = f"bounding_box_train/{i // 4:04d}_c{i % 3 + 1}s1_{i:06d}_00.jpg"
-        ph = rng.uniform(0.75, 0.98) * H
-        top = rng.uniform(0, H - ph)
-        pw = min(ph * rng.uniform(0.32, 0.45), 0.95 * W)
-        c = float(np.clip(W / 2 + rng.uniform(-0.12, 0.12) * W, pw / 2, W - pw / 2))
-        for part, (f0, f1, fw) in {"head": (0, 0.16, 0.45), "upper": (0.13, 0.55, 0.95), "legs": (0.5, 1.0, 0.75),
-                                   "person": (0, 1, 1)}.items():
-            rows.append(dict(relpath=rel, part=part, x0=c - fw * pw / 2, y0=top + f0 * ph, x1=c + fw * pw / 2,
-                             y1=top + f1 * ph, visible=1.0, img_w=W, img_h=H))
-    return pd.DataFrame(rows)
+from conftest import make_truth
 
 
 @pytest.fixture(scope="module")

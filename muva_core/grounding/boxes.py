@@ -309,3 +309,21 @@ __all__ = [
     "sanitize_box",
     "stripe_box",
 ]
+
+
+def load_hf_model(label: str, model_cls, processor_cls, model_id: str, device: str | None = None, dtype=None):
+    """``(model in eval mode, processor)`` from a Hub id or a local directory, with clear errors:
+    a missing local path names the path; a failed load says how to make the files available."""
+    model_id = check_model_path(model_id)
+    try:
+        processor = processor_cls.from_pretrained(model_id)
+        model = model_cls.from_pretrained(model_id)
+    except OSError as err:
+        raise OSError(
+            f"could not load {label} from {model_id!r}: {err}. Download it first or pass a local directory "
+            "(with HF_HUB_OFFLINE=1 only cached files are used)."
+        ) from err
+    model = model.to(device=resolve_device(device))
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    return model.eval(), processor

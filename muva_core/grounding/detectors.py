@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..data.samples import PARTS
 from .base import PART_PHRASES, GroundingBackend, PartBox, register_backend
-from .boxes import check_model_path, choose_box, missing_box, resolve_device
+from .boxes import choose_box, load_hf_model, missing_box
 
 if TYPE_CHECKING:
     import torch
@@ -82,19 +82,7 @@ class ZeroShotDetectorBackend(GroundingBackend):
             raise ImportError(
                 f"the {cls.name} backend needs {cls.model_class_name}, missing from transformers {transformers.__version__}"
             ) from err
-        model_id = check_model_path(model_id)
-        try:
-            processor = proc_cls.from_pretrained(model_id)
-            model = model_cls.from_pretrained(model_id)
-        except OSError as err:
-            raise OSError(
-                f"could not load {cls.name} from {model_id!r}: {err}. Download it first or pass a local directory "
-                "(with HF_HUB_OFFLINE=1 only cached files are used)."
-            ) from err
-        model = model.to(device=resolve_device(device))
-        if dtype is not None:
-            model = model.to(dtype=dtype)
-        return model.eval(), processor
+        return load_hf_model(cls.name, model_cls, proc_cls, model_id, device, dtype)
 
     @classmethod
     def from_pretrained(

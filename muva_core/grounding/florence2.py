@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..data.samples import PARTS
 from .base import PART_PHRASES, STATUS_MISSING, STATUS_PARSE_ERROR, GroundingBackend, PartBox, register_backend
-from .boxes import check_model_path, choose_box, missing_box, parse_florence_locations, resolve_device
+from .boxes import choose_box, load_hf_model, missing_box, parse_florence_locations, resolve_device
 
 if TYPE_CHECKING:
     import torch
@@ -36,16 +36,7 @@ def load_florence2(model_id: str = FLORENCE2_MODEL_ID, device: str | None = None
     device = resolve_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model_id = check_model_path(model_id)
-    try:
-        processor = AutoProcessor.from_pretrained(model_id)
-        model = Florence2ForConditionalGeneration.from_pretrained(model_id)
-    except OSError as err:
-        raise OSError(
-            f"could not load Florence-2 from {model_id!r}: {err}. Download it first or pass a local directory "
-            "(with HF_HUB_OFFLINE=1 only cached files are used)."
-        ) from err
-    return model.to(device=device, dtype=dtype).eval(), processor
+    return load_hf_model("Florence-2", Florence2ForConditionalGeneration, AutoProcessor, model_id, device, dtype)
 
 
 @register_backend("florence2")

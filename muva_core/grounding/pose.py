@@ -25,7 +25,7 @@ from PIL import Image
 
 from ..data.samples import PARTS
 from .base import GroundingBackend, PartBox, register_backend
-from .boxes import STATUS_FALLBACK, check_model_path, join_status, resolve_device, sanitize_box, stripe_box
+from .boxes import STATUS_FALLBACK, join_status, load_hf_model, sanitize_box, stripe_box
 
 if TYPE_CHECKING:
     import torch
@@ -147,19 +147,7 @@ def load_vitpose(model_id: str = VITPOSE_MODEL_ID, device: str | None = None, dt
         from transformers import VitPoseForPoseEstimation, VitPoseImageProcessor
     except ImportError as err:
         raise ImportError("the vitpose backend needs transformers >= 4.48 (VitPoseForPoseEstimation)") from err
-    model_id = check_model_path(model_id)
-    try:
-        processor = VitPoseImageProcessor.from_pretrained(model_id)
-        model = VitPoseForPoseEstimation.from_pretrained(model_id)
-    except OSError as err:
-        raise OSError(
-            f"could not load ViTPose from {model_id!r}: {err}. Download it first or pass a local directory "
-            "(with HF_HUB_OFFLINE=1 only cached files are used)."
-        ) from err
-    model = model.to(device=resolve_device(device))
-    if dtype is not None:
-        model = model.to(dtype=dtype)
-    return model.eval(), processor
+    return load_hf_model("ViTPose", VitPoseForPoseEstimation, VitPoseImageProcessor, model_id, device, dtype)
 
 
 @register_backend("vitpose")

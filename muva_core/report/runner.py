@@ -30,7 +30,8 @@ from ..io import write_json
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
 CONFIG_DIR = ROOT / "configs"
-PIPELINE = ("01_grounding", "02_calibration", "03_mask_voting", "04_stage1_prompts", "05_stage2_reid", "06_evaluate")
+PIPELINE = ("01_grounding", "02_calibration", "03_mask_voting", "04_stage1_prompts", "05_stage2_reid", "06_evaluate",
+            "07_figures")
 
 
 class StepFailed(RuntimeError):

@@ -154,3 +154,23 @@ def plot_curves(history: pd.DataFrame, x: str, ys: Sequence[str], title: str = "
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def plot_predicted_masks(samples: Sequence[Sample], probabilities: np.ndarray, grid: tuple[int, int],
+                         parts: Sequence[str] = PARTS, size: tuple[int, int] = (256, 128)) -> plt.Figure:
+    """Figure 7 style: each image, then its predicted mask probability per part (brighter = more focus)."""
+    from ..data.datasets import read_image
+
+    n = len(samples)
+    fig, axes = plt.subplots(n, 1 + len(parts), figsize=(1.2 * (1 + len(parts)), 2.3 * n), squeeze=False)
+    for row, s, probs in zip(axes, samples, probabilities):
+        image = read_image(s.path).resize((size[1], size[0]))
+        row[0].imshow(image)
+        row[0].set_title(Path(s.relpath).name[:12], fontsize=6)
+        for ax, part, p in zip(row[1:], parts, probs):
+            ax.imshow(mask_to_grid(p, grid), cmap="magma", vmin=0, vmax=1)
+            ax.set_title(part, fontsize=7)
+        for ax in row:
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
