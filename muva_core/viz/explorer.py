@@ -59,7 +59,8 @@ ALL_PARTS = "all"
 MODES: tuple[str, ...] = ("binary", "soft")
 """``binary``: the thresholded mask; ``soft``: the probabilities as a heat overlay, outlined at the threshold."""
 
-IOU_COLUMNS = {"pred_pseudo": "predicted vs pseudo", "pred_truth": "predicted vs truth", "pseudo_truth": "pseudo vs truth"}
+IOU_COLUMNS = {"pred_pseudo": "predicted vs pseudo", "pred_truth": "predicted vs truth",
+               "pseudo_truth": "pseudo vs truth"}
 
 
 # ---------------------------------------------------------------------------- pure functions
@@ -122,7 +123,8 @@ def part_iou(probabilities: np.ndarray, targets: np.ndarray, threshold: float = 
     probs = torch.as_tensor(np.asarray(probabilities, dtype=np.float32))
     tgt = torch.as_tensor(np.asarray(targets)).bool()
     if probs.shape != tgt.shape or probs.dim() != 2:
-        raise ValueError(f"probabilities and targets must both be [P, Npatch], got {tuple(probs.shape)} and {tuple(tgt.shape)}")
+        raise ValueError(f"probabilities and targets must both be [P, Npatch], "
+                         f"got {tuple(probs.shape)} and {tuple(tgt.shape)}")
     iou = mask_iou(probs[None], tgt[None], threshold).numpy().astype(np.float64)
     union = ((probs > threshold) | tgt).sum(-1).numpy()
     return np.where(union > 0, iou, np.nan)
@@ -196,7 +198,9 @@ class MaskView:
         """The IoU of the part shown (the mean row for ``"all"``) in ``column``, or None."""
         if column not in self.iou.columns:
             return None
-        row = "mean" if self.state.part == ALL_PARTS else self.state.part
+        row = self.state.part
+        if row == ALL_PARTS:
+            row = "mean" if "mean" in self.iou.index else self.iou.index[0]
         return float(self.iou.loc[row, column]) if row in self.iou.index else None
 
 
@@ -383,8 +387,15 @@ class PartMaskExplorer:
         data = load_protocol(cfg, progress=progress)
         model = load_trained(cfg, model_path, data.num_classes, resolve_device(device or cfg.device))
         transform = build_test_transform((cfg.data.height, cfg.data.width), cfg.grounding.patch_size, norm=cfg.data.norm)
-        predictor = PredictedMasks(model.encoder, transform, cache_size)
-        return cls._from_protocol(cfg, data, predictor, cls._existing_masks(cfg, data), f"model {model_path}")
+        masks = cls._existing_masks(cfg, data)
+        if model.encoder.rmp is not None and model.encoder.n_parts:
+            predictor, source = PredictedMasks(model.encoder, transform, cache_size), f"model {model_path}"
+        elif masks is not None:   # granularity G or stripe masks: nothing predicted, show the pseudo labels
+            predictor, source = None, f"pseudo labels ({model_path} predicts no part masks)"
+        else:
+            raise ValueError(f"{model_path} predicts no part masks (granularity {cfg.model.granularity!r}, mask_mode "
+                             f"{cfg.model.mask_mode!r}) and the run's pseudo-label mask files are not in the cache")
+        return cls._from_protocol(cfg, data, predictor, masks, source)
 
     @classmethod
     def from_masks(cls, cfg, paths: Mapping[str, str | Path] | None = None, progress: bool = False) -> "PartMaskExplorer":
@@ -603,5 +614,5 @@ class PartMaskExplorer:
         for control in (index, layer, part, threshold, mode):
             control.observe(refresh, "value")
         refresh()
-        controls = W.VBox([split, index, W.HBox([layer, mode]), part, threshold])
+        controls = W.VBox([split, index, layer, part, mode, threshold])
         return W.VBox([controls, self.caption_widget, W.HBox([self.image_widget, self.iou_widget])])

@@ -1,0 +1,180 @@
+"""The part-mask explorer notebook in a real JupyterLab, driven by headless Chromium (Playwright).
+
+A tiny model is trained, notebook 08 is parametrised for it (papermill, not executed) into a temporary
+folder, JupyterLab serves that folder on a free localhost port, Chromium opens the notebook, runs all
+cells, waits for the explorer's image widget, screenshots it, moves the threshold slider with the
+keyboard and checks that the screenshot changes.
+
+Needs the Debian package ``chromium`` (``apt-get install -y chromium``) and the Python package
+``playwright`` (``pip install playwright``; its own browser download, ``playwright install``, is not
+used: the system Chromium is launched). Missing either is a failure, not a skip.
+"""
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from muva_core.config import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "08_part_mask_explorer.ipynb"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+IMAGE = "img.muva-explorer-image"
+SLIDER = ".muva-explorer-threshold"
+
+
+def _tiny_cfg(synth_root: Path, folder: Path, cache: Path) -> RunConfig:
+    return RunConfig().update({
+        "protocol": "synth:A2B", "synth_root": str(synth_root), "synth_scale": "small", "cache_dir": str(cache),
+        "run_dir": str(folder), "backbone": "tiny", "pretrained": "none", "stage1_epochs": 1,
+        "stage1_warmup_epochs": 0, "stage1_batch_ids": 4, "stage2_epochs": 1, "warmup_epochs": 0,
+        "lr_milestones": [2], "stage2_lr": 3e-4, "batch_size": 16, "num_workers": 0, "device": "cpu",
+    })
+
+
+def _require_browser():
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} not found: this test drives the system Chromium; install it with "
+                    "`apt-get update && apt-get install -y chromium` (Debian/Ubuntu; CI does)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the Python package playwright is missing: `pip install playwright` "
+                    "(do not run `playwright install`; the test uses /usr/bin/chromium)")
+    return sync_playwright
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_server(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"jupyter lab exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    pytest.fail(f"jupyter lab did not answer at {url} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop_server(proc: subprocess.Popen, base: str, token: str) -> None:
+    """Shut the server down through its API (which stops its kernels), then by signal if it lingers."""
+    if proc.poll() is None:
+        try:
+            req = urllib.request.Request(f"{base}/api/shutdown?token={token}", method="POST", data=b"")
+            urllib.request.urlopen(req, timeout=5).close()
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def _png_array(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.slow
+def test_explorer_notebook_in_jupyterlab(tmp_path, small_synth_root):
+    sync_playwright = _require_browser()
+    import papermill as pm
+
+    from muva_core.train.run import train_protocol
+
+    run = tmp_path / "run"
+    train_protocol(_tiny_cfg(small_synth_root, run, tmp_path / "cache"), progress=False)
+    lab_root = tmp_path / "lab"
+    lab_root.mkdir()
+    pm.execute_notebook(str(NOTEBOOK), str(lab_root / NOTEBOOK.name), parameters={"run_dir": str(run), "device": "cpu"},
+                        prepare_only=True, progress_bar=False, kernel_name="python3")
+
+    port, token = _free_port(), secrets.token_hex(16)
+    base = f"http://127.0.0.1:{port}"
+    home = tmp_path / "jupyter"
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_DATA_DIR": str(home / "data"),
+           "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "IPYTHONDIR": str(home / "ipython"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = tmp_path / "jupyter.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={lab_root}", "--ServerApp.port_retries=0",
+             "--ServerApp.terminals_enabled=False", "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
+             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.extension_manager=readonly",
+             f"--LabApp.workspaces_dir={home / 'workspaces'}"] + (["--allow-root"] if os.geteuid() == 0 else []),
+            cwd=str(lab_root), env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_server(f"{base}/api/status?token={token}", proc, log)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?token={token}", timeout=60_000)
+                page.wait_for_function(
+                    "() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
+                    " && window.jupyterapp.shell.currentWidget.sessionContext", timeout=60_000)
+                page.evaluate("""async () => {
+                    const panel = window.jupyterapp.shell.currentWidget;
+                    await panel.sessionContext.ready;
+                    await window.jupyterapp.commands.execute('notebook:run-all-cells');
+                }""")
+                image = page.locator(IMAGE).first
+                image.wait_for(state="visible", timeout=90_000)
+                page.wait_for_function(f"() => {{ const i = document.querySelector('{IMAGE}');"
+                                       " return i && i.complete && i.naturalWidth > 100; }", timeout=30_000)
+                before_src = image.get_attribute("src")
+                first = image.screenshot()
+
+                readout = page.locator(f"{SLIDER} .widget-readout").first
+                start_value = float(readout.inner_text() or readout.input_value())
+                handle = page.locator(f"{SLIDER} .noUi-handle").first
+                handle.focus()
+                for _ in range(20):                      # 20 steps of 0.01 down
+                    page.keyboard.press("ArrowLeft")
+                page.wait_for_function(
+                    f"(old) => {{ const i = document.querySelector('{IMAGE}'); return i && i.src !== old"
+                    " && i.complete && i.naturalWidth > 100; }", arg=before_src, timeout=30_000)
+                page.wait_for_timeout(300)               # the last key's render may still be on its way
+                page.screenshot(path=str(tmp_path / "page.png"))
+                value = float(readout.inner_text() or readout.input_value())
+                second = image.screenshot()
+            finally:
+                browser.close()
+    finally:
+        _stop_server(proc, base, token)
+
+    (tmp_path / "before.png").write_bytes(first)     # kept for a look when the test fails
+    (tmp_path / "after.png").write_bytes(second)
+    a, b = _png_array(first), _png_array(second)
+    assert a.shape[0] > 100 and a.shape[1] > 100, f"the explorer image is too small: {a.shape}"
+    assert a.std() > 10 and len(np.unique(a.reshape(-1, 3), axis=0)) > 50, "the first screenshot is blank"
+    assert value < start_value, f"the threshold slider did not move ({start_value} -> {value})"
+    assert a.shape == b.shape and np.abs(a - b).max() > 50, "moving the threshold slider did not change the image"
