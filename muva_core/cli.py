@@ -208,8 +208,9 @@ def cmd_run(args) -> int:
 
     cfg = _resolved(args)
     t0 = time.perf_counter()
+    command = getattr(args, "command_line", None) or "muva " + " ".join(sys.argv[1:])
     folder = run_notebooks(cfg, parse_steps(args.steps), run_id=args.run_id, force=args.force,
-                           progress=not args.quiet)
+                           progress=not args.quiet, command=command)
     import json
 
     summary = json.loads((folder / "metrics.json").read_text())
@@ -259,7 +260,17 @@ def cmd_demo(args) -> int:
     if not getattr(args, "protocol", None):
         args.protocol = DEMO_PROTOCOL
     args.steps, args.run_id, args.force = None, None, False
+    args.command_line = "make demo"
     return cmd_run(args)
+
+
+def cmd_report(args) -> int:
+    from .report.runner import ROOT, update_readme_results, write_reports_index
+
+    index = write_reports_index(Path(args.reports_dir))
+    changed = update_readme_results(ROOT / "README.md", Path(args.reports_dir))
+    print(f"wrote {index}; README results table {'updated' if changed else 'unchanged'}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", help="only this variant (repeatable; the paper's row label)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="regenerate reports/README.md and the README's results table from reports/")
+    p.add_argument("--reports-dir", default="reports")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help=f"the main job: `muva run` on the synthetic default {DEMO_PROTOCOL} (writes reports/)")
     _add_config_args(p)

@@ -51,6 +51,14 @@ def test_run_executes_every_notebook_then_skips_unchanged_steps(small_synth_root
     assert {"07_figure5_box_heights.png", "07_figure7_predicted_masks.png"} <= set(figures["figures"])
     assert set(figures["cost"]) == {"MUVA", "MUVA (w/o AM-MSA)"}
     assert figures["cost"]["MUVA"]["params_infer_M"] > figures["cost"]["MUVA (w/o AM-MSA)"]["params_infer_M"]
+    from muva_core.report.runner import results_table, update_readme_results
+
+    table = results_table(tmp_path / "reports")
+    assert f"| synth:A2B | tiny CLIP (random init), G+H+U+L, predicted masks | {summary['metrics']['mAP']:.1f} |" in table
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nrest\n")
+    assert update_readme_results(readme, tmp_path / "reports")
+    assert table in readme.read_text() and readme.read_text().endswith("rest\n")
     index = (tmp_path / "reports" / "README.md").read_text()
     assert f"{summary['metrics']['mAP']:.1f}" in index and folder.name in index
     # same configuration again: every step skipped, through the CLI

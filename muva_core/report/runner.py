@@ -79,8 +79,11 @@ class StepResult:
 
 
 def run_notebooks(cfg: RunConfig, steps: Sequence[str] = PIPELINE, run_id: str | None = None,
-                  force: bool = False, progress: bool = True, kernel_name: str = "python3") -> Path:
-    """Execute ``steps`` in order into the run folder; returns the folder."""
+                  force: bool = False, progress: bool = True, kernel_name: str = "python3",
+                  command: str | None = None) -> Path:
+    """Execute ``steps`` in order into the run folder; returns the folder.
+
+    ``command`` is the command line that reproduces the run (recorded in ``metrics.json``)."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
@@ -123,7 +126,9 @@ def run_notebooks(cfg: RunConfig, steps: Sequence[str] = PIPELINE, run_id: str |
         results.append(StepResult(name, "ran", seconds))
         if progress:
             print(f"[{name}] done in {seconds:.1f} s", flush=True)
-    write_json(folder / "metrics.json", summarise_run(folder, cfg, state))
+    summary = summarise_run(folder, cfg, state)
+    summary["command"] = command or f"muva run --protocol '{cfg.data.protocol}'"
+    write_json(folder / "metrics.json", summary)
     write_reports_index(Path(cfg.reports_dir))
     return folder
 
@@ -186,3 +191,40 @@ def parse_steps(text: str | None) -> list[str]:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         chosen += [n for n in available if lo <= int(n[:2]) <= hi and n not in chosen]
     return chosen
+
+
+RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def results_table(reports_dir: Path) -> str:
+    """The README's results table: one row per run folder with metrics, and the command that made it."""
+    lines = ["| protocol | model | mAP | Rank-1 | Rank-5 | mINP | mask IoU vs truth (head / upper / legs) | time | command |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for path in sorted(Path(reports_dir).glob("*/*/metrics.json")):
+        rec = json.loads(path.read_text())
+        m = rec.get("metrics")
+        if not m:
+            continue
+        folder = path.parent
+        cfg = RunConfig.from_yaml(folder / "config.yaml")
+        init = "random init" if cfg.model.pretrained in ("none", "") and not cfg.model.checkpoint_path else (
+            cfg.model.checkpoint_path or cfg.model.pretrained)
+        model = f"{cfg.model.backbone} CLIP ({init}), {cfg.model.granularity}, {cfg.model.mask_mode} masks"
+        iou = rec.get("mask_iou_truth") or {}
+        iou_txt = " / ".join(f"{iou[p]:.2f}" for p in ("head", "upper", "legs") if p in iou) or "-"
+        lines.append(f"| {rec['protocol']} | {model} | {m['mAP']:.1f} | {m['Rank-1']:.1f} | {m['Rank-5']:.1f} | "
+                     f"{m['mINP']:.1f} | {iou_txt} | {rec.get('seconds', 0):.0f} s | `{rec.get('command', '')}` |")
+    return "\n".join(lines)
+
+
+def update_readme_results(readme: Path, reports_dir: Path) -> bool:
+    """Rewrite the README block between the results markers from ``reports_dir``; True when it changed."""
+    text = readme.read_text()
+    if RESULTS_START not in text or RESULTS_END not in text:
+        raise ValueError(f"{readme}: no {RESULTS_START} ... {RESULTS_END} block to fill")
+    head, rest = text.split(RESULTS_START, 1)
+    _, tail = rest.split(RESULTS_END, 1)
+    new = f"{head}{RESULTS_START}\n{results_table(reports_dir)}\n{RESULTS_END}{tail}"
+    if new != text:
+        readme.write_text(new)
+    return new != text
