@@ -10,6 +10,7 @@
     muva run       --protocol NAME [--config FILE] [--steps 01-06] [-p key=value ...]
     muva export-onnx --run DIR --out model.onnx
     muva sweep     --table 5..12 --protocol NAME [--seeds 0,1,2]
+    muva evidence  [--scale small|full]           (Tables 5, 6, 8, 9 on 3 synthetic protocols -> reports/evidence.md)
     muva datasets  NAME --root DIR                 (summary of a dataset's splits)
     muva protocols [--kind single|multi|synthetic]
     muva baseline  --protocol NAME [--config FILE] [-p key=value ...]
@@ -231,6 +232,17 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_evidence(args) -> int:
+    from .report.evidence import PROTOCOLS, run_evidence
+
+    overrides = parse_overrides(args.param)
+    protocols = args.protocol or list(PROTOCOLS)
+    seeds = [int(s) for s in args.seeds.replace(",", " ").split()] if args.seeds else None
+    out = run_evidence(overrides, scale=args.scale, protocols=protocols, seeds=seeds, progress=not args.quiet)
+    print(f"wrote {out}")
+    return 0
+
+
 def _metrics_line(protocol: str, metrics: dict, iou: dict) -> str:
     from .report.paper import paper_result
 
@@ -373,6 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", help="only this variant (repeatable; the paper's row label)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("evidence", help="the ablation study (Tables 5, 6, 8, 9) on synthetic protocols -> reports/evidence.md")
+    p.add_argument("--scale", choices=["small", "full"], default="full")
+    p.add_argument("--protocol", action="append", help="protocols (default: synth:A2B, synth:C2D, synth:B+C+D->A)")
+    p.add_argument("--seeds", help="comma-separated seeds (default: 0,1,2 full; 0,1 small)")
+    p.add_argument("-p", "--param", action="append", metavar="KEY=VALUE")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_evidence)
 
     p = sub.add_parser("report", help="regenerate reports/README.md and the README's results table from reports/")
     p.add_argument("--reports-dir", default="reports")

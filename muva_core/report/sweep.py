@@ -1,8 +1,9 @@
 """``muva sweep``: the variants of one of the paper's ablation tables (5-12) on a protocol.
 
 Each variant is a set of config overrides; each (variant, seed) is one resumable training run
-(``muva_core.train.run.train_protocol``) in ``reports/<protocol>/sweep-table<N>/<variant>-seed<S>/``.
-Finished runs are read back, not retrained. The comparison table (mean and standard deviation
+(``muva_core.train.run.train_protocol``) in ``reports/<protocol>/sweep-runs/run-<config hash>/``
+(the seed is part of the configuration). Finished runs are read back, not retrained, and a
+configuration shared by several tables is trained once. The comparison table (mean and standard deviation
 over seeds of mAP, Rank-1 and the predicted-mask IoU against ground-truth boxes, beside the
 paper's numbers for MA->MS and MS->MA) is written as markdown and CSV.
 """
@@ -57,12 +58,22 @@ def sweep_dir(cfg: RunConfig, table: int) -> Path:
     return Path(cfg.reports_dir) / protocol_slug(get_protocol(cfg.data.protocol).name) / f"sweep-table{table}"
 
 
+def variant_config(cfg: RunConfig, table: int, variant: str, seed: int) -> RunConfig:
+    """The run configuration of one (variant, seed); its folder is named by the configuration's hash, so a
+    variant that several tables share (the full model is in Tables 5, 6, 8 and 9) is trained once."""
+    from .runner import config_hash
+
+    run = copy.deepcopy(cfg).update({**VARIANTS[table][variant], "seed": seed})
+    slug = protocol_slug(get_protocol(cfg.data.protocol).name)
+    run.run_dir = str(Path(cfg.reports_dir) / slug / "sweep-runs" / f"run-{config_hash(run)}")
+    return run
+
+
 def run_variant(cfg: RunConfig, table: int, variant: str, seed: int, progress: bool = True) -> dict:
     """One (variant, seed) run; returns its recorded ``metrics/train.json`` (training only when missing)."""
     from ..train.run import train_protocol
 
-    run = copy.deepcopy(cfg).update({**VARIANTS[table][variant], "seed": seed})
-    run.run_dir = str(sweep_dir(cfg, table) / f"{variant_slug(variant)}-seed{seed}")
+    run = variant_config(cfg, table, variant, seed)
     record = Path(run.run_dir) / "metrics" / "train.json"
     if not record.is_file():
         train_protocol(run, progress=progress)
@@ -83,7 +94,7 @@ def run_sweep(cfg: RunConfig, table: int, seeds: Sequence[int] = (0,), variants:
         for seed in seeds:
             rec = run_variant(cfg, table, name, seed, progress)
             row = {"variant": name, "seed": seed, "mAP": rec["metrics"]["mAP"], "Rank-1": rec["metrics"]["Rank-1"],
-                   "seconds": rec.get("seconds")}
+                   "seconds": rec.get("seconds"), "run": variant_config(cfg, table, name, seed).run_dir}
             iou = rec.get("mask_iou_truth") or {}
             row["mask IoU"] = float(np.mean(list(iou.values()))) if iou else np.nan
             rows.append(row)
