@@ -84,7 +84,7 @@ def cmd_ground(args) -> int:
     from .grounding.labelling import label_dataset, label_dataset_distributed, parse_shard, summarize_labels
     from .grounding.steps import build_backend, select_splits
 
-    cfg = RunConfig().update({"backend": args.backend, "ground_model": args.model or "", "seed": args.seed,
+    cfg = RunConfig().update({"backend": args.backend, "ground_model": args.model or "", "synth_seed": args.seed,
                               "trust_remote_code": args.trust_remote_code, "device": _device_for_rank(args.device),
                               "synth_root": args.root})
     ds = load_dataset(args.dataset, args.root)
@@ -264,6 +264,31 @@ def cmd_baseline(args) -> int:
     return 0
 
 
+def cmd_pretrain_clip(args) -> int:
+    """Contrastive CLIP pretraining on captioned synthetic pedestrians (muva_core.pretrain)."""
+    import json
+
+    from .pretrain import pretrain_clip, report_file
+
+    path = pretrain_clip(args.out, backbone=args.backbone, seed=args.seed, epochs=args.epochs, scale=args.scale,
+                         synth_root=args.synth_root, overwrite=args.overwrite, progress=not args.quiet)
+    report = json.loads(report_file(path).read_text()) if report_file(path).is_file() else {}
+    zs = report.get("zero_shot", {})
+    if zs.get("pretrained"):
+        modes = list(zs["pretrained"]["mean"])
+        print(f"zero-shot attribute accuracy on {report['data']['heldout_images']} held-out images "
+              f"({report['data']['heldout_identities']} unseen identities), random init -> pretrained:")
+        for attr, r in zs["pretrained"][modes[0]].items():
+            cells = "  ".join(f"{m} {zs['random'][m][attr]['accuracy']:.2f} -> {zs['pretrained'][m][attr]['accuracy']:.2f}"
+                              for m in modes)
+            print(f"  {attr:14s} {cells}  (chance {r['chance']:.2f}, majority {r['majority']:.2f})")
+        print("  mean           " + "  ".join(f"{m} {zs['random']['mean'][m]['accuracy']:.2f} -> "
+                                             f"{zs['pretrained']['mean'][m]['accuracy']:.2f}" for m in modes))
+    print(f"checkpoint: {path}")
+    print(f"use it: muva train -p checkpoint_path={path} -p backbone={args.backbone} -p pretrained=none ...")
+    return 0
+
+
 DEMO_PROTOCOL = "synth:A2B"
 
 
@@ -397,6 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="regenerate reports/README.md and the README's results table from reports/")
     p.add_argument("--reports-dir", default="reports")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("pretrain-clip", help="pretrain a small CLIP on captioned synthetic people (domains P, Q, R)")
+    p.add_argument("--out", required=True, help="folder of clip-<backbone>-seed<seed>.safetensors and its .json report")
+    p.add_argument("--backbone", choices=["tiny", "small"], default="small")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="default: muva_core.pretrain.DEFAULT_EPOCHS")
+    p.add_argument("--scale", choices=["pretrain", "small"], default="pretrain", help="size of the pretraining set")
+    p.add_argument("--synth-root", default=None, help="pretraining set (default: <parent of --out>/synthetic-pretrain)")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint made with other settings")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_pretrain_clip)
 
     p = sub.add_parser("demo", help=f"the main job: `muva run` on the synthetic default {DEMO_PROTOCOL} (writes reports/)")
     _add_config_args(p)

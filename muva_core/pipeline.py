@@ -17,7 +17,7 @@ def ensure_synthetic(cfg: RunConfig, progress: bool = True) -> Path:
     """Generate the synthetic set at ``cfg.data.synth_root`` unless the same one is there already."""
     from .data.synthetic import generate_synthetic
 
-    return generate_synthetic(cfg.data.synth_root, seed=cfg.seed, scale=cfg.data.synth_scale, progress=progress)
+    return generate_synthetic(cfg.data.synth_root, seed=cfg.data.synth_seed, scale=cfg.data.synth_scale, progress=progress)
 
 
 def protocol_roots(cfg: RunConfig) -> dict[str, str]:

@@ -14,7 +14,7 @@ def tiny_overrides(synth_root, tmp_path) -> dict:
     return {"synth_root": str(synth_root), "synth_scale": "small", "backbone": "tiny", "pretrained": "none",
             "cache_dir": str(tmp_path / "cache"), "reports_dir": str(tmp_path / "reports"), "stage1_epochs": 2,
             "stage2_epochs": 2, "lr_milestones": [1], "warmup_epochs": 0, "batch_size": 16, "num_workers": 0,
-            "device": "cpu"}
+            "device": "cpu", "rmp_layernorm": False}
 
 
 def test_parse_steps():
@@ -47,6 +47,8 @@ def test_run_executes_every_notebook_then_skips_unchanged_steps(small_synth_root
     for nb in parse_steps(None):
         assert (folder / "notebooks" / f"{nb}.ipynb").is_file()
     assert (folder / "figures" / "05_stage2_losses.png").is_file()
+    # a key that no parameters cell declares still reaches the kernel (stage 2 builds the RMP from it)
+    assert "rmp_layernorm = False" in (folder / "notebooks" / "05_stage2_reid.ipynb").read_text()
     figures = json.loads((folder / "metrics" / "07_figures.json").read_text())
     assert {"07_figure5_box_heights.png", "07_figure7_predicted_masks.png"} <= set(figures["figures"])
     assert set(figures["cost"]) == {"MUVA", "MUVA (w/o AM-MSA)"}

@@ -36,7 +36,7 @@ def build_backend(cfg: RunConfig) -> GroundingBackend:
     """The grounding expert named by ``cfg.grounding.backend``."""
     g = cfg.grounding
     if g.backend == "synthetic":
-        return get_backend("synthetic", truth=cfg.data.synth_root, seed=cfg.seed)
+        return get_backend("synthetic", truth=cfg.data.synth_root, seed=cfg.data.synth_seed)
     kwargs = {}
     if g.ground_model:
         kwargs["model_id"] = g.ground_model
@@ -58,7 +58,7 @@ class GroundingPaths:
 def grounding_paths(cfg: RunConfig, dataset: str) -> GroundingPaths:
     g = cfg.grounding
     label_key = {"backend": g.backend, "model": g.ground_model, "splits": g.ground_splits,
-                 "seed": cfg.seed if g.backend == "synthetic" else None}
+                 "seed": cfg.data.synth_seed if g.backend == "synthetic" else None}
     h_label = _digest(label_key)
     calib_key = {**label_key, "calibrate": g.calibrate, "method": g.calib_method, "windows": g.calib_windows}
     h_cal = _digest(calib_key)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -101,7 +102,13 @@ def run_notebooks(cfg: RunConfig, steps: Sequence[str] = PIPELINE, run_id: str |
         source = NOTEBOOK_DIR / f"{name}.ipynb"
         if not source.is_file():
             raise FileNotFoundError(f"{source}: no such notebook (steps are {', '.join(PIPELINE)} ...)")
-        params = {k: flat[k] for k in _notebook_parameters(source) if k in flat}
+        # every config key goes in (a notebook's parameters cell names the keys it shows; the steps it calls
+        # may read any other key, e.g. rmp_layernorm in stage 2): the whole configuration reaches the kernel
+        declared = _notebook_parameters(source)
+        unknown = [k for k in declared if k not in flat]
+        if unknown:
+            raise ConfigError(f"{source}: parameters that are not config keys: {unknown}")
+        params = dict(flat)
         digest = hashlib.sha1(source.read_bytes() + json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
         out = folder / "notebooks" / f"{name}.ipynb"
         if not force and state.get(name, {}).get("hash") == digest and out.is_file():
@@ -112,6 +119,7 @@ def run_notebooks(cfg: RunConfig, steps: Sequence[str] = PIPELINE, run_id: str |
         if progress:
             print(f"[{name}] running ...", flush=True)
         t0 = time.perf_counter()
+        logging.getLogger("papermill").setLevel(logging.ERROR)  # not "unknown parameter" for every key
         try:
             pm.execute_notebook(str(source), str(out), parameters=params, progress_bar=False, cwd=str(Path.cwd()),
                                 kernel_name=kernel_name)
