@@ -167,6 +167,8 @@ def write_reports_index(reports_dir: Path) -> Path:
         rec = json.loads(path.read_text())
         m = rec.get("metrics") or {}
         folder = path.parent
+        if "mAP" not in m and "steps" not in rec:
+            continue  # not a `muva run` folder (e.g. `muva baseline` output)
         rel = folder.relative_to(reports_dir)
         cfg = RunConfig.from_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else None
         model = f"{cfg.model.backbone}, {cfg.model.granularity}, {cfg.model.mask_mode}" if cfg else "?"
@@ -211,9 +213,9 @@ def results_table(reports_dir: Path) -> str:
     for path in sorted(Path(reports_dir).glob("*/*/metrics.json")):
         rec = json.loads(path.read_text())
         m = rec.get("metrics")
-        if not m:
-            continue
         folder = path.parent
+        if not m or "mAP" not in m or not (folder / "config.yaml").is_file():
+            continue  # not a `muva run` folder (e.g. `muva baseline` output)
         cfg = RunConfig.from_yaml(folder / "config.yaml")
         init = "random init" if cfg.model.pretrained in ("none", "") and not cfg.model.checkpoint_path else (
             cfg.model.checkpoint_path or cfg.model.pretrained)

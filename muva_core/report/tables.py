@@ -15,7 +15,7 @@ def collect_runs(reports_dir: str | Path) -> pd.DataFrame:
     for path in sorted(Path(reports_dir).glob("*/*/metrics.json")):
         rec = json.loads(path.read_text())
         m = rec.get("metrics") or {}
-        if m:
+        if "mAP" in m:  # `muva run` / `muva train` records, not `muva baseline` output
             rows.append({"protocol": rec.get("protocol"), "run": path.parent.name, "mAP": m.get("mAP"),
                          "Rank-1": m.get("Rank-1"), "seconds": rec.get("seconds")})
     return pd.DataFrame(rows, columns=["protocol", "run", "mAP", "Rank-1", "seconds"])
