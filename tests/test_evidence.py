@@ -44,14 +44,16 @@ def test_small_scale_study_produces_every_table(small_synth_root, tmp_path):
     base = {"synth_root": str(small_synth_root), "cache_dir": str(tmp_path / "cache"),
             "reports_dir": str(tmp_path / "reports"), "device": "cpu", "stage1_epochs": 1, "stage2_epochs": 1,
             "lr_milestones": [1]}
-    out = run_evidence(base, scale="small", protocols=["synth:A2B", "synth:B+C+D->A"], progress=False)
+    # one protocol and one seed keep CI short (the multi-source path is trained in tests/test_train.py)
+    out = run_evidence(base, scale="small", protocols=["synth:A2B"], seeds=[0], progress=False)
     text = out.read_text()
     assert out.name == "evidence-small.md"
     for claim in CLAIMS:
         assert claim.text in text
     for table in TABLES:
-        for protocol in ("synth_A2B", "synth_B+C+D_to_A"):
+        for protocol in ("synth_A2B",):
             assert (tmp_path / "reports" / protocol / f"sweep-table{table}" / f"table{table}.md").is_file()
     # the full model appears in Tables 5, 6, 8 and 9 but is trained once per seed and protocol
     runs = sorted((tmp_path / "reports" / "synth_A2B" / "sweep-runs").iterdir())
-    assert len(runs) == 9 * 2
+    assert len(runs) == 12  # Table 5 has 8 granularity rows; Tables 6, 8, 9 add 2, 1 and 1 new configurations
+    assert "one seed: no verdict" in text

@@ -57,7 +57,8 @@ def test_full_pipeline_records_metrics_and_histories(small_synth_root, cache, tm
 
 
 def test_resumed_run_ends_with_the_same_metrics(small_synth_root, cache, tmp_path, monkeypatch):
-    whole = run_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "whole", cache), progress=False)
+    short = {"stage1_epochs": 2, "stage2_epochs": 2}
+    whole = run_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "whole", cache, **short), progress=False)
 
     original = stage2_module.rebuild_memory
     calls = {"n": 0}
@@ -70,10 +71,11 @@ def test_resumed_run_ends_with_the_same_metrics(small_synth_root, cache, tmp_pat
 
     monkeypatch.setattr(stage2_module, "rebuild_memory", killed_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        run_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "resumed", cache), progress=False)
+        run_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "resumed", cache, **short), progress=False)
     assert len(pd.read_csv(tmp_path / "resumed" / "history_stage2.csv")) == 1
     monkeypatch.setattr(stage2_module, "rebuild_memory", original)
-    resumed = run_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "resumed", cache), progress=False)
+    resumed = run_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "resumed", cache, **short),
+                                        progress=False)
     assert resumed.metrics == whole.metrics
     pd.testing.assert_frame_equal(resumed.history_stage2.drop(columns="seconds"),
                                   whole.history_stage2.drop(columns="seconds"))
@@ -89,6 +91,7 @@ def test_resumed_run_ends_with_the_same_metrics(small_synth_root, cache, tmp_pat
     {"augment": "flip+crop+erase"},
     {"calibrate": False},
     {"rmp_heads": 1, "rmp_layernorm": False, "rmp_residual": False},
+    {"protocol": "synth:B+C+D->A", "rmp_heads": 8},
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_every_ablation_switch_trains_one_epoch(small_synth_root, cache, tmp_path, overrides):
     cfg = tiny_cfg(small_synth_root, tmp_path / "run", cache, stage1_epochs=2, stage2_epochs=1, **overrides)
