@@ -276,14 +276,19 @@ def cmd_pretrain_clip(args) -> int:
     zs = report.get("zero_shot", {})
     if zs.get("pretrained"):
         modes = list(zs["pretrained"]["mean"])
-        print(f"zero-shot attribute accuracy on {report['data']['heldout_images']} held-out images "
-              f"({report['data']['heldout_identities']} unseen identities), random init -> pretrained:")
-        for attr, r in zs["pretrained"][modes[0]].items():
-            cells = "  ".join(f"{m} {zs['random'][m][attr]['accuracy']:.2f} -> {zs['pretrained'][m][attr]['accuracy']:.2f}"
-                              for m in modes)
-            print(f"  {attr:14s} {cells}  (chance {r['chance']:.2f}, majority {r['majority']:.2f})")
-        print("  mean           " + "  ".join(f"{m} {zs['random']['mean'][m]['accuracy']:.2f} -> "
-                                             f"{zs['pretrained']['mean'][m]['accuracy']:.2f}" for m in modes))
+        print(f"zero-shot attribute retrieval on {report['data']['heldout_images']} held-out images of "
+              f"{report['data']['heldout_identities']} unseen identities, random init -> pretrained "
+              "(accuracy / balanced accuracy, whose chance is 1 / values):")
+        def row(run: str, mode: str, attr: str) -> dict:
+            return zs[run]["mean"][mode] if attr == "mean" else zs[run][mode][attr]
+
+        for attr in [*zs["pretrained"][modes[0]], "mean"]:
+            cells = [f"{m} {row('random', m, attr)['accuracy']:.2f} -> {row('pretrained', m, attr)['accuracy']:.2f}"
+                     f" / {row('random', m, attr)['balanced_accuracy']:.2f} -> "
+                     f"{row('pretrained', m, attr)['balanced_accuracy']:.2f}" for m in modes]
+            ref = row("pretrained", modes[0], attr)
+            print(f"  {attr:14s} " + "   ".join(cells)
+                  + f"   (chance {ref['balanced_chance']:.2f}, majority {ref['majority']:.2f})")
     print(f"checkpoint: {path}")
     print(f"use it: muva train -p checkpoint_path={path} -p backbone={args.backbone} -p pretrained=none ...")
     return 0

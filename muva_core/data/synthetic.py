@@ -10,6 +10,8 @@ later steps are measured against (part-box pseudo labels, mask IoU, domain gener
 * Four domains with different camera styles (``DOMAIN_STYLES``): A bright indoor (6 cameras),
   B dark warm night street (2), C low-resolution blurry cool campus (4), D high-contrast noisy
   urban (3). Each camera varies its domain's style; identities and pids are disjoint across domains.
+* Three more domains, ``P``, ``Q``, ``R`` (``PRETRAIN_DOMAIN_STYLES``, scale ``pretrain``), exist only
+  for the CLIP language pretraining of :mod:`muva_core.pretrain`; no Re-ID protocol uses them.
 * Written in the Market-1501 layout: ``<out>/synth_A/{bounding_box_train,query,bounding_box_test}/``
   with names ``PPPP_cCsS_FFFFFF_NN.jpg``, distractors ``0000_...`` and junk ``-1_...`` in the
   gallery only. Ground truth: ``synth_X/part_boxes.parquet`` (one row per image and part:
@@ -46,6 +48,8 @@ __all__ = [
     "GENERATOR_VERSION",
     "SCALES",
     "DOMAIN_STYLES",
+    "PRETRAIN_DOMAIN_STYLES",
+    "PRETRAIN_DOMAINS",
     "IMAGE_SIZE",
     "JPEG_QUALITY",
     "PALETTES",
@@ -86,8 +90,14 @@ SCALES: dict[str, dict[str, Any]] = {
         "ids_per_domain": 500, "images_per_id": [10, 16],
         "distractor_frac": 0.06, "junk_frac": 0.04, "min_distractors": 4, "min_junk": 4,
     },
+    "pretrain": {
+        "description": "CLIP language pretraining (domains P, Q, R): 600 ids per domain, 3/4 of them train, "
+                       "2-4 images each, no distractors or junk (~5.4k images in all)",
+        "ids_per_domain": 600, "images_per_id": [2, 3], "train_frac": 0.75,
+        "distractor_frac": 0.0, "junk_frac": 0.0, "min_distractors": 0, "min_junk": 0,
+    },
 }
-"""Dataset sizes. ``ids_per_domain`` is split half train, half test (by family)."""
+"""Dataset sizes. ``ids_per_domain`` is split half train, half test (by family), or ``train_frac`` train."""
 
 _SUMMER = {"short_sleeves": 0.6, "shorts": 0.3, "skirt": 0.12, "hat": 0.12, "bag": 0.45,
            "long_hair": 0.35, "bald": 0.06, "dark_clothes": 0.25}
@@ -141,7 +151,48 @@ DOMAIN_STYLES: dict[str, dict[str, Any]] = {
 """Per-domain camera style: the base of every camera's style (each camera jitters it, see
 :func:`camera_styles`), the background type and palette, and the wardrobe (attribute priors)."""
 
-_DOMAIN_INDEX = {d: i for i, d in enumerate(sorted(DOMAIN_STYLES))}
+_PRETRAIN_WARDROBE = {"short_sleeves": 0.4, "shorts": 0.15, "skirt": 0.12, "hat": 0.25, "bag": 0.5,
+                      "long_hair": 0.35, "bald": 0.06, "dark_clothes": 0.3}
+
+PRETRAIN_DOMAIN_STYLES: dict[str, dict[str, Any]] = {
+    "P": {
+        "description": "CLIP pretraining only: neutral daylight park paths, mild blur, 4 cameras",
+        "n_cams": 4, "background": "campus",
+        "walls": [[200, 196, 184], [182, 190, 178], [206, 192, 170]],
+        "grounds": [[168, 160, 146], [150, 156, 140]],
+        "accents": [[90, 130, 70], [120, 100, 80], [70, 110, 90]],
+        "horizon": [0.5, 0.64], "brightness": 1.02, "contrast": 0.95, "saturation": 1.0, "gamma": 0.95,
+        "cast": [1.02, 1.0, 0.97], "blur": 0.25, "lowres": 1.0, "noise": 3.0, "vignette": 0.05,
+        "occlusion": 0.08, "clutter": 1.0, "wardrobe": _PRETRAIN_WARDROBE,
+    },
+    "Q": {
+        "description": "CLIP pretraining only: overcast grey city street, slightly cool, sharp, 4 cameras",
+        "n_cams": 4, "background": "urban",
+        "walls": [[140, 138, 136], [116, 120, 128], [150, 136, 120]],
+        "grounds": [[110, 110, 112], [96, 98, 102]],
+        "accents": [[60, 110, 160], [170, 150, 60], [120, 70, 120], [60, 130, 110]],
+        "horizon": [0.55, 0.66], "brightness": 0.96, "contrast": 1.12, "saturation": 1.05, "gamma": 1.0,
+        "cast": [0.97, 1.0, 1.05], "blur": 0.0, "lowres": 1.0, "noise": 5.0, "vignette": 0.12,
+        "occlusion": 0.1, "clutter": 1.3, "wardrobe": _PRETRAIN_WARDROBE,
+    },
+    "R": {
+        "description": "CLIP pretraining only: warm-lit indoor corridor, slight low resolution, 4 cameras",
+        "n_cams": 4, "background": "indoor",
+        "walls": [[218, 206, 186], [196, 200, 204], [222, 210, 178]],
+        "grounds": [[150, 132, 112], [176, 170, 160]],
+        "accents": [[150, 90, 60], [60, 90, 140], [140, 140, 70], [100, 60, 110]],
+        "horizon": [0.56, 0.68], "brightness": 1.0, "contrast": 1.0, "saturation": 0.95, "gamma": 0.95,
+        "cast": [1.06, 1.0, 0.92], "blur": 0.1, "lowres": 1.5, "noise": 2.5, "vignette": 0.08,
+        "occlusion": 0.1, "clutter": 1.1, "wardrobe": _PRETRAIN_WARDROBE,
+    },
+}
+"""Camera styles of the domains used only for CLIP language pretraining (:mod:`muva_core.pretrain`):
+no Re-ID protocol uses them, and their pids (4001 and up) are disjoint from those of A-D."""
+
+PRETRAIN_DOMAINS: tuple[str, ...] = tuple(PRETRAIN_DOMAIN_STYLES)
+
+_ALL_STYLES: dict[str, dict[str, Any]] = {**DOMAIN_STYLES, **PRETRAIN_DOMAIN_STYLES}
+_DOMAIN_INDEX = {d: i for i, d in enumerate(sorted(_ALL_STYLES))}  # A-D keep 0-3
 _PID_BLOCK = 1000  # domain i owns pids i*1000+1 .. i*1000+999
 
 # seed roles: the second element of every spawn key
@@ -329,7 +380,7 @@ def _vary(rng: np.random.Generator, base: dict, part: str, group: str, size: int
 
 def camera_styles(seed: int, domain: str) -> list[dict]:
     """The resolved style of every camera of ``domain`` (the domain style, jittered per camera)."""
-    base = DOMAIN_STYLES[domain]
+    base = _ALL_STYLES[domain]
     di = _DOMAIN_INDEX[domain]
     out = []
     for c in range(int(base["n_cams"])):
@@ -373,7 +424,7 @@ def market_name(pid: int, cam: int, frame: int, nn: int, seq: int = 1) -> str:
 
 def _plan_domain(seed: int, domain: str, scale: str) -> dict:
     spec = SCALES[scale]
-    base = DOMAIN_STYLES[domain]
+    base = _ALL_STYLES[domain]
     di = _DOMAIN_INDEX[domain]
     n_cams = int(base["n_cams"])
     n_ids = int(spec["ids_per_domain"])
@@ -407,9 +458,10 @@ def _plan_domain(seed: int, domain: str, scale: str) -> dict:
     identities: dict[int, dict] = {}
     n_train = 0
     k = 0
+    n_train_ids = round(n_ids * spec["train_frac"]) if "train_frac" in spec else n_ids // 2
     for fi in fam_order:
         fam = families[fi]
-        split = "train" if n_train < n_ids // 2 else "test"
+        split = "train" if n_train < n_train_ids else "test"
         for m in fam["members"]:
             pid = pid_pool[k]
             k += 1
@@ -566,9 +618,9 @@ def generate_synthetic(out: str | os.PathLike, seed: int = 0, scale: str = "defa
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; expected one of {sorted(SCALES)}")
     domains = list(dict.fromkeys(str(d).upper().removeprefix("SYNTH_") for d in domains))
-    bad = [d for d in domains if d not in DOMAIN_STYLES]
+    bad = [d for d in domains if d not in _ALL_STYLES]
     if bad or not domains:
-        raise ValueError(f"unknown domain(s) {bad or domains}; expected some of {sorted(DOMAIN_STYLES)}")
+        raise ValueError(f"unknown domain(s) {bad or domains}; expected some of {sorted(_ALL_STYLES)}")
     seed = int(seed)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -623,7 +675,7 @@ def generate_synthetic(out: str | os.PathLike, seed: int = 0, scale: str = "defa
                                   "visible": "float64", "img_w": "int32", "img_h": "int32"})
             write_parquet(ddir / "part_boxes.parquet", frame)
             write_json(ddir / "attributes.json", _attributes_doc(plan, seed, scale))
-            style = {k: v for k, v in DOMAIN_STYLES[d].items()}
+            style = {k: v for k, v in _ALL_STYLES[d].items()}
             manifest["domains"][d] = {"dataset": f"synth_{d}", "style": style, "cameras": plan["cameras"],
                                       "counts": _counts(plan)}
 

@@ -1,0 +1,197 @@
+"""CLIP language pretraining: data disjoint from the Re-ID domains, batches, loss, checkpoint, reuse, zero-shot."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from muva_core.data import synthetic as syn
+from muva_core.data.captions import PART_NOUNS, ZERO_SHOT_ATTRIBUTES
+from muva_core.data.samples import PARTS
+from muva_core.model.backbone import BackboneConfig, build_clip
+from muva_core.pretrain import (
+    CheckpointExistsError,
+    PretrainConfig,
+    build_pretrain_clip,
+    checkpoint_file,
+    contrastive_step,
+    evaluate_zero_shot,
+    load_pretrain_images,
+    make_batch,
+    make_optimizer,
+    pretrain_clip,
+    read_pretrain_info,
+    report_file,
+    zero_shot_accuracy,
+)
+
+# a tiny run: tiny CLIP, the "small" synthetic scale of the pretraining domains (~110 training images, so
+# two steps of 64), otherwise the defaults, as `muva pretrain-clip --backbone tiny --scale small --epochs 2`
+TINY = dict(backbone="tiny", seed=0, epochs=2, scale="small", progress=False)
+
+
+@pytest.fixture(scope="module")
+def pt_root(tmp_path_factory):
+    return syn.generate_synthetic(tmp_path_factory.mktemp("pretrain") / "synthetic-pretrain", seed=0, scale="small",
+                                  domains=syn.PRETRAIN_DOMAINS, progress=False)
+
+
+@pytest.fixture(scope="module")
+def train_data(pt_root):
+    return load_pretrain_images(pt_root, "train")
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(pt_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clip")
+    return pretrain_clip(out, synth_root=pt_root, **TINY)
+
+
+def test_pretraining_domains_and_identities_are_disjoint_from_synth_a_to_d(pt_root, train_data):
+    assert set(syn.PRETRAIN_DOMAINS).isdisjoint(syn.DOMAIN_STYLES)
+    reid_pids = {p for scale in ("small", "default") for d in syn.DOMAIN_STYLES
+                 for p in syn._plan_domain(0, d, scale)["identities"]}
+    pre_pids = {p for scale in ("small", "pretrain") for d in syn.PRETRAIN_DOMAINS
+                for p in syn._plan_domain(0, d, scale)["identities"]}
+    assert reid_pids and pre_pids and reid_pids.isdisjoint(pre_pids)
+    assert min(pre_pids) > 4000 > max(reid_pids)
+    # generated files: only the pretraining domains, pids from their own blocks, other camera styles
+    assert sorted(p.name for p in pt_root.glob("synth_*")) == [f"synth_{d}" for d in syn.PRETRAIN_DOMAINS]
+    assert set(train_data.domains) == set(syn.PRETRAIN_DOMAINS) and train_data.pids.min() > 4000
+    assert syn.camera_styles(0, "P") != syn.camera_styles(0, "A")
+    # held-out identities (zero-shot report) are never trained on
+    held = load_pretrain_images(pt_root, "test")
+    assert set(held.pids.tolist()).isdisjoint(train_data.pids.tolist()) and len(held) > 0
+    assert train_data.images.shape[1:] == (3, 256, 128) and train_data.images.dtype == torch.uint8
+    with pytest.raises(ValueError, match="unknown domain"):
+        syn.generate_synthetic(pt_root.parent / "x", domains=["Z"], progress=False)
+
+
+def test_make_batch_pairs_part_captions_with_the_part_and_its_tokens(train_data):
+    cfg = PretrainConfig(backbone="tiny", p_global=0.0, min_part_visible=0.0, keep_tokens=56)
+    idx = list(range(12))
+    b = make_batch(train_data, idx, np.random.default_rng(0), cfg)
+    assert b.images.shape == (12, 3, 256, 128) and len(b.texts) == len(b.granularities) == 12
+    assert set(b.granularities) <= set(PARTS)
+    for t, g in zip(b.texts, b.granularities):
+        assert f"{PART_NOUNS[g]} of a person" in t
+    zero = (b.images == 0).all(dim=1)  # [B, H, W]: pixels outside the part box (plus padding)
+    assert float(zero.float().mean()) > 0.3
+    # 56 of the 16x8 patch tokens per image; the patches showing the part (<= 48 here) are all among them
+    assert b.keep.shape == (12, 56) and int(b.keep.max()) < 128
+    assert all(len(set(row.tolist())) == 56 for row in b.keep)
+    tiles = (~zero).reshape(12, 16, 16, 8, 16).permute(0, 1, 3, 2, 4).reshape(12, 128, 256)
+    for i in range(12):
+        shown = set(torch.nonzero(tiles[i].float().mean(dim=1) > 0.5).flatten().tolist())
+        assert shown <= set(b.keep[i].tolist()), f"image {i}: part patches {shown - set(b.keep[i].tolist())} dropped"
+    # p_global=1: whole images, global captions, no masking; deterministic for the same rng seed
+    cfg_g = PretrainConfig(backbone="tiny", p_global=1.0, keep_tokens=0)
+    b1 = make_batch(train_data, idx, np.random.default_rng(5), cfg_g)
+    b2 = make_batch(train_data, idx, np.random.default_rng(5), cfg_g)
+    assert set(b1.granularities) == {"global"} and b1.texts == b2.texts and torch.equal(b1.images, b2.images)
+    assert b1.keep is None and float((b1.images == 0).all(dim=1).float().mean()) < 0.01
+
+
+def test_pretraining_loss_decreases_over_a_few_steps(train_data):
+    cfg = PretrainConfig(backbone="tiny", lr=2e-3, weight_decay=0.0)
+    torch.manual_seed(0)
+    model, tok = build_pretrain_clip(cfg)
+    assert model.visual.conv1.weight.requires_grad, "the patch embedding is pretrained too"
+    opt = make_optimizer(model, cfg)
+    b = make_batch(train_data, list(range(0, 32, 2)), np.random.default_rng(0), cfg)
+    assert b.keep is not None and b.keep.shape == (16, cfg.keep_tokens)
+    losses = [contrastive_step(model, tok, b.images, b.texts, opt, keep=b.keep) for _ in range(8)]
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert contrastive_step(model, tok, b.images, b.texts, None, keep=b.keep) < losses[0]
+    assert model.visual.patch_dropout.index is None, "the token selection is cleared after a step"
+    # every token again outside the step: the image features do not depend on a stale selection
+    with torch.no_grad():
+        assert model.encode_image(b.images[:2]).shape == (2, 64)
+
+
+def test_zero_shot_accuracy_on_hand_made_embeddings():
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])        # three values
+    image = torch.tensor([[2.0, 0.1], [0.1, 3.0], [-1.0, 0.2], [0.9, 1.0], [5.0, 5.0]])
+    # nearest values: 0, 1, 2, 1 (cos 0.74 vs 0.67), 0 or 1 (tie -> first) ; the last label is skipped
+    labels = torch.tensor([0, 1, 0, 0, -1])
+    assert zero_shot_accuracy(image, text, labels) == pytest.approx(2 / 4)
+    assert zero_shot_accuracy(image * 7.0, text * 0.1, labels) == pytest.approx(2 / 4), "cosine, not dot product"
+    assert zero_shot_accuracy(image, text, torch.tensor([0, 1, 2, 1, 0])) == pytest.approx(1.0)
+    assert np.isnan(zero_shot_accuracy(image, text, torch.full((5,), -1)))
+    # balanced: value 0 gets 1 of 3 right, value 1 gets 1 of 1 -> (1/3 + 1) / 2
+    assert zero_shot_accuracy(image, text, labels, balanced=True) == pytest.approx((1 / 3 + 1) / 2)
+    # a classifier that always answers value 0 scores 1 / values present, however skewed the labels
+    const = torch.tensor([[1.0, 0.0]] * 6)
+    skewed = torch.tensor([0, 0, 0, 0, 0, 1])
+    assert zero_shot_accuracy(const, text, skewed) == pytest.approx(5 / 6)
+    assert zero_shot_accuracy(const, text, skewed, balanced=True) == pytest.approx(1 / 2)
+
+
+def test_evaluate_zero_shot_reports_every_attribute_against_chance(pt_root):
+    held = load_pretrain_images(pt_root, "test", limit=20, seed=0)
+    assert len(held) == 20
+    model, tok = build_pretrain_clip(PretrainConfig(backbone="tiny"))
+    res = evaluate_zero_shot(model, tok, held)
+    assert set(res) == {"global", "part", "mean"}
+    for mode in ("global", "part"):
+        assert set(res[mode]) == set(ZERO_SHOT_ATTRIBUTES)
+        for name, r in res[mode].items():
+            assert r["chance"] == pytest.approx(1 / len(ZERO_SHOT_ATTRIBUTES[name].values))
+            assert 0 <= r["accuracy"] <= 1 or np.isnan(r["accuracy"])
+            assert r["majority"] >= r["chance"] or r["n"] == 0
+            assert r["balanced_chance"] >= r["chance"] or r["n"] == 0
+    assert res["global"]["upper_color"]["n"] == 20
+
+
+def test_checkpoint_round_trips_into_build_clip_and_muva(tiny_ckpt, tmp_path):
+    path = tiny_ckpt
+    assert path.name == "clip-tiny-seed0.safetensors" and path.is_file()
+    saved = load_file(str(path))
+    model, _ = build_clip(BackboneConfig(name="tiny", checkpoint_path=str(path), pretrained=None))
+    state = model.state_dict()
+    assert set(saved) == set(state)
+    assert all(torch.equal(saved[k], state[k]) for k in saved)
+    fresh = build_clip(BackboneConfig(name="tiny", pretrained=None))[0].state_dict()
+    assert not torch.equal(fresh["visual.conv1.weight"], saved["visual.conv1.weight"]), "weights were trained"
+    assert saved["visual.positional_embedding"].shape[0] == 16 * 8 + 1, "MUVA's 16x8 grid, no resize needed"
+    # the MUVA factory loads it from the run configuration keys
+    from muva_core.config import RunConfig
+    from muva_core.model.factory import build_muva
+
+    cfg = RunConfig().update({"backbone": "tiny", "pretrained": "none", "checkpoint_path": str(path)})
+    built = build_muva(cfg, num_classes=5)
+    assert torch.equal(built.clip.token_embedding.weight, saved["token_embedding.weight"])
+    assert torch.equal(built.clip.visual.positional_embedding, saved["visual.positional_embedding"])
+    # metadata and report
+    info = read_pretrain_info(path)
+    assert info["backbone"] == "tiny" and info["settings"]["epochs"] == 2 and info["settings"]["scale"] == "small"
+    report = json.loads(report_file(path).read_text())
+    assert set(report["zero_shot"]) == {"random", "pretrained"}
+    assert report["data"]["train_identities"] > 0 and report["steps"] >= 1
+    assert report["timings"]["train"]["cpu_s"] >= 0
+
+
+def test_checkpoint_is_reused_and_other_settings_are_refused(tiny_ckpt, pt_root):
+    out = tiny_ckpt.parent
+    before = tiny_ckpt.stat().st_mtime_ns
+    t0 = time.perf_counter()
+    again = pretrain_clip(out, synth_root=pt_root, **TINY)
+    assert again == tiny_ckpt and tiny_ckpt.stat().st_mtime_ns == before
+    assert time.perf_counter() - t0 < 5.0
+    with pytest.raises(CheckpointExistsError, match="epochs: 2 -> 3"):
+        pretrain_clip(out, synth_root=pt_root, **{**TINY, "epochs": 3})
+    assert checkpoint_file(out, "tiny", 0) == tiny_ckpt
+
+
+def test_cli_pretrain_clip_reuses_and_prints_accuracies(tiny_ckpt, pt_root, capsys):
+    from muva_core.cli import main
+
+    rc = main(["pretrain-clip", "--out", str(tiny_ckpt.parent), "--backbone", "tiny", "--seed", "0", "--epochs", "2",
+               "--scale", "small", "--synth-root", str(pt_root), "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "upper_color" in out and str(tiny_ckpt) in out and "checkpoint_path=" in out
