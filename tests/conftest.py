@@ -199,3 +199,17 @@ def make_truth(n: int, seed: int = 0, img_size=(256, 128)) -> pd.DataFrame:
             rows.append(dict(relpath=rel, part=part, x0=c - fw * pw / 2, y0=top + f0 * ph, x1=c + fw * pw / 2,
                              y1=top + f1 * ph, visible=1.0, img_w=W, img_h=H))
     return pd.DataFrame(rows)
+
+
+def tiny_run_config(synth_root: Path, folder: Path, cache: Path, **overrides):
+    """A training run on the small synthetic set with the tiny random CLIP (seconds on a CPU)."""
+    from muva_core.config import RunConfig
+
+    values = {
+        "protocol": "synth:A2B", "synth_root": str(synth_root), "synth_scale": "small", "cache_dir": str(cache),
+        "run_dir": str(folder), "backbone": "tiny", "pretrained": "none", "stage1_epochs": 3,
+        "stage1_warmup_epochs": 1, "stage1_batch_ids": 4, "stage2_epochs": 3, "warmup_epochs": 1,
+        "lr_milestones": [2], "stage2_lr": 3e-4, "batch_size": 16, "num_workers": 0, "device": "cpu",
+    }
+    values.update(overrides)
+    return RunConfig().update(values)

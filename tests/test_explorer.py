@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import tiny_run_config
 import torch
 
 from muva_core.config import RunConfig
@@ -189,12 +190,8 @@ def test_a_model_with_fewer_parts_shows_only_those(toy_explorer):
 
 # ---------------------------------------------------------------------------- a trained tiny model
 def tiny_cfg(synth_root: Path, folder: Path, cache: Path) -> RunConfig:
-    return RunConfig().update({
-        "protocol": "synth:A2B", "synth_root": str(synth_root), "synth_scale": "small", "cache_dir": str(cache),
-        "run_dir": str(folder), "backbone": "tiny", "pretrained": "none", "stage1_epochs": 1,
-        "stage1_warmup_epochs": 0, "stage1_batch_ids": 4, "stage2_epochs": 1, "warmup_epochs": 0,
-        "lr_milestones": [2], "stage2_lr": 3e-4, "batch_size": 16, "num_workers": 0, "device": "cpu",
-    })
+    return tiny_run_config(synth_root, folder, cache, stage1_epochs=1, stage1_warmup_epochs=0,
+                           stage2_epochs=1, warmup_epochs=0)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from muva_core.config import RunConfig
+from conftest import tiny_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "08_part_mask_explorer.ipynb"
@@ -37,12 +38,8 @@ SLIDER = ".muva-explorer-threshold"
 
 
 def _tiny_cfg(synth_root: Path, folder: Path, cache: Path) -> RunConfig:
-    return RunConfig().update({
-        "protocol": "synth:A2B", "synth_root": str(synth_root), "synth_scale": "small", "cache_dir": str(cache),
-        "run_dir": str(folder), "backbone": "tiny", "pretrained": "none", "stage1_epochs": 1,
-        "stage1_warmup_epochs": 0, "stage1_batch_ids": 4, "stage2_epochs": 1, "warmup_epochs": 0,
-        "lr_milestones": [2], "stage2_lr": 3e-4, "batch_size": 16, "num_workers": 0, "device": "cpu",
-    })
+    return tiny_run_config(synth_root, folder, cache, stage1_epochs=1, stage1_warmup_epochs=0,
+                           stage2_epochs=1, warmup_epochs=0)
 
 
 def _require_browser():

@@ -13,19 +13,12 @@ import torch
 from muva_core.config import RunConfig
 from muva_core.train import run as run_module
 from muva_core.train import stage2 as stage2_module
+from conftest import tiny_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_cfg(synth_root: Path, folder: Path, cache: Path, **overrides) -> RunConfig:
-    values = {
-        "protocol": "synth:A2B", "synth_root": str(synth_root), "synth_scale": "small", "cache_dir": str(cache),
-        "run_dir": str(folder), "backbone": "tiny", "pretrained": "none", "stage1_epochs": 3,
-        "stage1_warmup_epochs": 1, "stage1_batch_ids": 4, "stage2_epochs": 3, "warmup_epochs": 1,
-        "lr_milestones": [2], "stage2_lr": 3e-4, "batch_size": 16, "num_workers": 0, "device": "cpu",
-    }
-    values.update(overrides)
-    return RunConfig().update(values)
+tiny_cfg = tiny_run_config
 
 
 @pytest.fixture(scope="module")
