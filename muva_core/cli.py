@@ -1,6 +1,6 @@
 """The ``muva`` command line: batch runs of every workbook step.
 
-    muva synth     --out DIR --seed S [--scale small|default]
+    muva synth     --out DIR --seed S [--scale small|default|evidence|large]
     muva ground    --dataset NAME --root DIR --backend B --out boxes.parquet [--shard i/n]
     muva merge-shards --out boxes.parquet --count N
     muva calibrate --boxes boxes.parquet --out calibrated.parquet [--report report.json]
@@ -238,7 +238,8 @@ def cmd_evidence(args) -> int:
     overrides = parse_overrides(args.param)
     protocols = args.protocol or list(PROTOCOLS)
     seeds = [int(s) for s in args.seeds.replace(",", " ").split()] if args.seeds else None
-    out = run_evidence(overrides, scale=args.scale, protocols=protocols, seeds=seeds, progress=not args.quiet)
+    out = run_evidence(overrides, scale=args.scale, protocols=protocols, seeds=seeds, progress=not args.quiet,
+                       jobs=args.jobs)
     print(f"wrote {out}")
     return 0
 
@@ -264,14 +265,25 @@ def cmd_baseline(args) -> int:
     return 0
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    """``"256x128"`` -> ``(256, 128)`` (height x width)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--image-size: expected HEIGHTxWIDTH such as 256x128, got {text!r}") from None
+    return h, w
+
+
 def cmd_pretrain_clip(args) -> int:
     """Contrastive CLIP pretraining on captioned synthetic pedestrians (muva_core.pretrain)."""
     import json
 
     from .pretrain import pretrain_clip, report_file
 
+    options = {} if args.keep_tokens is None else {"keep_tokens": args.keep_tokens}
     path = pretrain_clip(args.out, backbone=args.backbone, seed=args.seed, epochs=args.epochs, scale=args.scale,
-                         synth_root=args.synth_root, overwrite=args.overwrite, progress=not args.quiet)
+                         synth_root=args.synth_root, overwrite=args.overwrite, progress=not args.quiet,
+                         image_size=_image_size(args.image_size), **options)
     report = json.loads(report_file(path).read_text()) if report_file(path).is_file() else {}
     zs = report.get("zero_shot", {})
     if zs.get("pretrained"):
@@ -322,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="generate the synthetic multi-domain person dataset")
     p.add_argument("--out", required=True, help="output folder (holds synth_A/ ... synth_D/ and manifest.json)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", choices=["small", "default"], default="default")
+    p.add_argument("--scale", choices=["small", "default", "evidence", "large"], default="default",
+                   help="see muva_core.data.synthetic.SCALES")
     p.add_argument("--overwrite", action="store_true", help="replace an existing set made with other settings")
     p.set_defaults(func=cmd_synth)
 
@@ -420,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", choices=["small", "full"], default="full")
     p.add_argument("--protocol", action="append", help="protocols (default: synth:A2B, synth:C2D, synth:B+C+D->A)")
     p.add_argument("--seeds", help="comma-separated seeds (default: 0,1,2 full; 0,1 small)")
+    p.add_argument("--jobs", type=int, default=1, help="trainings at once, each with cpu_count // jobs threads")
     p.add_argument("-p", "--param", action="append", metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evidence)
@@ -435,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="default: muva_core.pretrain.DEFAULT_EPOCHS")
     p.add_argument("--scale", choices=["pretrain", "small"], default="pretrain", help="size of the pretraining set")
     p.add_argument("--synth-root", default=None, help="pretraining set (default: <parent of --out>/synthetic-pretrain)")
+    p.add_argument("--image-size", default="256x128", help="HEIGHTxWIDTH of the input (MUVA: 256x128; the Re-ID "
+                   "configs' height/width must match, the 16-pixel patch grid is not resized)")
+    p.add_argument("--keep-tokens", type=int, default=None, help="patch tokens kept per training image "
+                   "(default 64 of the 128 at 256x128; all when at least the grid size)")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint made with other settings")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_pretrain_clip)

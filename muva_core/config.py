@@ -28,7 +28,7 @@ class DataConfig:
     protocol: str = "synth:A2B"
     data_root: str = "data"            # real datasets: folder holding Market-1501-v15.09.15/, MSMT17_V1/, ...
     synth_root: str = "data/synthetic"  # where `muva synth` writes (and the synthetic protocols read)
-    synth_scale: str = "default"       # small | default
+    synth_scale: str = "default"       # small | default | evidence | large (data.synthetic.SCALES)
     synth_seed: int = 0                # seed of the synthetic data and of the simulated expert (fixed across run seeds)
     height: int = 256
     width: int = 128

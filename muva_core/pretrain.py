@@ -161,9 +161,13 @@ def pretrain_data_root(out_dir: str | os.PathLike) -> Path:
     return Path(out_dir).resolve().parent / "synthetic-pretrain"
 
 
-def checkpoint_file(out_dir: str | os.PathLike, backbone: str, seed: int) -> Path:
-    """``<out_dir>/clip-<backbone>-seed<seed>.safetensors``."""
-    return Path(out_dir) / f"clip-{backbone}-seed{int(seed)}.safetensors"
+def checkpoint_file(out_dir: str | os.PathLike, backbone: str, seed: int,
+                    image_size: Sequence[int] = (256, 128)) -> Path:
+    """``<out_dir>/clip-<backbone>-seed<seed>.safetensors``; ``clip-<backbone>-<H>x<W>-seed<seed>`` for an input
+    size other than MUVA's 256x128."""
+    h, w = (int(v) for v in image_size)
+    size = "" if (h, w) == (256, 128) else f"-{h}x{w}"
+    return Path(out_dir) / f"clip-{backbone}{size}-seed{int(seed)}.safetensors"
 
 
 def report_file(checkpoint: str | os.PathLike) -> Path:
@@ -196,6 +200,20 @@ class PretrainImages:
         idx = [int(i) for i in index]
         return PretrainImages(self.images[idx], self.boxes[idx], [self.attrs[i] for i in idx], self.pids[idx],
                               [self.domains[i] for i in idx], [self.relpaths[i] for i in idx])
+
+    def resized(self, size: Sequence[int]) -> "PretrainImages":
+        """The images resized to ``size`` = (H, W) (bilinear, antialiased), boxes scaled with them."""
+        h, w = (int(v) for v in size)
+        H, W = self.images.shape[-2:]
+        if (h, w) == (H, W):
+            return self
+        x = torch.nn.functional.interpolate(self.images.float(), size=(h, w), mode="bilinear", antialias=True,
+                                            align_corners=False)
+        boxes = self.boxes.copy()
+        boxes[..., [0, 2]] *= w / W
+        boxes[..., [1, 3]] *= h / H
+        return PretrainImages(x.round().clamp(0, 255).to(torch.uint8), boxes, self.attrs, self.pids,
+                              self.domains, self.relpaths)
 
 
 def load_pretrain_images(root: str | os.PathLike, split: str = "train", domains: Sequence[str] | None = None,
@@ -566,7 +584,7 @@ def pretrain_clip(out_dir: str | os.PathLike, backbone: str = "small", seed: int
     cfg = PretrainConfig(backbone=backbone, seed=int(seed), scale=scale,
                          epochs=int(epochs if epochs is not None else DEFAULT_EPOCHS.get(backbone, 4)), **options)
     settings = cfg.settings()
-    path = checkpoint_file(out_dir, backbone, seed)
+    path = checkpoint_file(out_dir, backbone, seed, cfg.image_size)
     if path.is_file():
         try:
             old = read_pretrain_info(path).get("settings", {})
@@ -594,9 +612,9 @@ def pretrain_clip(out_dir: str | os.PathLike, backbone: str = "small", seed: int
     clock = _Clock()
     root = Path(synth_root) if synth_root is not None else pretrain_data_root(out_dir)
     generate_synthetic(root, seed=cfg.data_seed, scale=cfg.scale, domains=PRETRAIN_DOMAINS, progress=progress)
-    train = load_pretrain_images(root, "train", progress=progress)
-    held = (load_pretrain_images(root, "test", limit=cfg.eval_images, seed=cfg.data_seed, progress=progress)
-            if cfg.eval_images > 0 else None)
+    train = load_pretrain_images(root, "train", progress=progress).resized(cfg.image_size)
+    held = (load_pretrain_images(root, "test", limit=cfg.eval_images, seed=cfg.data_seed,
+                                 progress=progress).resized(cfg.image_size) if cfg.eval_images > 0 else None)
     timings["data"] = clock.lap()
 
     with torch.random.fork_rng(devices=[]):

@@ -6,7 +6,17 @@ import math
 import pandas as pd
 import pytest
 
-from muva_core.report.evidence import CLAIMS, TABLES, evaluate_claims, run_evidence, verdict
+from muva_core.report.evidence import (
+    CLAIMS,
+    PROTOCOLS,
+    TABLES,
+    claim_variants,
+    evaluate_claims,
+    plan_runs,
+    run_evidence,
+    scale_overrides,
+    verdict,
+)
 from muva_core.report.paper import ABLATIONS
 
 
@@ -14,6 +24,27 @@ def test_every_claim_names_rows_of_the_paper_table():
     for claim in CLAIMS:
         assert claim.better in ABLATIONS[claim.table] and claim.worse in ABLATIONS[claim.table]
     assert {c.table for c in CLAIMS} == set(TABLES)
+
+
+def test_only_the_variants_a_claim_compares_are_trained():
+    assert claim_variants(5) == ["G", "G+H", "G+U", "G+L", "G+H+U+L"]
+    assert claim_variants(8) == ["stripe-like", "AM-MSA"]
+
+
+def test_full_scale_plan_shares_the_full_model_and_shortens_multi_source(tmp_path):
+    base = {"checkpoint_path": str(tmp_path / "clip.safetensors"), "reports_dir": str(tmp_path / "reports")}
+    single = scale_overrides("full", "synth:A2B", base, progress=False)
+    multi = scale_overrides("full", "synth:B+C+D->A", base, progress=False)
+    assert single["stage2_epochs"] == 3 and multi["stage2_epochs"] == 2
+    assert single["checkpoint_path"] == base["checkpoint_path"]  # the user's checkpoint wins: nothing pretrained
+    assert scale_overrides("full", "synth:A2B", {**base, "stage2_epochs": 5}, progress=False)["stage2_epochs"] == 5
+    runs = plan_runs(base, "full", PROTOCOLS, TABLES, (0, 1, 2), progress=False)
+    # per protocol and seed: Table 5's 5 compared rows (the full model among them) + 2 (Table 6) + 1 + 1
+    assert len(runs) == len({r.run_dir for r in runs}) == 3 * 3 * 9
+    assert {r.data.synth_scale for r in runs} == {"evidence"}
+    assert [r.seed for r in runs[:9]] == [0] * 9  # seed-major within a protocol
+    with pytest.raises(ValueError, match="--scale"):
+        scale_overrides("huge", "synth:A2B", base)
 
 
 def test_verdict_against_twice_the_standard_error():
@@ -45,7 +76,8 @@ def test_small_scale_study_produces_every_table(small_synth_root, tmp_path):
             "reports_dir": str(tmp_path / "reports"), "device": "cpu", "stage1_epochs": 1, "stage2_epochs": 1,
             "lr_milestones": [1]}
     # one protocol and one seed keep CI short (the multi-source path is trained in tests/test_train.py)
-    out = run_evidence(base, scale="small", protocols=["synth:A2B"], seeds=[0], progress=False)
+    # two trainings at once in spawned workers (the --jobs path), one thread each
+    out = run_evidence(base, scale="small", protocols=["synth:A2B"], seeds=[0], progress=False, jobs=2)
     text = out.read_text()
     assert out.name == "evidence-small.md"
     for claim in CLAIMS:
@@ -55,5 +87,6 @@ def test_small_scale_study_produces_every_table(small_synth_root, tmp_path):
             assert (tmp_path / "reports" / protocol / f"sweep-table{table}" / f"table{table}.md").is_file()
     # the full model appears in Tables 5, 6, 8 and 9 but is trained once per seed and protocol
     runs = sorted((tmp_path / "reports" / "synth_A2B" / "sweep-runs").iterdir())
-    assert len(runs) == 12  # Table 5 has 8 granularity rows; Tables 6, 8, 9 add 2, 1 and 1 new configurations
+    assert len(runs) == 9  # Table 5's 5 compared rows; Tables 6, 8, 9 add 2, 1 and 1 new configurations
+    assert all((r / "metrics" / "train.json").is_file() for r in runs)
     assert "one seed: no verdict" in text

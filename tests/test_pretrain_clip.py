@@ -195,3 +195,18 @@ def test_cli_pretrain_clip_reuses_and_prints_accuracies(tiny_ckpt, pt_root, caps
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "upper_color" in out and str(tiny_ckpt) in out and "checkpoint_path=" in out
+
+
+def test_resized_images_scale_their_part_boxes(train_data):
+    small = train_data.subset(range(4)).resized((128, 64))
+    assert small.images.shape[1:] == (3, 128, 64) and small.images.dtype == torch.uint8
+    np.testing.assert_allclose(small.boxes[..., :4], train_data.boxes[:4, :, :4] / 2, rtol=1e-6)
+    np.testing.assert_array_equal(small.boxes[..., 4], train_data.boxes[:4, :, 4])  # visibility unchanged
+    # a mean over a 2x2 block, so the overall brightness is kept
+    assert abs(small.images.float().mean() - train_data.images[:4].float().mean()) < 1.0
+    assert train_data.resized(tuple(train_data.images.shape[-2:])) is train_data
+
+
+def test_checkpoint_name_carries_a_non_default_input_size(tmp_path):
+    assert checkpoint_file(tmp_path, "small", 0).name == "clip-small-seed0.safetensors"
+    assert checkpoint_file(tmp_path, "small", 1, (128, 64)).name == "clip-small-128x64-seed1.safetensors"

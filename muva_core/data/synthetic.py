@@ -85,6 +85,12 @@ SCALES: dict[str, dict[str, Any]] = {
         "ids_per_domain": 100, "images_per_id": [8, 12],
         "distractor_frac": 0.06, "junk_frac": 0.04, "min_distractors": 4, "min_junk": 4,
     },
+    "evidence": {
+        "description": "the evidence study (muva evidence): 150 ids per domain, a third of them train (as many as "
+                       "the default), two thirds test (twice the default's queries, for less evaluation noise)",
+        "ids_per_domain": 150, "images_per_id": [8, 12], "train_frac": 1 / 3,
+        "distractor_frac": 0.06, "junk_frac": 0.04, "min_distractors": 4, "min_junk": 4,
+    },
     "large": {
         "description": "longer experiments: 500 ids per domain, 10-16 images each (~27k images in all)",
         "ids_per_domain": 500, "images_per_id": [10, 16],
