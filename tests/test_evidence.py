@@ -35,7 +35,7 @@ def test_full_scale_plan_shares_the_full_model_and_shortens_multi_source(tmp_pat
     base = {"checkpoint_path": str(tmp_path / "clip.safetensors"), "reports_dir": str(tmp_path / "reports")}
     single = scale_overrides("full", "synth:A2B", base, progress=False)
     multi = scale_overrides("full", "synth:B+C+D->A", base, progress=False)
-    assert single["stage2_epochs"] == 3 and multi["stage2_epochs"] == 2
+    assert single["stage2_epochs"] == 4 and multi["stage2_epochs"] == 2
     assert single["checkpoint_path"] == base["checkpoint_path"]  # the user's checkpoint wins: nothing pretrained
     assert scale_overrides("full", "synth:A2B", {**base, "stage2_epochs": 5}, progress=False)["stage2_epochs"] == 5
     runs = plan_runs(base, "full", PROTOCOLS, TABLES, (0, 1, 2), progress=False)

@@ -166,3 +166,20 @@ def test_mask_store_round_trip_and_missing_keys(tmp_path):
         load_masks(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="duplicate"):
         MaskStore(["a", "a"], np.zeros((2, 3, 4)))
+
+
+def test_grounding_cache_names_depend_on_the_data_copy_and_settings(tmp_path):
+    from muva_core.config import RunConfig
+    from muva_core.grounding.steps import grounding_paths
+
+    def paths(dataset="synth_A", **keys):
+        return grounding_paths(RunConfig().update({"synth_root": str(tmp_path / "a"), **keys}), dataset)
+
+    base = paths()
+    assert paths() == base  # stable
+    assert paths(synth_root=str(tmp_path / "b")).boxes != base.boxes  # another synthetic set
+    assert paths(synth_scale="evidence").masks != base.masks
+    m1, m2 = paths("market1501", data_root=str(tmp_path / "x")), paths("market1501", data_root=str(tmp_path / "y"))
+    assert m1.boxes != m2.boxes
+    raw = paths(calibrate=False)  # calibration changes its own and the voting step's files, not the labels
+    assert raw.boxes == base.boxes and raw.calibrated != base.calibrated and raw.masks != base.masks

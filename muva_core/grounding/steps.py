@@ -55,10 +55,21 @@ class GroundingPaths:
     masks: Path
 
 
+def data_identity(cfg: RunConfig, dataset: str) -> dict:
+    """Which copy of ``dataset`` a cache entry belongs to: its root folder (and, for the synthetic set, its
+    scale), so two synthetic sets (or two copies of Market-1501) never share pseudo labels."""
+    if dataset.startswith("synth_"):
+        return {"root": str(Path(cfg.data.synth_root).resolve()), "scale": cfg.data.synth_scale}
+    return {"root": str(Path(cfg.data.data_root).resolve())}
+
+
 def grounding_paths(cfg: RunConfig, dataset: str) -> GroundingPaths:
+    """The cache files of each grounding step; each name carries a digest of every setting (and the data
+    copy) it depends on."""
     g = cfg.grounding
     label_key = {"backend": g.backend, "model": g.ground_model, "splits": g.ground_splits,
-                 "seed": cfg.data.synth_seed if g.backend == "synthetic" else None}
+                 "seed": cfg.data.synth_seed if g.backend == "synthetic" else None,
+                 "data": data_identity(cfg, dataset)}
     h_label = _digest(label_key)
     calib_key = {**label_key, "calibrate": g.calibrate, "method": g.calib_method, "windows": g.calib_windows}
     h_cal = _digest(calib_key)
