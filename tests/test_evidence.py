@@ -90,3 +90,10 @@ def test_small_scale_study_produces_every_table(small_synth_root, tmp_path):
     assert len(runs) == 9  # Table 5's 5 compared rows; Tables 6, 8, 9 add 2, 1 and 1 new configurations
     assert all((r / "metrics" / "train.json").is_file() for r in runs)
     assert "one seed: no verdict" in text
+    # diagnostics: pseudo labels raw vs calibrated against the truth, stripes and predicted masks on the target
+    assert "### Pseudo labels on the source" in text and "| synth_A " in text and "calibrated" in text
+    assert "### Fixed stripes" in text and "### Predicted part masks" in text
+    # a reading written by hand beside the page is included on the next run (nothing is retrained)
+    out.with_name("evidence-small-notes.md").write_text("The head claim fails because of X.")
+    run_evidence(base, scale="small", protocols=["synth:A2B"], seeds=[0], progress=False)
+    assert "The head claim fails because of X." in out.read_text()

@@ -18,6 +18,7 @@ that many trainings at once, each with ``cpu_count // jobs`` threads (2 x 1 thre
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,9 +250,10 @@ def run_evidence(base_cfg, scale: str = "full", protocols: Sequence[str] = PROTO
         raise ValueError(f"--scale: expected one of {sorted(SCALES)}, got {scale!r}")
     seeds = tuple(seeds or SCALES[scale]["seeds"])
     train_missing(plan_runs(base_cfg, scale, protocols, tables, seeds, progress), jobs=jobs, progress=progress)
-    frames, commands = [], []
+    frames, commands, configs = [], [], {}
     for protocol in protocols:
         cfg = resolve_config(protocol, overrides=scale_overrides(scale, protocol, base_cfg, progress=False))
+        configs[protocol] = cfg
         for table in tables:
             run_sweep(cfg, table, seeds=seeds, variants=claim_variants(table), progress=progress)
             per_run = pd.read_csv(sweep_dir(cfg, table) / f"table{table}-runs.csv")
@@ -263,11 +265,139 @@ def run_evidence(base_cfg, scale: str = "full", protocols: Sequence[str] = PROTO
     claims = evaluate_claims(runs)
     reports_dir = Path(cfg.reports_dir)
     out = Path(out) if out else reports_dir / ("evidence.md" if scale == "full" else f"evidence-{scale}.md")
-    write_evidence(out, claims, runs, scale, seeds, protocols)
+    write_evidence(out, claims, runs, scale, seeds, protocols, diagnostics=diagnostics(configs, runs),
+                   notes=_read_notes(out))
     return out
 
 
-def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: str, seeds, protocols) -> None:
+def diagnostics(configs: dict, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The diagnostic tables of the evidence page, by section title."""
+    labels = pd.concat([pseudo_label_quality(cfg) for cfg in configs.values()], ignore_index=True)
+    if len(labels):
+        labels = labels.drop(columns="protocol").drop_duplicates(["source", "pseudo labels", "part"])
+        labels = labels.round(3)
+    stripes = pd.DataFrame({cfg.data.protocol: stripe_quality(cfg) for cfg in configs.values()}).T.round(3)
+    checkpoints = {cfg.model.checkpoint_path for cfg in configs.values()}
+    return {
+        "Pseudo labels on the source training images against the true part boxes (Table 9 trains with these)":
+            labels,
+        "Predicted part masks on the target against the true part boxes, per variant (mean over seeds)":
+            part_mask_iou(runs),
+        "Fixed stripes (Table 8 'stripe-like') on the target against the true part boxes": stripes,
+        "The CLIP the runs start from: zero-shot attribute retrieval, mean balanced accuracy (Table 6 needs "
+        "language knowledge)": clip_zero_shot(next(iter(checkpoints)) if len(checkpoints) == 1 else None),
+    }
+
+
+def _read_notes(page: Path) -> str | None:
+    """``<page stem>-notes.md`` beside the page: a reading of the results written after looking at the data
+    (kept by hand, included verbatim)."""
+    notes = page.with_name(f"{page.stem}-notes.md")
+    return notes.read_text() if notes.is_file() else None
+
+
+# diagnostics: what the variants train with and how good it is, to read a failing claim against
+
+def pseudo_label_quality(cfg) -> pd.DataFrame:
+    """Per source domain, pseudo labels (raw / calibrated) and part: IoU against the true part boxes of the
+    boxes (box IoU) and of the patch masks voted from them (patch IoU), on the source training images: what
+    Table 9's two variants train with. Rows only for pseudo labels already made and domains with truth."""
+    import copy
+
+    import torch
+
+    from ..data.samples import PARTS
+    from ..eval.masks import mask_iou, truth_patch_masks
+    from ..grounding.calibration import iou_against_truth
+    from ..grounding.simulated import load_truth
+    from ..grounding.steps import grounding_paths
+    from ..grounding.voting import load_masks
+    from ..pipeline import load_protocol, source_datasets
+
+    rows = []
+    for ds in source_datasets(load_protocol(cfg, progress=False)):
+        truth_file = Path(ds.dataset_dir) / "part_boxes.parquet"
+        if not truth_file.is_file():
+            continue
+        truth = load_truth(truth_file)
+        for calibrate in (False, True):
+            run = copy.deepcopy(cfg).update({"calibrate": calibrate})
+            paths = grounding_paths(run, ds.name)
+            if not (paths.masks.is_file() and paths.calibrated.is_file()):
+                continue
+            box = iou_against_truth(pd.read_parquet(paths.calibrated), truth,
+                                    columns="calibrated" if calibrate else "raw")
+            store = load_masks(paths.masks)
+            keys = [s.key for s in ds.train if s.key in store]
+            target = truth_patch_masks(truth, keys, (run.data.height, run.data.width), run.grounding.patch_size)
+            patch = mask_iou(torch.as_tensor(store.stack(keys)).float(), torch.as_tensor(target))
+            for j, part in enumerate(PARTS):
+                rows.append({"protocol": cfg.data.protocol, "source": ds.name,
+                             "pseudo labels": "calibrated" if calibrate else "raw", "part": part,
+                             "box IoU": float(box[part]), "patch IoU": float(patch[j])})
+    return pd.DataFrame(rows)
+
+
+def stripe_quality(cfg) -> dict[str, float]:
+    """IoU of Table 8's fixed stripes against the true part masks of the target's test images, per part
+    (empty when the target has no truth)."""
+    import torch
+
+    from ..data.samples import PARTS
+    from ..eval.masks import mask_iou, truth_patch_masks
+    from ..grounding.simulated import load_truth
+    from ..model.ammsa import stripe_part_masks
+    from ..pipeline import load_protocol
+
+    data = load_protocol(cfg, progress=False)
+    target = data.datasets.get(data.protocol.target)
+    truth_file = Path(target.dataset_dir) / "part_boxes.parquet" if target is not None else None
+    if truth_file is None or not truth_file.is_file():
+        return {}
+    keys = [s.key for s in (*data.query, *data.gallery)]
+    size, patch = (cfg.data.height, cfg.data.width), cfg.grounding.patch_size
+    truth = torch.as_tensor(truth_patch_masks(load_truth(truth_file), keys, size, patch))
+    stripes = stripe_part_masks((size[0] // patch, size[1] // patch), PARTS).float()
+    iou = mask_iou(stripes.unsqueeze(0).expand(len(keys), -1, -1), truth)
+    return {part: float(v) for part, v in zip(PARTS, iou)}
+
+
+def part_mask_iou(runs: pd.DataFrame) -> pd.DataFrame:
+    """Predicted-mask IoU against the true part boxes on the target per part, mean over seeds, read from
+    each run's ``metrics/train.json`` (``run`` column)."""
+    import json
+
+    rows = []
+    for rec in runs.itertuples(index=False):
+        path = Path(rec.run) / "metrics" / "train.json"
+        iou = json.loads(path.read_text()).get("mask_iou_truth", {}) if path.is_file() else {}
+        rows.append({"protocol": rec.protocol, "table": rec.table, "variant": rec.variant, **iou})
+    frame = pd.DataFrame(rows)
+    parts = [c for c in ("head", "upper", "legs") if c in frame.columns]
+    if not parts:
+        return pd.DataFrame()
+    return frame.groupby(["protocol", "table", "variant"], sort=False)[parts].mean().round(3).reset_index()
+
+
+def clip_zero_shot(checkpoint: str | Path | None) -> pd.DataFrame:
+    """Mean zero-shot attribute retrieval (balanced accuracy) of the CLIP the runs start from, before and
+    after language pretraining, from the checkpoint's report (empty without one)."""
+    if not checkpoint:
+        return pd.DataFrame()
+    from ..pretrain import report_file
+
+    path = report_file(checkpoint)
+    if not path.is_file():
+        return pd.DataFrame()
+    import json
+
+    zs = json.loads(path.read_text()).get("zero_shot", {})
+    return pd.DataFrame({run: {mode: v["balanced_accuracy"] for mode, v in zs[run]["mean"].items()}
+                         for run in zs}).T.round(3)
+
+
+def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: str, seeds, protocols,
+                   diagnostics: dict[str, pd.DataFrame] | None = None, notes: str | None = None) -> None:
     summary = (runs.groupby(["protocol", "table", "variant"], sort=False)[["mAP", "Rank-1", "mask IoU"]]
                .agg(["mean", "std"]).round(2))
     summary.columns = [f"{a} {b}" for a, b in summary.columns]
@@ -277,7 +407,15 @@ def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: 
         "",
         f"Generated by `muva evidence --scale {scale}` (muva_core/report/evidence.py): protocols "
         f"{', '.join(protocols)}; seeds {', '.join(map(str, seeds))}. Every number below is the mean over seeds of "
-        "runs whose folders are listed in the per-run table at the end (`reports/<protocol>/sweep-runs/`).",
+        "runs whose folders are listed in the per-run table at the end (`reports/<protocol>/sweep-runs/`; each "
+        "keeps `config.yaml`, the loss histories and `metrics/train.json`).",
+        "",
+        f"Settings on top of `configs/<protocol>.yaml`: `{json.dumps(SCALES[scale]['overrides'])}`"
+        + (f"; multi-source protocols also `{json.dumps(SCALES[scale]['multi_source'])}`"
+           if "multi_source" in SCALES[scale] else "")
+        + (f"; starting from the CLIP of `muva pretrain-clip --out {SCALES[scale]['clip']['out_dir']} --backbone "
+           f"{SCALES[scale]['clip']['backbone']} --seed {SCALES[scale]['clip']['seed']}`" if "clip" in SCALES[scale]
+           else "") + ".",
         "",
         "A direction *holds* when the difference of the two variants' means exceeds twice its standard error "
         "(Welch), *reversed* when it is below minus twice, else it is *within seed noise*. The paper columns give "
@@ -293,6 +431,15 @@ def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: 
         "",
         summary.to_markdown(),
         "",
+    ]
+    if notes:
+        text += [f"## Reading the results (by hand, from `{path.stem}-notes.md`)", "", notes.strip(), ""]
+    if diagnostics:
+        text += ["## Diagnostics", ""]
+        for title, table in diagnostics.items():
+            plain = isinstance(table.index, pd.RangeIndex)
+            text += [f"### {title}", "", table.to_markdown(index=not plain) if len(table) else "(not available)", ""]
+    text += [
         "## Runs",
         "",
         runs.round(2).to_markdown(index=False),
