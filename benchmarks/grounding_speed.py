@@ -33,7 +33,6 @@ def _images(n: int, seed: int = 0) -> list[Image.Image]:
 def _tiny_backends(tmp: Path) -> dict:
     import tiny_models as tm
     from muva_core.grounding import get_backend
-    from muva_core.grounding.simulated import SimulatedExpert
 
     builders = {"florence2": tm.build_florence2, "owlv2": tm.build_owlv2, "grounding_dino": tm.build_grounding_dino,
                 "vitpose": tm.build_vitpose}

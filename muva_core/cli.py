@@ -10,7 +10,9 @@
     muva run       --protocol NAME [--config FILE] [--steps 01-06] [-p key=value ...]
     muva export-onnx --run DIR --out model.onnx
     muva sweep     --table 5..12 --protocol NAME [--seeds 0,1,2]
-    muva evidence  [--scale small|full]           (Tables 5, 6, 8, 9 on 3 synthetic protocols -> reports/evidence.md)
+    muva evidence  [--scale small|full] [--jobs N] (Tables 5, 6, 8, 9 on 3 synthetic protocols -> reports/evidence.md)
+    muva pretrain-clip --out DIR [--backbone small] [--image-size 256x128]   (language-pretrained small CLIP)
+    muva report    [--reports-dir DIR]             (reports/README.md index + the README results table)
     muva datasets  NAME --root DIR                 (summary of a dataset's splits)
     muva protocols [--kind single|multi|synthetic]
     muva baseline  --protocol NAME [--config FILE] [-p key=value ...]

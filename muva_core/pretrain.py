@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.captions import GRANULARITIES, ZERO_SHOT_ATTRIBUTES, caption, zero_shot_prompts
+from .data.captions import ZERO_SHOT_ATTRIBUTES, caption, zero_shot_prompts
 from .data.samples import PARTS, DatasetError
 from .io import atomic_path, write_json
 

@@ -225,7 +225,6 @@ def _global_caption(attrs: dict, rng: np.random.Generator) -> str:
 
 
 def _part_caption(attrs: dict, part: str, rng: np.random.Generator) -> str:
-    noun = PART_NOUNS[part]
     form = int(rng.integers(3))
     if part == "head":
         head = attrs["head"]
