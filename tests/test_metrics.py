@@ -232,3 +232,18 @@ def test_errors():
         evaluate(np.zeros((2, 2)), pids, pids, cams[:1], cams)
     with pytest.raises(ValueError, match="len\\(qf\\)"):
         evaluate_features(np.ones((3, 3)), np.ones((2, 3)), pids, pids, cams, cams)
+
+
+def test_chance_level_of_random_features():
+    from types import SimpleNamespace
+
+    from muva_core.config import RunConfig
+    from muva_core.pipeline import chance_level
+
+    query = [SimpleNamespace(pid=p, camid=0) for p in range(10)]
+    gallery = [SimpleNamespace(pid=p, camid=1) for p in range(10) for _ in range(5)]
+    a = chance_level(query, gallery, RunConfig(), draws=20, seed=0)
+    assert a == chance_level(query, gallery, RunConfig(), draws=20, seed=0)  # seeded
+    # 5 of 50 gallery images match each query: Rank-1 of a random ranking is 10 % on average
+    assert 3.0 < a["Rank-1"] < 20.0 and a["Rank-5"] > a["Rank-1"]
+    assert 5.0 < a["mAP"] < 30.0

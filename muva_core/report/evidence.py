@@ -278,7 +278,10 @@ def diagnostics(configs: dict, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
         labels = labels.round(3)
     stripes = pd.DataFrame({cfg.data.protocol: stripe_quality(cfg) for cfg in configs.values()}).T.round(3)
     checkpoints = {cfg.model.checkpoint_path for cfg in configs.values()}
+    floors = pd.DataFrame([{"protocol": cfg.data.protocol, "baseline": name, **m}
+                           for cfg in configs.values() for name, m in target_baselines(cfg).items()])
     return {
+        "Models that learned nothing on the same targets (random features; colour histograms)": floors,
         "Pseudo labels on the source training images against the true part boxes (Table 9 trains with these)":
             labels,
         "Predicted part masks on the target against the true part boxes, per variant (mean over seeds)":
@@ -360,6 +363,17 @@ def stripe_quality(cfg) -> dict[str, float]:
     stripes = stripe_part_masks((size[0] // patch, size[1] // patch), PARTS).float()
     iou = mask_iou(stripes.unsqueeze(0).expand(len(keys), -1, -1), truth)
     return {part: float(v) for part, v in zip(PARTS, iou)}
+
+
+def target_baselines(cfg) -> dict[str, dict[str, float]]:
+    """mAP and Rank-1 on the target of models that learned nothing (random features, mean of 20 draws) and of
+    the training-free colour histograms: the floor the variants are read against."""
+    from ..pipeline import chance_level, evaluate_baselines, load_protocol
+
+    data = load_protocol(cfg, progress=False)
+    out = {"random features": chance_level(data.query, data.gallery, cfg)}
+    out.update(evaluate_baselines(data.query, data.gallery, cfg, progress=False))
+    return {name: {"mAP": round(m["mAP"], 2), "Rank-1": round(m["Rank-1"], 2)} for name, m in out.items()}
 
 
 def part_mask_iou(runs: pd.DataFrame) -> pd.DataFrame:
