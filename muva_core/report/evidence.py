@@ -275,7 +275,7 @@ def diagnostics(configs: dict, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     labels = pd.concat([pseudo_label_quality(cfg) for cfg in configs.values()], ignore_index=True)
     if len(labels):
         labels = labels.drop(columns="protocol").drop_duplicates(["source", "pseudo labels", "part"])
-        labels = labels.round(3)
+        labels = labels.round(3).reset_index(drop=True)
     stripes = pd.DataFrame({cfg.data.protocol: stripe_quality(cfg) for cfg in configs.values()}).T.round(3)
     checkpoints = {cfg.model.checkpoint_path for cfg in configs.values()}
     floors = pd.DataFrame([{"protocol": cfg.data.protocol, "baseline": name, **m}
