@@ -13,6 +13,7 @@ from muva_core.report.evidence import (
     claim_variants,
     evaluate_claims,
     plan_runs,
+    protocol_configs,
     run_evidence,
     scale_overrides,
     verdict,
@@ -38,7 +39,7 @@ def test_full_scale_plan_shares_the_full_model_and_shortens_multi_source(tmp_pat
     assert single["stage2_epochs"] == 4 and multi["stage2_epochs"] == 2
     assert single["checkpoint_path"] == base["checkpoint_path"]  # the user's checkpoint wins: nothing pretrained
     assert scale_overrides("full", "synth:A2B", {**base, "stage2_epochs": 5}, progress=False)["stage2_epochs"] == 5
-    runs = plan_runs(base, "full", PROTOCOLS, TABLES, (0, 1, 2), progress=False)
+    runs = plan_runs(protocol_configs(base, "full", PROTOCOLS, progress=False), TABLES, (0, 1, 2))
     # per protocol and seed: Table 5's 5 compared rows (the full model among them) + 2 (Table 6) + 1 + 1
     assert len(runs) == len({r.run_dir for r in runs}) == 3 * 3 * 9
     assert {r.data.synth_scale for r in runs} == {"evidence"}

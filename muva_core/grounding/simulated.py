@@ -75,6 +75,13 @@ def failure_mode(raw: str) -> str:
         return ""
 
 
+def dataset_truth(dataset) -> pd.DataFrame | None:
+    """The ground-truth part boxes of a parsed dataset (keyed by its name), or None when it has none (any real
+    dataset); ``dataset`` may be None."""
+    path = Path(dataset.dataset_dir) / TRUTH_FILE if dataset is not None else None
+    return load_truth(path, dataset.name) if path is not None and path.is_file() else None
+
+
 def load_truth(source: pd.DataFrame | str | os.PathLike, domain: str | None = None) -> pd.DataFrame:
     """Load ground-truth part boxes and add a ``key`` column (``domain/relpath``).
 
@@ -323,6 +330,7 @@ __all__ = [
     "DEFAULT_RATES",
     "FAILURE_MODES",
     "TRUTH_FILE",
+    "dataset_truth",
     "TRUTH_PARTS",
     "SimulatedExpert",
     "UnknownKeyError",

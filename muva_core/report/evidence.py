@@ -148,14 +148,17 @@ def scale_overrides(scale: str, protocol: str, base: dict, progress: bool = True
     return {**out, **base}
 
 
-def plan_runs(base_cfg: dict, scale: str, protocols: Sequence[str], tables: Sequence[int], seeds: Sequence[int],
-              progress: bool = True) -> list:
-    """Every distinct run configuration of the study (a run shared by several tables appears once)."""
+def protocol_configs(base_cfg: dict, scale: str, protocols: Sequence[str], progress: bool = True) -> dict:
+    """Each protocol's resolved configuration at ``scale`` (the user's overrides last)."""
     from .runner import resolve_config
 
+    return {p: resolve_config(p, overrides=scale_overrides(scale, p, base_cfg, progress)) for p in protocols}
+
+
+def plan_runs(configs: dict, tables: Sequence[int], seeds: Sequence[int]) -> list:
+    """Every distinct run configuration of the study (a run shared by several tables appears once)."""
     plan: dict[str, object] = {}
-    for protocol in protocols:
-        cfg = resolve_config(protocol, overrides=scale_overrides(scale, protocol, base_cfg, progress))
+    for cfg in configs.values():
         for seed in seeds:  # seed-major: an interrupted study has whole seeds of a protocol done
             for table in tables:
                 for variant in claim_variants(table):
@@ -188,7 +191,6 @@ def _prepare_shared(runs: Sequence, progress: bool) -> None:
     """Generate data and pseudo-label masks once per distinct data + grounding settings, before workers
     that would otherwise compute the same caches side by side."""
     import dataclasses
-    import json
 
     from ..grounding.steps import prepare_masks
     from ..pipeline import load_protocol, source_datasets
@@ -244,23 +246,19 @@ def run_evidence(base_cfg, scale: str = "full", protocols: Sequence[str] = PROTO
                  seeds: Sequence[int] | None = None, out: str | Path | None = None, progress: bool = True,
                  jobs: int = 1) -> Path:
     """Run every (protocol, table) sweep and write the evidence page; returns its path."""
-    from .runner import resolve_config
-
     if scale not in SCALES:
         raise ValueError(f"--scale: expected one of {sorted(SCALES)}, got {scale!r}")
     seeds = tuple(seeds or SCALES[scale]["seeds"])
-    train_missing(plan_runs(base_cfg, scale, protocols, tables, seeds, progress), jobs=jobs, progress=progress)
-    frames, commands, configs = [], [], {}
-    for protocol in protocols:
-        cfg = resolve_config(protocol, overrides=scale_overrides(scale, protocol, base_cfg, progress=False))
-        configs[protocol] = cfg
+    configs = protocol_configs(base_cfg, scale, protocols, progress)
+    train_missing(plan_runs(configs, tables, seeds), jobs=jobs, progress=progress)
+    frames = []
+    for cfg in configs.values():
         for table in tables:
             run_sweep(cfg, table, seeds=seeds, variants=claim_variants(table), progress=progress)
             per_run = pd.read_csv(sweep_dir(cfg, table) / f"table{table}-runs.csv")
             per_run.insert(0, "protocol", cfg.data.protocol)
             per_run.insert(0, "table", table)
             frames.append(per_run)
-            commands.append(f"muva sweep --table {table} --protocol '{protocol}' --seeds {','.join(map(str, seeds))}")
     runs = pd.concat(frames, ignore_index=True)
     claims = evaluate_claims(runs)
     reports_dir = Path(cfg.reports_dir)
@@ -272,14 +270,17 @@ def run_evidence(base_cfg, scale: str = "full", protocols: Sequence[str] = PROTO
 
 def diagnostics(configs: dict, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """The diagnostic tables of the evidence page, by section title."""
-    labels = pd.concat([pseudo_label_quality(cfg) for cfg in configs.values()], ignore_index=True)
+    from ..pipeline import load_protocol
+
+    data = {p: load_protocol(cfg, progress=False) for p, cfg in configs.items()}
+    labels = pd.concat([pseudo_label_quality(cfg, data[p]) for p, cfg in configs.items()], ignore_index=True)
     if len(labels):
         labels = labels.drop(columns="protocol").drop_duplicates(["source", "pseudo labels", "part"])
         labels = labels.round(3).reset_index(drop=True)
-    stripes = pd.DataFrame({cfg.data.protocol: stripe_quality(cfg) for cfg in configs.values()}).T.round(3)
+    stripes = pd.DataFrame({cfg.data.protocol: stripe_quality(cfg, data[p]) for p, cfg in configs.items()}).T.round(3)
     checkpoints = {cfg.model.checkpoint_path for cfg in configs.values()}
     floors = pd.DataFrame([{"protocol": cfg.data.protocol, "baseline": name, **m}
-                           for cfg in configs.values() for name, m in target_baselines(cfg).items()])
+                           for p, cfg in configs.items() for name, m in target_baselines(cfg, data[p]).items()])
     return {
         "Models that learned nothing on the same targets (random features; colour histograms)": floors,
         "Pseudo labels on the source training images against the true part boxes (Table 9 trains with these)":
@@ -301,7 +302,7 @@ def _read_notes(page: Path) -> str | None:
 
 # diagnostics: what the variants train with and how good it is, to read a failing claim against
 
-def pseudo_label_quality(cfg) -> pd.DataFrame:
+def pseudo_label_quality(cfg, data) -> pd.DataFrame:
     """Per source domain, pseudo labels (raw / calibrated) and part: IoU against the true part boxes of the
     boxes (box IoU) and of the patch masks voted from them (patch IoU), on the source training images: what
     Table 9's two variants train with. Rows only for pseudo labels already made and domains with truth."""
@@ -312,17 +313,16 @@ def pseudo_label_quality(cfg) -> pd.DataFrame:
     from ..data.samples import PARTS
     from ..eval.masks import mask_iou, truth_patch_masks
     from ..grounding.calibration import iou_against_truth
-    from ..grounding.simulated import load_truth
+    from ..grounding.simulated import dataset_truth
     from ..grounding.steps import grounding_paths
     from ..grounding.voting import load_masks
-    from ..pipeline import load_protocol, source_datasets
+    from ..pipeline import source_datasets
 
     rows = []
-    for ds in source_datasets(load_protocol(cfg, progress=False)):
-        truth_file = Path(ds.dataset_dir) / "part_boxes.parquet"
-        if not truth_file.is_file():
+    for ds in source_datasets(data):
+        truth = dataset_truth(ds)
+        if truth is None:
             continue
-        truth = load_truth(truth_file)
         for calibrate in (False, True):
             run = copy.deepcopy(cfg).update({"calibrate": calibrate})
             paths = grounding_paths(run, ds.name)
@@ -341,36 +341,32 @@ def pseudo_label_quality(cfg) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def stripe_quality(cfg) -> dict[str, float]:
+def stripe_quality(cfg, data) -> dict[str, float]:
     """IoU of Table 8's fixed stripes against the true part masks of the target's test images, per part
     (empty when the target has no truth)."""
     import torch
 
     from ..data.samples import PARTS
     from ..eval.masks import mask_iou, truth_patch_masks
-    from ..grounding.simulated import load_truth
+    from ..grounding.simulated import dataset_truth
     from ..model.ammsa import stripe_part_masks
-    from ..pipeline import load_protocol
 
-    data = load_protocol(cfg, progress=False)
-    target = data.datasets.get(data.protocol.target)
-    truth_file = Path(target.dataset_dir) / "part_boxes.parquet" if target is not None else None
-    if truth_file is None or not truth_file.is_file():
+    truth = dataset_truth(data.datasets.get(data.protocol.target))
+    if truth is None:
         return {}
     keys = [s.key for s in (*data.query, *data.gallery)]
     size, patch = (cfg.data.height, cfg.data.width), cfg.grounding.patch_size
-    truth = torch.as_tensor(truth_patch_masks(load_truth(truth_file), keys, size, patch))
+    truth = torch.as_tensor(truth_patch_masks(truth, keys, size, patch))
     stripes = stripe_part_masks((size[0] // patch, size[1] // patch), PARTS).float()
     iou = mask_iou(stripes.unsqueeze(0).expand(len(keys), -1, -1), truth)
     return {part: float(v) for part, v in zip(PARTS, iou)}
 
 
-def target_baselines(cfg) -> dict[str, dict[str, float]]:
+def target_baselines(cfg, data) -> dict[str, dict[str, float]]:
     """mAP and Rank-1 on the target of models that learned nothing (random features, mean of 20 draws) and of
     the training-free colour histograms: the floor the variants are read against."""
-    from ..pipeline import chance_level, evaluate_baselines, load_protocol
+    from ..pipeline import chance_level, evaluate_baselines
 
-    data = load_protocol(cfg, progress=False)
     out = {"random features": chance_level(data.query, data.gallery, cfg)}
     out.update(evaluate_baselines(data.query, data.gallery, cfg, progress=False))
     return {name: {"mAP": round(m["mAP"], 2), "Rank-1": round(m["Rank-1"], 2)} for name, m in out.items()}
@@ -379,8 +375,6 @@ def target_baselines(cfg) -> dict[str, dict[str, float]]:
 def part_mask_iou(runs: pd.DataFrame) -> pd.DataFrame:
     """Predicted-mask IoU against the true part boxes on the target per part, mean over seeds, read from
     each run's ``metrics/train.json`` (``run`` column)."""
-    import json
-
     rows = []
     for rec in runs.itertuples(index=False):
         path = Path(rec.run) / "metrics" / "train.json"
@@ -403,8 +397,6 @@ def clip_zero_shot(checkpoint: str | Path | None) -> pd.DataFrame:
     path = report_file(checkpoint)
     if not path.is_file():
         return pd.DataFrame()
-    import json
-
     zs = json.loads(path.read_text()).get("zero_shot", {})
     return pd.DataFrame({run: {mode: v["balanced_accuracy"] for mode, v in zs[run]["mean"].items()}
                          for run in zs}).T.round(3)

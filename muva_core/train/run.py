@@ -180,12 +180,11 @@ def evaluate_model(cfg: RunConfig, model: MUVAReID, data, device, progress: bool
     metrics = evaluate_features(feats[:nq], feats[nq:], qp, gp, qc, gc, metric=cfg.eval.metric,
                                 max_rank=cfg.eval.max_rank, chunk_size=cfg.eval.eval_chunk_size)
     iou = {}
-    target = data.datasets.get(data.protocol.target)
-    truth_file = Path(target.dataset_dir) / "part_boxes.parquet" if target is not None else None
-    if probs is not None and truth_file is not None and truth_file.is_file():
-        from ..grounding.simulated import load_truth
+    from ..grounding.simulated import dataset_truth
 
-        truth = truth_patch_masks(load_truth(truth_file), [s.key for s in samples], (cfg.data.height, cfg.data.width),
+    truth = dataset_truth(data.datasets.get(data.protocol.target)) if probs is not None else None
+    if truth is not None:
+        truth = truth_patch_masks(truth, [s.key for s in samples], (cfg.data.height, cfg.data.width),
                                   cfg.grounding.patch_size)
         values = mask_iou(probs, torch.as_tensor(truth)[:, part_indices(model.parts)], cfg.model.mask_threshold)
         iou = {p: float(v) for p, v in zip(model.parts, values)}

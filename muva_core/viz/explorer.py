@@ -306,10 +306,9 @@ def protocol_splits(data) -> dict[str, list[Sample]]:
 
 def protocol_truth(data) -> pd.DataFrame | None:
     """The ground-truth part boxes of every dataset of the protocol that has them (synthetic), or None."""
-    from ..grounding.simulated import TRUTH_FILE, load_truth
+    from ..grounding.simulated import dataset_truth
 
-    tables = [load_truth(Path(ds.dataset_dir) / TRUTH_FILE, ds.name) for ds in data.datasets.values()
-              if (Path(ds.dataset_dir) / TRUTH_FILE).is_file()]
+    tables = [t for t in map(dataset_truth, data.datasets.values()) if t is not None]
     return pd.concat(tables, ignore_index=True) if tables else None
 
 
