@@ -136,6 +136,96 @@ def test_checkpoint_of_other_architecture_is_a_clear_error(tmp_path):
         build_clip(BackboneConfig(name="tiny", checkpoint_path=str(path)))
 
 
+def _openai_torchscript_archive(state: dict[str, torch.Tensor], path) -> None:
+    """A TorchScript archive laid out like OpenAI's original ViT-B-16.pt: a scripted module tree whose
+    state dict is ``state`` (OpenAI key layout = open_clip's) in half precision, plus OpenAI's
+    ``input_resolution`` / ``context_length`` / ``vocab_size`` entries."""
+    class Node(torch.nn.Module):
+        def forward(self) -> int:
+            return 0
+
+    root = Node()
+    for key, t in state.items():
+        *path_, leaf = key.split(".")
+        m = root
+        for name in path_:
+            if name not in m._modules:
+                m.add_module(name, Node())
+            m = m._modules[name]
+        value = t.detach().clone().half() if t.is_floating_point() else t.detach().clone()
+        m.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+    for key, value in (("input_resolution", 224), ("context_length", 77), ("vocab_size", 49408)):
+        root.register_buffer(key, torch.tensor(value))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(root), str(path))
+
+
+def test_torchscript_archive_checkpoint_is_read_with_jit_load(tmp_path, monkeypatch):
+    """OpenAI's original .pt (a TorchScript archive, what CLIP-ReID loads with torch.jit.load) loads
+    like any other CLIP checkpoint; the weights equal the source's (half precision, as OpenAI's)."""
+    import zipfile
+
+    from open_clip.model import build_model_from_openai_state_dict
+
+    from muva_core.model.backbone import is_torchscript_archive, read_clip_state_dict
+
+    src, _ = build_clip(BackboneConfig(name="tiny", image_size=(224, 224), seed=5))
+    path = tmp_path / "ViT-tiny.pt"
+    _openai_torchscript_archive(src.state_dict(), path)
+    assert is_torchscript_archive(path)
+    with pytest.raises(RuntimeError, match="TorchScript"), pytest.warns(UserWarning):   # weights_only=True refuses it
+        torch.load(path, weights_only=True)
+
+    state = read_clip_state_dict(path)
+    assert set(state) == set(src.state_dict())                        # export metadata dropped, keys as open_clip's
+    # open_clip's own OpenAI conversion builds a CLIP from the same state dict (a 224 grid, the source's shapes)
+    oc = build_model_from_openai_state_dict(dict(state), quick_gelu=True, cast_dtype=torch.float32)
+    assert set(oc.state_dict()) >= set(state)
+
+    clip, _ = build_clip(BackboneConfig(name="tiny", checkpoint_path=str(path), image_size=(224, 224), seed=99))
+    for key, value in src.state_dict().items():
+        expected = value.half().to(value.dtype) if value.is_floating_point() else value
+        assert torch.equal(clip.state_dict()[key], expected), key
+        assert torch.equal(oc.state_dict()[key].to(value.dtype), expected), key
+    # at the 256 x 128 input the positional grid is resized as for any checkpoint
+    tall, _ = build_clip(BackboneConfig(name="tiny", checkpoint_path=str(path), seed=99))
+    assert tall.visual.positional_embedding.shape[0] == 1 + 16 * 8
+    assert torch.equal(tall.visual.conv1.weight, src.visual.conv1.weight.half().float())
+    # the user's path: -p checkpoint_path=<the archive> through the run configuration
+    from muva_core.config import RunConfig
+    from muva_core.model.factory import build_muva
+
+    cfg = RunConfig().update({"backbone": "tiny", "pretrained": "none", "checkpoint_path": str(path)})
+    built = build_muva(cfg, num_classes=3)
+    assert torch.equal(built.clip.token_embedding.weight, src.token_embedding.weight.half().float())
+    assert torch.equal(built.model.encoder.visual.proj, src.visual.proj.half().float())
+
+    # a plain torch.save zip is not TorchScript: it still goes through torch.load(weights_only=True)
+    plain = tmp_path / "plain.pt"
+    torch.save(src.state_dict(), plain)
+    assert zipfile.is_zipfile(plain) and not is_torchscript_archive(plain)
+    calls = []
+    real_load, real_jit = torch.load, torch.jit.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw.get("weights_only")) or real_load(*a, **kw))
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **kw: calls.append("jit") or real_jit(*a, **kw))
+    loaded, _ = build_clip(BackboneConfig(name="tiny", checkpoint_path=str(plain), image_size=(224, 224), seed=99))
+    assert calls == [True]
+    assert torch.equal(loaded.visual.conv1.weight, src.visual.conv1.weight)
+    calls.clear()
+    read_clip_state_dict(path)
+    assert calls == ["jit"]
+
+
+def test_unreadable_checkpoint_names_the_path(tmp_path):
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="garbage.pt"):
+        build_clip(BackboneConfig(name="tiny", checkpoint_path=str(bad)))
+
+
 def test_backbone_config_validation():
     assert BackboneConfig(name="tiny").pretrained is None
     assert BackboneConfig(name="vit-b-16").pretrained == "openai"

@@ -11,6 +11,7 @@ runs and benchmarks; ``vit-b-16`` is the real architecture (random weights unles
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,10 @@ __all__ = [
     "BackboneConfig",
     "NAMED_CONFIGS",
     "build_clip",
+    "is_torchscript_archive",
     "load_clip_weights",
     "patch_grid",
+    "read_clip_state_dict",
 ]
 
 # Architectures by name. ``open_clip_name`` entries are built with open_clip.create_model
@@ -59,8 +62,9 @@ class BackboneConfig:
     pretrained:      open_clip pretrained tag (``openai``), downloaded by open_clip where there is
                      internet; ``None`` = random weights; ``"auto"`` (default) = ``openai`` for
                      ``vit-b-16`` and random weights for the small named configs.
-    checkpoint_path: a local CLIP state dict (``.safetensors``, or ``.pt/.bin`` loaded with
-                     ``weights_only=True``); takes precedence over ``pretrained``.
+    checkpoint_path: a local CLIP state dict (``.safetensors``, ``.pt/.bin`` loaded with
+                     ``weights_only=True``, or OpenAI's original TorchScript ``.pt`` read with
+                     ``torch.jit.load`` on CPU); takes precedence over ``pretrained``.
     image_size:      (height, width) of the input; the positional grid follows it (16x8 at 256x128).
     freeze_patch_embed: freeze ``visual.conv1`` (paper section 4.2).
     pos_interpolation: interpolation mode used to resize a checkpoint's positional grid.
@@ -125,7 +129,7 @@ def _resolve_checkpoint(cfg: BackboneConfig) -> str | None:
         if not path.is_file():
             raise FileNotFoundError(
                 f"CLIP checkpoint not found: {path} (BackboneConfig.checkpoint_path). "
-                "Give a .safetensors / .pt / .bin CLIP state dict, or set pretrained='openai' "
+                "Give a .safetensors / .pt / .bin CLIP state dict (or OpenAI's TorchScript ViT-B-16.pt), or set pretrained='openai' "
                 "where open_clip can download it."
             )
         return str(path)
@@ -151,24 +155,71 @@ def _resolve_checkpoint(cfg: BackboneConfig) -> str | None:
     return path
 
 
-def load_clip_weights(model: CLIP, path: str, interpolation: str = "bilinear") -> None:
-    """Load a CLIP state dict from ``path`` into ``model`` (strict), resizing the visual grid.
-
-    ``.safetensors`` files are read with safetensors, anything else with
-    ``torch.load(weights_only=True)`` (no pickle execution). A positional embedding of another
-    (square) grid is interpolated to the model's grid; the class position is kept.
-    """
+def is_torchscript_archive(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a TorchScript archive (``torch.jit.save``; OpenAI's original ``ViT-B-16.pt``):
+    a zip whose top folder holds ``constants.pkl`` or ``code/``. A plain ``torch.save`` zip has neither."""
+    if not zipfile.is_zipfile(path):
+        return False
     try:
-        state = _oc_load_state_dict(path, device="cpu", weights_only=True)
-    except Exception as exc:
-        raise RuntimeError(
-            f"cannot read CLIP checkpoint {path}: {exc}. TorchScript archives (OpenAI's original .pt) "
-            "cannot be loaded with weights_only=True: use open_clip's hf-hub safetensors "
-            "(timm/vit_base_patch16_clip_224.openai) or re-save the state dict as .safetensors."
-        ) from exc
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    for name in names:
+        inner = name.split("/", 1)[1] if "/" in name else name
+        if inner == "constants.pkl" or inner.startswith("code/"):
+            return True
+    return False
+
+
+def read_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The CLIP state dict in ``path``, in open_clip's (= OpenAI's) key layout.
+
+    * ``.safetensors``: read with safetensors;
+    * a TorchScript archive (OpenAI's original ``.pt``, what CLIP-ReID loads with ``torch.jit.load``):
+      ``torch.jit.load(path, map_location="cpu").state_dict()``. TorchScript deserialisation uses
+      TorchScript's own restricted unpickler, never Python's ``pickle``: no Python code of the archive
+      is executed (its TorchScript methods are compiled, and ``forward`` is never called);
+    * anything else (``.pt`` / ``.bin`` state dicts): ``torch.load(weights_only=True)``.
+
+    OpenAI's export metadata (``input_resolution``, ``context_length``, ``vocab_size``) is dropped, as
+    open_clip's ``build_model_from_openai_state_dict`` does; a ``module.`` prefix is stripped.
+    """
+    path = str(path)
+    if is_torchscript_archive(path):
+        import warnings
+
+        try:
+            with warnings.catch_warnings():      # torch >= 2.9 flags torch.jit as deprecated
+                warnings.simplefilter("ignore", FutureWarning)
+                state = torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception as exc:
+            raise RuntimeError(f"cannot read CLIP checkpoint {path} (a TorchScript archive): {exc}") from exc
+        state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+    else:
+        try:
+            state = _oc_load_state_dict(path, device="cpu", weights_only=True)
+        except Exception as exc:
+            raise RuntimeError(
+                f"cannot read CLIP checkpoint {path}: {exc}. Give a CLIP state dict as .safetensors, a .pt/.bin "
+                "state dict (loaded with weights_only=True), or OpenAI's original TorchScript .pt."
+            ) from exc
     state = dict(state)
     for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI export metadata
         state.pop(key, None)
+    return state
+
+
+def load_clip_weights(model: CLIP, path: str, interpolation: str = "bilinear") -> None:
+    """Load a CLIP state dict from ``path`` into ``model`` (strict), resizing the visual grid.
+
+    ``path`` is read by :func:`read_clip_state_dict`: ``.safetensors`` with safetensors, a TorchScript
+    archive (OpenAI's original ``ViT-B-16.pt``) with ``torch.jit.load`` on CPU, anything else with
+    ``torch.load(weights_only=True)`` (no pickle execution). Half-precision weights (OpenAI's) are cast
+    to the model's dtype. A positional embedding of another (square) grid is interpolated to the
+    model's grid; the class position is kept.
+    """
+    state = read_clip_state_dict(path)
     resize_pos_embed(state, model, interpolation=interpolation, antialias=False)
     # open_clip keeps logit_scale scalar; some exports store it as [1]
     if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
