@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from tqdm.auto import tqdm
 
 from muva_core.data.samples import DatasetError, Sample
 
@@ -50,6 +49,7 @@ __all__ = [
     "list_datasets",
     "load_dataset",
     "read_image",
+    "ImageReadError",
     "combine_train",
     "SourceInfo",
 ]
@@ -132,29 +132,55 @@ def load_dataset(name: str, root: str | os.PathLike, **kwargs) -> "ReIDDataset":
 # --------------------------------------------------------------------------------------
 
 
+class ImageReadError(DatasetError):
+    """An image file that cannot be opened or decoded; the message names the file and the reason.
+
+    Raised in a DataLoader worker, torch re-creates the exception in the main process with the
+    worker's whole traceback as its message; ``str()`` of such a copy gives back the original
+    one-line message (plus which worker), so the command line shows it without the traceback.
+    """
+
+    def __str__(self) -> str:
+        return _strip_worker_traceback(super().__str__(), type(self).__name__)
+
+
+_WORKER_RE = re.compile(r"^Caught (\w+) (in DataLoader worker process \d+|in [^\n]*?)\.\nOriginal Traceback", re.S)
+
+
+def _strip_worker_traceback(text: str, name: str) -> str:
+    m = _WORKER_RE.match(text)
+    if m is None:
+        return text
+    marker = f"{name}: "
+    lines = text.rstrip("\n").split("\n")
+    for i in range(len(lines) - 1, -1, -1):
+        head, sep, rest = lines[i].partition(marker)
+        if sep and (head == "" or head.endswith(".")) and " " not in head:
+            original = "\n".join([rest, *lines[i + 1:]])
+            return f"{original} ({m.group(2)})"
+    return text
+
+
 def read_image(path: str | os.PathLike):
-    """Open an image as an RGB ``PIL.Image``; raise :class:`DatasetError` naming the file if it fails."""
+    """Open an image as an RGB ``PIL.Image``; raise :class:`ImageReadError` (a :class:`DatasetError`)
+    naming the file if it does not exist or cannot be decoded (a truncated JPEG included)."""
     from PIL import Image
 
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"image file does not exist: {path}")
+        raise ImageReadError(f"image file does not exist: {path}")
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... depending on the damage
-        raise DatasetError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+        raise ImageReadError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
 
 
 def _verify_images(samples: Sequence[Sample], desc: str) -> None:
-    from PIL import Image
+    """Decode every image (in parallel); one error lists every unreadable file."""
+    from muva_core.data.scan import require_readable
 
-    for s in tqdm(samples, desc=desc, unit="img", leave=False):
-        try:
-            with Image.open(s.path) as im:
-                im.load()
-        except Exception as exc:
-            raise DatasetError(f"cannot read image {s.path}: {type(exc).__name__}: {exc}") from exc
+    require_readable(samples, what=f"images of {desc}")
 
 
 # --------------------------------------------------------------------------------------
@@ -192,9 +218,8 @@ class ReIDDataset:
         self.dataset_dir = self.resolve_root(self.root)
         raw = self._parse()
         self.train, self.query, self.gallery = self._apply_rules(raw)
-        if verify_images:
-            for split in SPLITS:
-                _verify_images(getattr(self, split), desc=f"verify {self.name}/{split}")
+        if verify_images:  # every split at once, so one error names every unreadable file
+            _verify_images([s for split in SPLITS for s in getattr(self, split)], desc=f"{self.name} ({', '.join(SPLITS)})")
 
     # ---- root resolution -------------------------------------------------------------
     def candidate_dirs(self, root: Path) -> list[Path]:

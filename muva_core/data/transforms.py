@@ -224,7 +224,9 @@ class ReIDImageDataset(Dataset):
     ``masks``: None, a mapping ``Sample.key -> [3, Gh*Gw]`` (e.g. a loaded mask store), or a
     tensor / array / sequence aligned with ``samples``. With masks the transform must accept them
     (a :class:`ReIDTransform`), so that a flip moves the mask with the image.
-    Images are opened with :func:`read_image` (a DatasetError names an unreadable file).
+    Images are opened with :func:`read_image`: an unreadable file raises :class:`ImageReadError` naming it,
+    also from a DataLoader worker (its message then carries no worker traceback). Scan a split first with
+    :func:`muva_core.data.scan.require_readable` to hear of every bad file at once.
     """
 
     def __init__(self, samples: Sequence[Sample], transform=None, masks: Mapping[str, MaskLike] | Sequence | None = None):
