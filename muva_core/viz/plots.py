@@ -1,9 +1,13 @@
 """Matplotlib / seaborn figures of the workbook (paper Figures 4, 5, 6 and 7 style).
 
-Every function returns a matplotlib Figure; :func:`save_figure` writes it as PNG and SVG.
+Every function returns a matplotlib Figure; :func:`save_figure` writes it as PNG and SVG (and
+returns a :class:`SavedFigure`, the list of both paths that shows as one short ``saved: ...`` line
+in a notebook); :func:`whole_table` shows a wide table without pandas' column cut.
 """
 from __future__ import annotations
 
+import html
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -11,20 +15,92 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from ..data.samples import PARTS, Sample
 
 PART_COLOURS = {"head": "#2ca02c", "upper": "#1f77b4", "legs": "#d62728", "person": "#7f7f7f"}
 
 
-def save_figure(fig, folder: str | Path, name: str, dpi: int = 120) -> list[Path]:
-    """Save ``fig`` as ``<folder>/<name>.png`` and ``.svg``; returns both paths."""
+def _display_path(path: Path) -> str:
+    """``path`` relative to the working directory, else to the project root, else as it is."""
+    path = Path(os.path.abspath(path))
+    bases = [Path.cwd()]
+    try:
+        from ..paths import project_root
+
+        bases.append(project_root())
+    except Exception:  # no project root (an installed package used elsewhere): absolute paths
+        pass
+    for base in bases:
+        try:
+            return path.relative_to(Path(os.path.abspath(base))).as_posix()
+        except ValueError:
+            continue
+    return path.as_posix()
+
+
+class SavedFigure(list):
+    """The paths :func:`save_figure` wrote (a ``list`` of :class:`~pathlib.Path`, PNG first), shown in a
+    notebook as one line ``saved: figures/x.png, x.svg`` instead of ``[PosixPath(...), ...]``."""
+
+    def __str__(self) -> str:
+        if not self:
+            return "saved: nothing"
+        first = _display_path(self[0])
+        folder = first.rsplit("/", 1)[0] + "/" if "/" in first else ""
+        rest = [_display_path(p) for p in self[1:]]
+        rest = [r[len(folder):] if folder and r.startswith(folder) else r for r in rest]
+        return "saved: " + ", ".join([first, *rest])
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_pretty_(self, printer, cycle: bool) -> None:   # IPython's text/plain
+        printer.text(str(self))
+
+    def _repr_html_(self) -> str:
+        return f"<code>{html.escape(str(self))}</code>"
+
+
+def save_figure(fig, folder: str | Path, name: str, dpi: int = 120) -> SavedFigure:
+    """Save ``fig`` as ``<folder>/<name>.png`` and ``.svg``; returns both paths (a list, PNG first, that a
+    notebook shows as ``saved: <folder>/<name>.png, <name>.svg``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{name}.png", folder / f"{name}.svg"]
+    paths = SavedFigure([folder / f"{name}.png", folder / f"{name}.svg"])
     for p in paths:
         fig.savefig(p, dpi=dpi, bbox_inches="tight")
     return paths
+
+
+class WholeTable:
+    """A table shown whole in a notebook: every row and column (pandas' ``display.max_columns`` /
+    ``max_rows`` cut does not apply); ``frame`` is the table itself."""
+
+    def __init__(self, frame: pd.DataFrame, caption: str = "") -> None:
+        self.frame = frame
+        self.caption = caption
+
+    def _repr_html_(self) -> str:
+        table = self.frame.to_html(max_rows=None, max_cols=None, notebook=True, na_rep="n/a")
+        return (f"<p><b>{html.escape(self.caption)}</b></p>" if self.caption else "") + table
+
+    def __repr__(self) -> str:
+        text = self.frame.to_string(max_rows=None, max_cols=None, na_rep="n/a")
+        return f"{self.caption}\n{text}" if self.caption else text
+
+    def _repr_pretty_(self, printer, cycle: bool) -> None:
+        printer.text(repr(self))
+
+
+def whole_table(frame: pd.DataFrame, transpose: bool = False, caption: str = "") -> WholeTable:
+    """``frame`` for display without pandas' column / row cut; ``transpose``: rows become columns (a wide
+    per-part table becomes one column per part), each column keeping its values' types (counts stay
+    integers)."""
+    if transpose:
+        frame = frame.astype(object).T
+    return WholeTable(frame, caption)
 
 
 def _boxes_of(table: pd.DataFrame, key: str, columns: Sequence[str]) -> dict[str, tuple[float, ...] | None]:
@@ -36,7 +112,8 @@ def _boxes_of(table: pd.DataFrame, key: str, columns: Sequence[str]) -> dict[str
     return out
 
 
-def draw_boxes(ax, image, boxes: dict[str, tuple[float, ...] | None], title: str = "", linewidth: float = 1.5) -> None:
+def draw_boxes(ax, image, boxes: dict[str, tuple[float, ...] | None], title: str = "", linewidth: float = 1.5,
+               fontsize: float = 7) -> None:
     """An image with one coloured rectangle per part (missing parts are listed in the title)."""
     ax.imshow(image)
     missing = []
@@ -46,7 +123,7 @@ def draw_boxes(ax, image, boxes: dict[str, tuple[float, ...] | None], title: str
             continue
         x0, y0, x1, y1 = box
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=linewidth, ec=PART_COLOURS.get(part, "y")))
-    ax.set_title(title + (f"\nmissing: {','.join(missing)}" if missing else ""), fontsize=7)
+    ax.set_title(title + (f"\nmissing: {','.join(missing)}" if missing else ""), fontsize=fontsize)
     ax.axis("off")
 
 
@@ -95,7 +172,7 @@ def mask_to_grid(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 
 
 def overlay_mask(ax, image, mask: np.ndarray, grid: tuple[int, int], colour: str = "#d62728", alpha: float = 0.45,
-                 title: str = "") -> None:
+                 title: str = "", fontsize: float = 7) -> None:
     """Draw ``image`` with a patch mask (binary or probabilities in [0, 1]) as a coloured overlay."""
     from matplotlib.colors import to_rgb
 
@@ -111,7 +188,7 @@ def overlay_mask(ax, image, mask: np.ndarray, grid: tuple[int, int], colour: str
         ax.axhline(i * h / gh - 0.5, color="w", lw=0.2, alpha=0.5)
     for j in range(1, gw):
         ax.axvline(j * w / gw - 0.5, color="w", lw=0.2, alpha=0.5)
-    ax.set_title(title, fontsize=7)
+    ax.set_title(title, fontsize=fontsize)
     ax.axis("off")
 
 
@@ -140,16 +217,46 @@ def plot_mask_voting(samples: Sequence[Sample], boxes_table: pd.DataFrame, masks
     return fig
 
 
+def _is_integral(values) -> bool:
+    values = pd.to_numeric(pd.Series(values), errors="coerce").dropna().to_numpy(dtype=float)
+    return len(values) > 0 and bool(np.all(values == np.round(values)))
+
+
 def plot_curves(history: pd.DataFrame, x: str, ys: Sequence[str], title: str = "", logy: bool = False) -> plt.Figure:
-    """Loss / metric curves from a history table (one column per term)."""
+    """Loss / metric curves from a history table (one column per term); an integer ``x`` (epochs)
+    gets integer ticks however few epochs there are."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for y in ys:
         if y in history:
             ax.plot(history[x], history[y], label=y, marker="." if len(history) < 40 else None)
     ax.set_xlabel(x)
+    if x in history and _is_integral(history[x]):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        values = pd.to_numeric(history[x], errors="coerce").dropna()
+        if values.nunique() == 1:                     # one epoch: centred, not a +-5 % fractional axis
+            ax.set_xlim(float(values.iloc[0]) - 0.5, float(values.iloc[0]) + 0.5)
     if logy:
         ax.set_yscale("log")
     ax.legend(fontsize=8)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_cmc(cmc, max_rank: int = 20, title: str = "CMC") -> plt.Figure:
+    """A CMC curve: matching rate (%) at ranks 1..``max_rank`` (``cmc[k-1]`` = rate at rank k, in [0, 1]);
+    integer rank ticks."""
+    cmc = np.asarray(cmc, dtype=float).reshape(-1)[: int(max_rank)]
+    if not len(cmc):
+        raise ValueError("plot_cmc needs at least one rank of the CMC curve")
+    ranks = np.arange(1, len(cmc) + 1)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(ranks, 100 * cmc, marker=".")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlim(0.5, len(cmc) + 0.5)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("matching rate (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
