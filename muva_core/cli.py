@@ -92,14 +92,18 @@ def cmd_ground(args) -> int:
     ds = load_dataset(args.dataset, args.root)
     samples = select_splits(ds, args.splits)
     backend = build_backend(cfg)
-    common = dict(batch_size=args.batch_size or None, progress=not args.quiet)
+    common = dict(batch_size=args.batch_size or None, progress=not args.quiet, resume=not args.no_resume)
     if args.shard:  # one shard by hand (several machines): merge later with `muva merge-shards`
         table = label_dataset(samples, backend, args.out, shard=parse_shard(args.shard), **common)
     else:  # plain run, or under torchrun / accelerate: each rank its shard, rank 0 merges
         table = label_dataset_distributed(samples, backend, args.out, **common)
     summary = summarize_labels(table)
+    status = ", ".join(f"{k} {v}" for k, v in sorted(summary["status"].items(), key=lambda kv: -kv[1]))
     print(f"{ds.name}: {summary['images']} images labelled by {args.backend} "
-          f"({summary['seconds_per_image']:.3f} s/image); status counts {summary['status']}")
+          f"({summary['seconds_per_image']:.3f} s/image); boxes by status: {status}")
+    if summary["unreadable_images"] or summary["error_images"]:
+        print(f"  {summary['unreadable_images']} unreadable images, {summary['error_images']} images the backend "
+              f"failed on (rows with status unreadable / error; the reason is in the raw column of {args.out})")
     return 0
 
 
@@ -114,16 +118,19 @@ def cmd_merge_shards(args) -> int:
 def cmd_calibrate(args) -> int:
     import pandas as pd
 
-    from .grounding.calibration import DEFAULT_WINDOWS, calibrate_boxes
+    from .grounding.calibration import DEFAULT_WINDOWS, calibrate_boxes, parse_img_size
     from .io import write_json, write_parquet
 
     boxes = pd.read_parquet(args.boxes)
     windows = "data" if args.windows == "data" else DEFAULT_WINDOWS
-    table, report = calibrate_boxes(boxes, method=args.method, windows=windows)
+    table, report = calibrate_boxes(boxes, img_size=parse_img_size(args.img_size), method=args.method, windows=windows)
     write_parquet(args.out, table)
     if args.report:
         write_json(args.report, report.to_dict())
     print(report)
+    fixed = (table["status"].astype(str) != boxes["status"].astype(str)).sum() if "status" in boxes.columns else 0
+    if fixed:
+        print(f"{fixed} rows got a status other than their input one (see the status column of {args.out})")
     print(f"wrote {args.out}")
     return 0
 
@@ -131,14 +138,28 @@ def cmd_calibrate(args) -> int:
 def cmd_vote(args) -> int:
     import pandas as pd
 
+    from .grounding.boxes import describe_fixes
+    from .grounding.calibration import parse_img_size
     from .grounding.voting import MaskStore, mask_statistics
 
     table = pd.read_parquet(args.boxes)
     columns = "calibrated" if "cal_x0" in table.columns and not args.raw else "raw"
+    box_img_size = parse_img_size(args.img_size)
     store = MaskStore.from_table(table, img_size=(args.height, args.width), patch=args.patch, rule=args.rule,
-                                 min_coverage=args.min_coverage, columns=columns, source=str(args.boxes))
+                                 min_coverage=args.min_coverage, columns=columns, source=str(args.boxes),
+                                 box_img_size=box_img_size)
     store.save(args.out)
     print(mask_statistics(store.masks).round(3).to_string())
+    problems = store.meta["box_problems"]
+    status = ", ".join(f"{k} {v}" for k, v in sorted(problems["status"].items(), key=lambda kv: -kv[1])) or "no status column"
+    print(f"{problems['rows']} boxes; by status: {status}")
+    if columns == "calibrated":
+        rules = ", ".join(f"{k} {v}" for k, v in problems["rules"].items())
+        print(f"replaced by calibration: {problems['replaced']}" + (f" ({rules})" if rules else ""))
+    print(f"bad coordinates met while voting: {describe_fixes(problems['fixes'])}")
+    if box_img_size is None and not {"img_w", "img_h"} <= set(table.columns):
+        print(f"note: the table has no img_w/img_h columns: its boxes were taken to be in {args.height}x{args.width} "
+              "input pixels; pass --img-size HxW (the labelled images' size) if they are not")
     print(f"wrote {len(store)} masks ({columns} boxes, grid {store.grid}) to {args.out}")
     return 0
 
@@ -363,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated expert")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the cogvlm backend's remote model code")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start afresh: ignore (and delete) the partial results of an earlier run in <out>.parts/")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_ground)
 
@@ -378,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the calibration report (thresholds, counts) as JSON here")
     p.add_argument("--method", choices=["robust_z", "quantile"], default="robust_z")
     p.add_argument("--windows", choices=["stripes", "data"], default="stripes")
+    p.add_argument("--img-size", metavar="HxW", help="size of the labelled images, e.g. 256x128 (needed when the "
+                   "table has no img_w/img_h columns; overrides them)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("vote", help="vote (calibrated) boxes into patch masks [3, Npatch] (vote_patch_masks)")
@@ -389,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--patch", type=int, default=16)
     p.add_argument("--raw", action="store_true", help="vote the raw boxes even when calibrated ones exist")
+    p.add_argument("--img-size", metavar="HxW", help="size of the labelled images the boxes are in, e.g. 256x128 "
+                   "(default: the table's img_w/img_h; without them the boxes are taken to be in --height x --width)")
     p.set_defaults(func=cmd_vote)
 
     p = sub.add_parser("baseline", help="evaluate colour-histogram baselines on a protocol's target domain")

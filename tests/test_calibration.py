@@ -91,11 +91,14 @@ def test_replaced_boxes_are_windows_and_others_untouched(labels):
 
 
 def test_thresholds_follow_the_data(labels):
-    _, rep = calibrate_boxes(labels, method="robust_z")
-    shifted = labels.copy()
+    base = labels.copy()
+    base[["y0", "y1"]] *= 240 / 256  # room below every box, so the shift below clips none
+    _, rep = calibrate_boxes(base, method="robust_z")
+    shifted = base.copy()
     shifted[["y0", "y1"]] += 12.8  # every box 5 % lower in the image
     _, rep_s = calibrate_boxes(shifted, method="robust_z")
-    squeezed = labels.copy()
+    assert rep_s.fixed_total() == {}
+    squeezed = base.copy()
     squeezed["y1"] = squeezed["y0"] + 0.8 * (squeezed["y1"] - squeezed["y0"])
     _, rep_q = calibrate_boxes(squeezed, method="robust_z")
     for part in PARTS:
@@ -105,9 +108,17 @@ def test_thresholds_follow_the_data(labels):
         assert rep_q.thresholds[part]["height"]["hi"] == pytest.approx(0.8 * rep.thresholds[part]["height"]["hi"], rel=1e-9)
         assert rep_q.thresholds[part]["width"]["hi"] == pytest.approx(rep.thresholds[part]["width"]["hi"], rel=1e-9)
     # quantile fences move with the data too
-    _, rq = calibrate_boxes(labels, method="quantile")
+    _, rq = calibrate_boxes(base, method="quantile")
     _, rq_s = calibrate_boxes(shifted, method="quantile")
     assert rq_s.thresholds["legs"]["cy"]["hi"] == pytest.approx(rq.thresholds["legs"]["cy"]["hi"] + 0.05, abs=1e-9)
+    # shifted without room, the boxes reaching below the image are clipped, flagged and counted
+    out = labels.copy()
+    out[["y0", "y1"]] += 12.8
+    cal, rep_o = calibrate_boxes(out)
+    below = (out["y1"] > 256).to_numpy()
+    assert below.sum() > 0 and sum(rep_o.fixed[p].get("clipped", 0) for p in PARTS) == below.sum()
+    assert cal.loc[below & out["status"].eq("ok").to_numpy(), "status"].eq("clipped").all()
+    assert cal.loc[below, "status"].str.contains("clipped").all() and (cal["cal_y1"].dropna() <= 256).all()
 
 
 def test_absolute_guards():

@@ -74,6 +74,18 @@ def test_unknown_protocol_suggests_close_matches():
     with pytest.raises(ValueError) as err:
         get_protocol("MA2DD")
     assert "MA2D" in str(err.value) and "did you mean" in str(err.value)
+    # the closest canonical name (never a slug), each protocol listed once, and a command that exists
+    with pytest.raises(ValueError) as err:
+        get_protocol("synth_A2Bx")
+    msg = str(err.value)
+    assert "did you mean 'synth:A2B'?" in msg
+    for name in list_protocols():
+        assert msg.count(name) == 1 + (name == "synth:A2B"), name
+    assert "synth_A2C" not in msg and "D+MS+C3_to_MA," not in msg  # no file-slug aliases repeated
+    assert "list_protocols()" not in msg and "`muva protocols`" in msg
+    from muva_core.cli import build_parser
+
+    assert build_parser().parse_args(["protocols"]).func.__name__ == "cmd_protocols"  # the command is real
     with pytest.raises(ValueError, match="unknown protocol kind"):
         list_protocols("sideways")
 

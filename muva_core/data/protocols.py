@@ -117,15 +117,25 @@ def get_protocol(name: str) -> Protocol:
     """The protocol registered as ``name`` (or with that slug, or case-insensitively equal)."""
     if name in _PROTOCOLS:
         return _PROTOCOLS[name]
-    key = protocol_slug(name).lower()
+    key = protocol_slug(str(name)).lower()
     for p in _PROTOCOLS.values():
         if p.slug.lower() == key:
             return p
-    choices = list(_PROTOCOLS) + [p.slug for p in _PROTOCOLS.values()]
-    close = difflib.get_close_matches(name, choices, n=5, cutoff=0.5)
-    hint = f"; did you mean: {', '.join(close)}?" if close else ""
+    # match against names and slugs (case-insensitively), but suggest and list each protocol once, by its name
+    forms: dict[str, str] = {}
+    for p in _PROTOCOLS.values():
+        forms.setdefault(p.name.lower(), p.name)
+        forms.setdefault(p.slug.lower(), p.name)
+    close = difflib.get_close_matches(str(name).lower(), list(forms), n=1, cutoff=0.5)
+    hint = f"; did you mean {forms[close[0]]!r}?" if close else ""
+    real = [n for n, p in _PROTOCOLS.items() if not p.synthetic]
+    synth = [n for n, p in _PROTOCOLS.items() if p.synthetic]
     raise ValueError(
-        f"unknown protocol {name!r}{hint} (registered: {', '.join(_PROTOCOLS)}; see list_protocols())"
+        f"unknown protocol {name!r}{hint}\n"
+        f"protocols: {', '.join(real)}\n"
+        f"synthetic: {', '.join(synth)}\n"
+        "(folder-safe forms such as synth_A2B or D+MS+C3_to_MA are accepted too; "
+        "`muva protocols` lists each one with its sources and target)"
     )
 
 

@@ -25,6 +25,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from .base import (
     STATUS_CLIPPED,
     STATUS_DEGENERATE,
@@ -105,6 +107,109 @@ def sanitize_box(box: Sequence[float] | None, img_w: float, img_h: float, min_si
         flags.append(STATUS_DEGENERATE)
         return None, join_status(*flags)
     return (cx0, cy0, cx1, cy1), join_status(*flags)
+
+
+NO_BOX_STATUSES: frozenset[str] = frozenset({STATUS_MISSING, STATUS_PARSE_ERROR, STATUS_DEGENERATE, "unreadable", "error"})
+"""Status flags meaning the row has no usable box (its coordinates are NaN)."""
+
+FIX_REASONS: tuple[str, ...] = (STATUS_INVERTED, STATUS_CLIPPED, STATUS_DEGENERATE, STATUS_MISSING, STATUS_PARSE_ERROR)
+"""What :func:`sanitize_box_array` can find wrong with a row that claims a box, in report order:
+``inverted`` (corners swapped), ``clipped`` (cut to the image), ``degenerate`` (no area left in the
+image: dropped), ``missing`` (all four coordinates NaN: dropped), ``parse_error`` (some coordinate
+NaN or infinite: dropped)."""
+
+FIX_DESCRIPTIONS: dict[str, str] = {
+    STATUS_INVERTED: "inverted (corners swapped)",
+    STATUS_CLIPPED: "clipped (cut to the image)",
+    STATUS_DEGENERATE: "degenerate (no area inside the image; dropped)",
+    STATUS_MISSING: "missing (NaN coordinates; dropped)",
+    STATUS_PARSE_ERROR: "parse_error (some coordinate NaN or infinite; dropped)",
+}
+
+
+def has_no_box(status: str) -> bool:
+    """Whether a (``+``-joined) status says the row has no usable box (missing, parse_error, degenerate, ...)."""
+    return any(piece in NO_BOX_STATUSES for piece in str(status or "").split("+"))
+
+
+def sanitize_box_array(
+    boxes,
+    img_w,
+    img_h,
+    status: Sequence[str] | None = None,
+    min_size: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`sanitize_box` over the rows of a table, vectorised, without dropping anything silently.
+
+    boxes:  ``[N, 4]`` (x0, y0, x1, y1) in each row's image pixels
+    img_w, img_h: each row's image size (scalars broadcast); a row with an unknown (NaN or non-positive)
+            size is not clipped
+    status: each row's status; rows whose status already says "no box" (:data:`NO_BOX_STATUSES`) are
+            left alone (default: every row claims a box)
+    min_size: a side shorter than this after clipping is ``degenerate`` (0: only zero area)
+
+    Returns ``(clean [N, 4], status [N], fixed [N])``: the usable boxes (NaN where there is none), each
+    row's status with the new flags joined in (e.g. ``ok`` -> ``inverted+clipped``), and the flags this
+    call added (``""`` where nothing was wrong). The flags are those of :data:`FIX_REASONS`.
+    """
+    b = np.array(boxes, dtype=np.float64, copy=True).reshape(-1, 4)
+    n = len(b)
+    w = np.broadcast_to(np.asarray(img_w, dtype=np.float64), (n,))
+    h = np.broadcast_to(np.asarray(img_h, dtype=np.float64), (n,))
+    old = np.array([STATUS_OK] * n if status is None else [str(s) if s is not None else STATUS_OK for s in status],
+                   dtype=object)
+    claims = np.array([not has_no_box(s) for s in old], dtype=bool)
+    finite = np.isfinite(b)
+    all_nan = np.isnan(b).all(axis=1)
+    bad_num = claims & ~finite.all(axis=1)
+    flags = {r: np.zeros(n, dtype=bool) for r in FIX_REASONS}
+    flags[STATUS_MISSING] = bad_num & all_nan
+    flags[STATUS_PARSE_ERROR] = bad_num & ~all_nan
+    live = claims & ~bad_num
+    x0, y0, x1, y1 = b[:, 0].copy(), b[:, 1].copy(), b[:, 2].copy(), b[:, 3].copy()
+    with np.errstate(invalid="ignore"):
+        inv = live & ((x0 > x1) | (y0 > y1))
+        flags[STATUS_INVERTED] = inv
+        x0, x1 = np.where(live, np.minimum(x0, x1), x0), np.where(live, np.maximum(x0, x1), x1)
+        y0, y1 = np.where(live, np.minimum(y0, y1), y0), np.where(live, np.maximum(y0, y1), y1)
+        sized = live & np.isfinite(w) & np.isfinite(h) & (w > 0) & (h > 0)
+        cx0, cx1 = np.clip(x0, 0.0, w), np.clip(x1, 0.0, w)
+        cy0, cy1 = np.clip(y0, 0.0, h), np.clip(y1, 0.0, h)
+        moved = np.maximum.reduce([np.abs(cx0 - x0), np.abs(cy0 - y0), np.abs(cx1 - x1), np.abs(cy1 - y1)]) > _CLIP_EPS
+        flags[STATUS_CLIPPED] = sized & moved
+        x0, y0 = np.where(sized, cx0, x0), np.where(sized, cy0, y0)
+        x1, y1 = np.where(sized, cx1, x1), np.where(sized, cy1, y1)
+        degenerate = live & ((x1 - x0 < min_size) | (y1 - y0 < min_size) | ((x1 - x0) * (y1 - y0) <= 0))
+    flags[STATUS_DEGENERATE] = degenerate
+    clean = np.stack([x0, y0, x1, y1], axis=1)
+    clean[claims & (bad_num | degenerate)] = np.nan
+    fixed = np.full(n, "", dtype=object)
+    new_status = old.copy()
+    touched = np.zeros(n, dtype=bool)
+    for r in FIX_REASONS:
+        touched |= flags[r]
+    for i in np.flatnonzero(touched):
+        added = [r for r in (STATUS_MISSING, STATUS_PARSE_ERROR, STATUS_INVERTED, STATUS_CLIPPED, STATUS_DEGENERATE)
+                 if flags[r][i]]
+        fixed[i] = "+".join(added)
+        new_status[i] = join_status(old[i], *added)
+    return clean, new_status, fixed
+
+
+def count_fixes(fixed: Sequence[str]) -> dict[str, int]:
+    """Rows per reason (:data:`FIX_REASONS` order) of :func:`sanitize_box_array`'s ``fixed`` flags; a row
+    with two flags counts under both."""
+    counts = {r: 0 for r in FIX_REASONS}
+    for f in fixed:
+        for piece in str(f or "").split("+"):
+            if piece in counts:
+                counts[piece] += 1
+    return {r: n for r, n in counts.items() if n}
+
+
+def describe_fixes(counts: dict[str, int]) -> str:
+    """``"1 inverted (corners swapped), 2 clipped (cut to the image)"``; ``"none"`` for no fixes."""
+    return ", ".join(f"{n} {FIX_DESCRIPTIONS.get(r, r)}" for r, n in counts.items() if n) or "none"
 
 
 def box_area(box: Sequence[float]) -> float:
@@ -297,16 +402,23 @@ __all__ = [
     "check_model_path",
     "resolve_device",
     "CHOOSE_RULES",
+    "FIX_DESCRIPTIONS",
+    "FIX_REASONS",
+    "NO_BOX_STATUSES",
     "STATUS_FALLBACK",
     "STRIPE_WINDOWS",
     "box_area",
     "choose_box",
+    "count_fixes",
+    "describe_fixes",
+    "has_no_box",
     "join_status",
     "missing_box",
     "parse_cogvlm_boxes",
     "parse_florence_locations",
     "rel1000_to_pixels",
     "sanitize_box",
+    "sanitize_box_array",
     "stripe_box",
 ]
 

@@ -17,6 +17,13 @@ stays positive), centres on the linear scale. Plus absolute guards that hold wha
 say (a box under ``min_height`` of the image is always an over-split fragment, a head box taller
 than half the image is never a head, a head centre in the bottom half is wrong, ...).
 
+Before any statistic, every row that claims a box is sanitised like a backend's answer
+(:func:`muva_core.grounding.boxes.sanitize_box_array`): inverted corners are swapped (status
+``inverted``), a box reaching outside the image is clipped (``clipped``), NaN coordinates or a box
+with no area inside the image are dropped (``missing`` / ``parse_error`` / ``degenerate``, then
+replaced by the ``missing`` rule). The row's ``status`` gets the flag, and the report counts each
+reason (:attr:`CalibrationReport.fixed`): such a box is never kept as ``ok`` silently.
+
 Rules, checked in this order (the first that fires is recorded in ``rule``):
 
 ``missing``                      no box (missing, unparseable, degenerate)
@@ -42,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.samples import PARTS
-from .boxes import STRIPE_WINDOWS
+from .boxes import FIX_REASONS, STRIPE_WINDOWS, count_fixes, describe_fixes, has_no_box, sanitize_box_array
 from .voting import CALIBRATED_COLUMNS, RAW_COLUMNS, table_keys
 
 STATS: tuple[str, ...] = ("height", "width", "area", "cx", "cy")
@@ -70,7 +77,6 @@ DEFAULT_MAX_HEIGHT: dict[str, float] = {"head": 0.5, "upper": 0.85, "legs": 0.85
 DEFAULT_CENTRE_BANDS: dict[str, tuple[float, float]] = {"head": (0.0, 0.5), "upper": (0.15, 0.8), "legs": (0.35, 1.0)}
 """Where each part's box centre may lie vertically (fractions of the image height)."""
 
-_BAD_STATUS = ("missing", "parse_error", "degenerate", "unreadable", "error")
 
 
 # ---------------------------------------------------------------------------- geometry
@@ -95,8 +101,23 @@ def _sizes(table: pd.DataFrame, img_size: tuple[float, float] | None) -> tuple[n
     if img_size is not None:
         return np.full(n, float(img_size[1])), np.full(n, float(img_size[0]))
     if not {"img_w", "img_h"} <= set(table.columns):
-        raise ValueError("table has no img_w/img_h columns; pass img_size=(H, W)")
+        raise ValueError("the boxes table has no img_w/img_h columns, so the image size is unknown; give it: "
+                         "calibrate_boxes(..., img_size=(H, W)), or on the command line --img-size HxW "
+                         "(e.g. muva calibrate --img-size 256x128)")
     return table["img_w"].to_numpy(float), table["img_h"].to_numpy(float)
+
+
+def parse_img_size(text: str | None, flag: str = "--img-size") -> tuple[int, int] | None:
+    """``"256x128"`` -> ``(256, 128)`` (height x width); None for None or ``""``; a ValueError naming ``flag``."""
+    if text is None or str(text).strip() == "":
+        return None
+    try:
+        h, w = (int(v) for v in str(text).lower().replace("\u00d7", "x").split("x"))
+    except ValueError:
+        raise ValueError(f"{flag}: expected HEIGHTxWIDTH such as 256x128, got {text!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"{flag}: height and width must be positive, got {text!r}")
+    return h, w
 
 
 def box_stats(table: pd.DataFrame, columns: str = "raw", img_size: tuple[float, float] | None = None) -> pd.DataFrame:
@@ -104,10 +125,14 @@ def box_stats(table: pd.DataFrame, columns: str = "raw", img_size: tuple[float, 
     cols = RAW_COLUMNS if columns == "raw" else CALIBRATED_COLUMNS
     w, h = _sizes(table, img_size)
     x0, y0, x1, y1 = (table[c].to_numpy(float) for c in cols)
+    return _stats(x0, y0, x1, y1, w, h, table.index)
+
+
+def _stats(x0, y0, x1, y1, w, h, index) -> pd.DataFrame:
     with np.errstate(invalid="ignore", divide="ignore"):
         out = pd.DataFrame(
             {"height": (y1 - y0) / h, "width": (x1 - x0) / w, "cx": (x0 + x1) / 2 / w, "cy": (y0 + y1) / 2 / h},
-            index=table.index,
+            index=index,
         )
     out["area"] = out["height"] * out["width"]
     return out[list(STATS)]
@@ -125,6 +150,16 @@ class CalibrationReport:
     rows: dict[str, int]                                  # part -> rows
     windows: dict[str, list[float]]                       # part -> replacement box (x0, y0, x1, y1) fractions
     centre_bands: dict[str, list[float]] = field(default_factory=dict)
+    fixed: dict[str, dict[str, int]] = field(default_factory=dict)
+    """part -> reason -> rows whose box was repaired or dropped before the rules (``inverted``, ``clipped``,
+    ``degenerate``, ``missing``, ``parse_error``; see :data:`muva_core.grounding.boxes.FIX_REASONS`);
+    a row with two flags counts under both. Those rows' ``status`` carries the flag."""
+
+    def fixed_total(self, part: str | None = None) -> dict[str, int]:
+        """Rows per fix reason, over one part or all."""
+        parts = [part] if part else list(self.fixed)
+        out = {r: sum(self.fixed.get(p, {}).get(r, 0) for p in parts) for r in FIX_REASONS}
+        return {r: n for r, n in out.items() if n}
 
     def replaced(self, part: str | None = None) -> int:
         """Number of replaced rows (of one part, or all)."""
@@ -132,12 +167,16 @@ class CalibrationReport:
         return int(sum(n for p in parts for r, n in self.counts[p].items() if r not in (RULE_OK, RULE_NO_SIZE)))
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per part: rows, replaced, the count of each rule, ``<stat>_lo`` / ``<stat>_hi`` thresholds."""
+        """One row per part: rows, replaced, the count of each rule, ``fixed_<reason>`` for each sanitising
+        reason that occurred (:attr:`fixed`), ``<stat>_lo`` / ``<stat>_hi`` thresholds."""
+        seen_fixes = list(self.fixed_total())
         records = []
         for part in self.rows:
             rec: dict = {"part": part, "rows": self.rows[part], "replaced": self.replaced(part)}
             for rule in (RULE_OK, *RULES, RULE_NO_SIZE):
                 rec[rule] = self.counts[part].get(rule, 0)
+            for reason in seen_fixes:  # only the reasons that occurred, so a clean table adds no columns
+                rec[f"fixed_{reason}"] = self.fixed.get(part, {}).get(reason, 0)
             for stat, th in self.thresholds.get(part, {}).items():
                 rec[f"{stat}_lo"], rec[f"{stat}_hi"] = th["lo"], th["hi"]
             records.append(rec)
@@ -149,10 +188,16 @@ class CalibrationReport:
 
     def __str__(self) -> str:
         lines = [f"calibration ({self.method}): {self.replaced()} of {sum(self.rows.values())} boxes replaced"]
+        fixes = self.fixed_total()
+        lines.append(f"  bad coordinates found: {describe_fixes(fixes)}" + (
+            " (those rows' status says so)" if fixes else ""))
         for part in self.rows:
             fired = {r: n for r, n in self.counts[part].items() if r != RULE_OK and n}
             h = self.thresholds.get(part, {}).get("height", {})
-            lines.append(f"  {part}: height in [{h.get('lo', float('nan')):.3f}, {h.get('hi', float('nan')):.3f}], replaced {fired}")
+            line = f"  {part}: height in [{h.get('lo', float('nan')):.3f}, {h.get('hi', float('nan')):.3f}], replaced {fired}"
+            if self.fixed.get(part):
+                line += f", bad coordinates {self.fixed[part]}"
+            lines.append(line)
         return "\n".join(lines)
 
 
@@ -264,7 +309,9 @@ def calibrate_boxes(
                 ``centre_bands`` allowed vertical centre range per part
 
     Returns the table with ``cal_x0, cal_y0, cal_x1, cal_y1`` (pixels), ``replaced`` and ``rule``
-    added, and a :class:`CalibrationReport`.
+    added, and a :class:`CalibrationReport`. The raw ``x0..y1`` are kept as given; rows whose box had to be
+    swapped, clipped or dropped first get that flag in ``status`` (``ok`` -> ``inverted``, ``clipped``, ...)
+    and are counted in ``report.fixed``; a kept box's ``cal_*`` is the sanitised box.
     """
     if method not in ("quantile", "robust_z"):
         raise ValueError(f"method must be 'quantile' or 'robust_z', got {method!r}")
@@ -277,10 +324,12 @@ def calibrate_boxes(
 
     out = table.copy()
     w, h = _sizes(out, img_size)
-    stats = box_stats(out, "raw", img_size)
-    x0, y0, x1, y1 = (out[c].to_numpy(float) for c in RAW_COLUMNS)
-    status = out["status"].astype(str).to_numpy() if "status" in out.columns else np.full(len(out), "ok")
-    bad_status = np.array([any(s == b or s.startswith(b + "+") for b in _BAD_STATUS) for s in status], dtype=bool)
+    status = out["status"].astype(str).to_numpy() if "status" in out.columns else np.full(len(out), "ok", dtype=object)
+    clean, status, fixed = sanitize_box_array(out[list(RAW_COLUMNS)].to_numpy(float), w, h, status)
+    out["status"] = status
+    x0, y0, x1, y1 = (clean[:, i] for i in range(4))
+    stats = _stats(x0, y0, x1, y1, w, h, out.index)
+    bad_status = np.array([has_no_box(s) for s in status], dtype=bool)
     has_size = np.isfinite(w) & np.isfinite(h) & (w > 0) & (h > 0)
     missing = bad_status | ~np.isfinite(stats["area"].to_numpy()) | ~(stats["height"].to_numpy() > 0) | ~(stats["width"].to_numpy() > 0)
     part_col = out["part"].astype(str).to_numpy()
@@ -335,16 +384,18 @@ def calibrate_boxes(
 
     counts = {}
     rows = {}
+    fixes = {}
     for part in parts:
         sel = part_col == part
         rows[part] = int(sel.sum())
         vc = pd.Series(rule[sel]).value_counts()
         counts[part] = {str(r): int(n) for r, n in vc.items()}
+        fixes[part] = count_fixes(fixed[sel])
     params = {"quantiles": list(quantiles), "k": k} if method == "quantile" else {"z": z}
     params.update(min_spread=min_spread, rules=sorted(active), guards=dict(guards), max_height=dict(max_h),
                   img_size=list(img_size) if img_size is not None else None)
     report = CalibrationReport(method, params, thresholds, counts, rows, wins,
-                               {p: list(bands.get(p, (0.0, 1.0))) for p in parts})
+                               {p: list(bands.get(p, (0.0, 1.0))) for p in parts}, fixes)
     return out, report
 
 
@@ -418,4 +469,5 @@ __all__ = [
     "calibrate_boxes",
     "iou_against_truth",
     "iou_per_row",
+    "parse_img_size",
 ]

@@ -10,7 +10,8 @@ Writes one row per image and part (:data:`LABEL_COLUMNS`) to a parquet table. Bu
   ``<out stem>.shard-i-of-n.parquet``; :func:`merge_shards` joins them;
   :func:`label_dataset_distributed` does both under torchrun / accelerate;
 * robust: an unreadable image becomes rows with status ``unreadable``, a malformed answer a
-  row with status ``parse_error``, and (``on_error="record"``) an image on which the backend
+  row with status ``parse_error``, a box with inverted corners or reaching outside the image is
+  swapped / clipped with status ``inverted`` / ``clipped`` (whichever backend produced it), and (``on_error="record"``) an image on which the backend
   raises a row with status ``error``; only a backend failing on many images in a row stops
   the run.
 """
@@ -34,6 +35,7 @@ from PIL import Image
 from ..data.samples import PARTS, Sample
 from ..io import write_json, write_parquet
 from .base import STATUS_MISSING, STATUS_PARSE_ERROR, GroundingBackend, PartBox
+from .boxes import join_status, sanitize_box
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,7 @@ def _image_rows(
             problem = f"backend answer not one PartBox per part: {boxes!r}"[:500]
     except TypeError as err:
         problem = f"backend answer not a list of PartBox: {err}"
+    size_known = all(math.isfinite(v) and v > 0 for v in (base["img_w"], base["img_h"]))
     rows = []
     for part in parts:
         row = dict(base, part=part, x0=math.nan, y0=math.nan, x1=math.nan, y1=math.nan, score=math.nan)
@@ -128,6 +131,13 @@ def _image_rows(
                     coords = []
                 if len(coords) != 4 or not all(math.isfinite(v) for v in coords):
                     row.update(status=STATUS_PARSE_ERROR, raw=f"{pb.raw} | bad box {pb.box!r}")
+                elif size_known:
+                    # whatever the backend did: inverted corners are swapped, a box outside the image is clipped,
+                    # one with no area left is dropped, and the row's status says so (never a silent "ok")
+                    clean, flags = sanitize_box(coords, row["img_w"], row["img_h"], min_size=0.0)
+                    row["status"] = join_status(row["status"], flags)
+                    if clean is not None:
+                        row.update(x0=clean[0], y0=clean[1], x1=clean[2], y1=clean[3])
                 else:
                     row.update(x0=coords[0], y0=coords[1], x1=coords[2], y1=coords[3])
             elif row["status"] == "ok":
@@ -338,7 +348,8 @@ def label_dataset(
         if old is not None and old != manifest:
             raise LabellingError(
                 f"{parts_dir} holds chunks of a different run (backend, parts, samples or shard differ: "
-                f"{old} vs {manifest}); pass resume=False (--no-resume) to start afresh"
+                f"{old} vs {manifest}); to start afresh, delete {parts_dir} or pass resume=False "
+                "(muva ground --no-resume)"
             )
         for tmp in parts_dir.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -348,7 +359,8 @@ def label_dataset(
 
     done = pd.concat(done_frames, ignore_index=True) if done_frames else empty_label_table()
     if done.duplicated(["key", "part"]).any():
-        raise LabellingError(f"{parts_dir}: chunks overlap (duplicate rows); pass resume=False to start afresh")
+        raise LabellingError(f"{parts_dir}: chunks overlap (duplicate rows); to start afresh, delete {parts_dir} "
+                             "or pass resume=False (muva ground --no-resume)")
     stray = set(done["key"]) - key_set
     if stray:
         raise LabellingError(f"{parts_dir}: chunks hold {len(stray)} keys not in this run, e.g. {sorted(stray)[:5]}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,12 +21,16 @@ from typing import Sequence
 import pandas as pd
 
 from ..config import RunConfig
+from ..paths import resolve
 from ..data.samples import Sample
 from ..io import write_json, write_parquet
 from .base import GroundingBackend, get_backend
+from .boxes import count_fixes, describe_fixes, sanitize_box_array
 from .calibration import DEFAULT_WINDOWS, CalibrationReport, calibrate_boxes
 from .labelling import label_dataset
 from .voting import MaskStore, load_masks
+
+log = logging.getLogger(__name__)
 
 
 def _digest(obj) -> str:
@@ -36,7 +41,7 @@ def build_backend(cfg: RunConfig) -> GroundingBackend:
     """The grounding expert named by ``cfg.grounding.backend``."""
     g = cfg.grounding
     if g.backend == "synthetic":
-        return get_backend("synthetic", truth=cfg.data.synth_root, seed=cfg.data.synth_seed)
+        return get_backend("synthetic", truth=resolve(cfg.data.synth_root), seed=cfg.data.synth_seed)
     kwargs = {}
     if g.ground_model:
         kwargs["model_id"] = g.ground_model
@@ -59,8 +64,8 @@ def data_identity(cfg: RunConfig, dataset: str) -> dict:
     """Which copy of ``dataset`` a cache entry belongs to: its root folder (and, for the synthetic set, its
     scale), so two synthetic sets (or two copies of Market-1501) never share pseudo labels."""
     if dataset.startswith("synth_"):
-        return {"root": str(Path(cfg.data.synth_root).resolve()), "scale": cfg.data.synth_scale}
-    return {"root": str(Path(cfg.data.data_root).resolve())}
+        return {"root": str(resolve(cfg.data.synth_root).resolve()), "scale": cfg.data.synth_scale}
+    return {"root": str(resolve(cfg.data.data_root).resolve())}
 
 
 def grounding_paths(cfg: RunConfig, dataset: str) -> GroundingPaths:
@@ -76,7 +81,7 @@ def grounding_paths(cfg: RunConfig, dataset: str) -> GroundingPaths:
     vote_key = {**calib_key, "rule": g.vote_rule, "cov": g.vote_min_coverage, "patch": g.patch_size,
                 "size": (cfg.data.height, cfg.data.width)}
     h_vote = _digest(vote_key)
-    folder = Path(g.cache_dir) / dataset
+    folder = resolve(g.cache_dir) / dataset
     return GroundingPaths(
         boxes=folder / f"boxes-{g.backend}-{h_label}.parquet",
         calibrated=folder / f"calibrated-{h_cal}.parquet",
@@ -106,7 +111,13 @@ def run_grounding(cfg: RunConfig, dataset, backend: GroundingBackend | None = No
 
 
 def run_calibration(cfg: RunConfig, dataset_name: str, boxes: pd.DataFrame) -> tuple[pd.DataFrame, CalibrationReport | None]:
-    """Calibrate the raw boxes (or, with ``calibrate: false``, copy them unchanged) and cache the result."""
+    """Calibrate the raw boxes (or, with ``calibrate: false``, keep them as they are) and cache the result.
+
+    The report (printed by notebook 02) counts the replaced boxes by rule and, in ``report.fixed``, the
+    boxes with bad coordinates by reason (inverted, clipped, NaN, ...); those rows' ``status`` says so.
+    With ``calibrate: false`` there is no report, but the same bad coordinates are still swapped, clipped
+    or dropped (as voting would) and flagged in ``status``, and a warning gives their counts.
+    """
     g = cfg.grounding
     paths = grounding_paths(cfg, dataset_name)
     if g.calibrate:
@@ -115,12 +126,24 @@ def run_calibration(cfg: RunConfig, dataset_name: str, boxes: pd.DataFrame) -> t
         windows = "data" if g.calib_windows == "data" else DEFAULT_WINDOWS
         table, report = calibrate_boxes(boxes, method=g.calib_method, windows=windows)
         write_json(paths.report, report.to_dict())
+        fixes = report.fixed_total()
+        if fixes:
+            log.warning("%s: boxes with bad coordinates: %s", dataset_name, describe_fixes(fixes))
     else:
         table, report = boxes.copy(), None
-        for c in ("x0", "y0", "x1", "y1"):
-            table[f"cal_{c}"] = table[c]
+        raw = table[["x0", "y0", "x1", "y1"]].to_numpy(float)
+        status = table["status"].astype(str).to_numpy() if "status" in table.columns else None
+        w = table["img_w"].to_numpy(float) if "img_w" in table.columns else float("nan")
+        h = table["img_h"].to_numpy(float) if "img_h" in table.columns else float("nan")
+        clean, status, fixed = sanitize_box_array(raw, w, h, status)
+        table["status"] = status
+        for i, c in enumerate(("x0", "y0", "x1", "y1")):
+            table[f"cal_{c}"] = clean[:, i]
         table["replaced"] = False
         table["rule"] = ""
+        fixes = count_fixes(fixed)
+        if fixes:
+            log.warning("%s (calibrate: false): boxes with bad coordinates: %s", dataset_name, describe_fixes(fixes))
     write_parquet(paths.calibrated, table)
     return table, report
 

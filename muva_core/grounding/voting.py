@@ -152,6 +152,48 @@ def table_keys(table: pd.DataFrame) -> pd.Series:
     raise ValueError("table has neither a key column nor dataset and relpath columns")
 
 
+def _row_sizes(table: pd.DataFrame, box_img_size: tuple[float, float] | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each row's image (width, height): ``box_img_size=(H, W)`` if given, else the ``img_w``/``img_h`` columns,
+    else None (boxes already in input pixels)."""
+    if box_img_size is not None:
+        return np.full(len(table), float(box_img_size[1])), np.full(len(table), float(box_img_size[0]))
+    if {"img_w", "img_h"} <= set(table.columns):
+        return table["img_w"].to_numpy(float), table["img_h"].to_numpy(float)
+    return None
+
+
+def box_problems(
+    table: pd.DataFrame,
+    columns: str = "calibrated",
+    img_size: tuple[int, int] = (256, 128),
+    box_img_size: tuple[float, float] | None = None,
+) -> dict:
+    """What voting meets in a table, by reason, for the summary of ``muva vote``.
+
+    Returns ``{"rows", "status": {status: rows}, "replaced": rows, "rules": {rule: rows} (replaced rows only),
+    "fixes": {reason: rows}}``; ``fixes`` counts the boxes of ``columns`` that voting swaps (``inverted``),
+    cuts to the image (``clipped``) or votes as empty (``missing`` / ``parse_error`` / ``degenerate``) although
+    their row claims a box (see :func:`muva_core.grounding.boxes.sanitize_box_array`). A calibrated table's
+    ``cal_*`` boxes are already clean; raw boxes straight from a hand-made or foreign table may not be.
+    """
+    from .boxes import count_fixes, sanitize_box_array
+
+    cols = _box_columns(table, columns)
+    sizes = _row_sizes(table, box_img_size)
+    w, h = sizes if sizes is not None else (float(img_size[1]), float(img_size[0]))
+    status = table["status"].astype(str).to_numpy() if "status" in table.columns else None
+    _, _, fixed = sanitize_box_array(table[list(cols)].to_numpy(float), w, h, status)
+    out = {"rows": int(len(table)), "status": {}, "replaced": 0, "rules": {}, "fixes": count_fixes(fixed)}
+    if status is not None:
+        out["status"] = {str(k): int(v) for k, v in pd.Series(status).value_counts().items()}
+    if "replaced" in table.columns and columns == "calibrated":
+        rep = table["replaced"].fillna(False).astype(bool)
+        out["replaced"] = int(rep.sum())
+        if "rule" in table.columns:
+            out["rules"] = {str(k): int(v) for k, v in table.loc[rep, "rule"].value_counts().items()}
+    return out
+
+
 def vote_table(
     table: pd.DataFrame,
     img_size: tuple[int, int] = (256, 128),
@@ -161,11 +203,15 @@ def vote_table(
     min_coverage: float = 0.5,
     columns: str = "calibrated",
     parts: Sequence[str] = PARTS,
+    box_img_size: tuple[float, float] | None = None,
 ) -> tuple[list[str], np.ndarray]:
     """Vote every image of a (calibrated) table: ``(sorted keys, masks [N, 3, Npatch] uint8)``.
 
-    Boxes are scaled from each row's ``img_w``/``img_h`` to ``img_size``; a part with no row or a
-    NaN box votes all zeros. ``columns="raw"`` votes the uncalibrated boxes (the Table 9 ablation).
+    Boxes are scaled from each row's ``img_w``/``img_h`` (or ``box_img_size=(H, W)``, which overrides them;
+    with neither the boxes are taken to be in input pixels) to ``img_size``; a part with no row or a
+    NaN box votes all zeros; inverted corners are swapped and a box reaching outside the image votes only
+    the patches inside (:func:`box_problems` counts such boxes). ``columns="raw"`` votes the uncalibrated
+    boxes (the Table 9 ablation).
     """
     cols = _box_columns(table, columns)
     keys_col = table_keys(table).to_numpy()
@@ -178,9 +224,10 @@ def vote_table(
     boxes = np.full((len(uniq), len(parts), 4), np.nan)
     boxes[inv[keep], pi] = table.loc[keep, list(cols)].to_numpy(float)
     sizes = None
-    if {"img_w", "img_h"} <= set(table.columns):
+    row_sizes = _row_sizes(table, box_img_size)
+    if row_sizes is not None:
         sizes = np.full((len(uniq), len(parts), 2), np.nan)
-        sizes[inv[keep], pi] = table.loc[keep, ["img_w", "img_h"]].to_numpy(float)
+        sizes[inv[keep], pi] = np.stack(row_sizes, axis=1)[keep]
     masks = vote_boxes(boxes, img_size, patch, grid, rule, min_coverage, sizes)
     return uniq.tolist(), masks
 
@@ -256,14 +303,19 @@ class MaskStore(Mapping):
     @classmethod
     def from_table(cls, table: pd.DataFrame, img_size: tuple[int, int] = (256, 128), patch: int | tuple[int, int] = 16,
                    grid: tuple[int, int] | None = None, rule: str = "center", min_coverage: float = 0.5,
-                   columns: str = "calibrated", parts: Sequence[str] = PARTS, source: str | None = None) -> "MaskStore":
-        """Vote a (calibrated) table into a store, recording how in the metadata."""
-        keys, masks = vote_table(table, img_size, patch, grid, rule, min_coverage, columns, parts)
+                   columns: str = "calibrated", parts: Sequence[str] = PARTS, source: str | None = None,
+                   box_img_size: tuple[float, float] | None = None) -> "MaskStore":
+        """Vote a (calibrated) table into a store, recording how in the metadata (and, under ``box_problems``,
+        the counts of :func:`box_problems`: statuses, replaced rows by rule, boxes fixed while voting)."""
+        keys, masks = vote_table(table, img_size, patch, grid, rule, min_coverage, columns, parts, box_img_size)
         meta = {
             "format": FORMAT, "grid": list(grid_shape(img_size, patch, grid)), "img_size": [int(v) for v in img_size],
             "patch": patch if np.isscalar(patch) else list(patch), "rule": rule, "min_coverage": float(min_coverage),
             "columns": columns, "parts": list(parts), "source": source or "",
+            "box_problems": box_problems(table, columns, img_size, box_img_size),
         }
+        if box_img_size is not None:
+            meta["box_img_size"] = [float(v) for v in box_img_size]
         return cls(keys, masks, meta)
 
     @property
@@ -341,6 +393,7 @@ def load_masks(path: str | os.PathLike) -> MaskStore:
 
 __all__ = [
     "CALIBRATED_COLUMNS",
+    "box_problems",
     "RAW_COLUMNS",
     "MaskStore",
     "MissingMasksError",
