@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated expert")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the cogvlm backend's remote model code")
     p.add_argument("--no-resume", action="store_true",
-                   help="start afresh: ignore (and delete) the partial results of an earlier run in <out>.parts/")
+                   help="start afresh: relabel every image, discarding an earlier run's <out>.parts/ and <out>")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_ground)
 
