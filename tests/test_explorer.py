@@ -18,6 +18,8 @@ from muva_core.viz.explorer import (
     ExplorerState,
     PartMaskExplorer,
     blend_parts,
+    file_identity,
+    identity_caption,
     layer_probabilities,
     part_iou,
     render_view,
@@ -188,6 +190,84 @@ def test_a_model_with_fewer_parts_shows_only_those(toy_explorer):
     assert len(render_view(view).axes) == 3
 
 
+def _drawn_texts(fig) -> list:
+    """The text artists a render draws: figure title, legends, panel titles, texts, and the tick labels
+    of axes that are shown (the explorer's panels have their axes off)."""
+    fig.canvas.draw()
+    texts = [fig._suptitle] + list(fig.texts)
+    for legend in fig.legends:
+        texts += [legend.get_title(), *legend.get_texts()]
+    for ax in fig.axes:
+        texts += [ax.title, ax._left_title, ax._right_title, *ax.texts]
+        if ax.axison:
+            texts += ax.get_xticklabels() + ax.get_yticklabels() + [ax.xaxis.label, ax.yaxis.label]
+    return [t for t in texts if t is not None and t.get_visible() and t.get_text().strip()]
+
+
+def test_render_has_a_part_colour_legend_and_is_readable_at_100_percent(toy_explorer):
+    from matplotlib.colors import to_hex
+    from PIL import Image
+
+    from muva_core.viz.explorer import figure_png
+    from muva_core.viz.plots import PART_COLOURS
+
+    for state in (ExplorerState("toy/train"), ExplorerState("toy/train", part="legs"),
+                  ExplorerState("toy/query", part="head")):
+        view = toy_explorer.view(state)
+        fig = render_view(view)
+        assert len(fig.legends) == 1
+        legend = fig.legends[0]
+        assert [t.get_text() for t in legend.get_texts()] == list(view.parts)
+        assert [to_hex(h.get_facecolor(), keep_alpha=False) for h in legend.legend_handles] == \
+            [PART_COLOURS[p] for p in view.parts]
+        texts = _drawn_texts(fig)
+        assert len(texts) >= 1 + len(fig.axes)                       # title, panel titles, legend
+        assert min(t.get_fontsize() for t in texts) >= 10, [(t.get_text(), t.get_fontsize()) for t in texts]
+        # at 100 dpi (the widget's PNG): a panel at least 250 x 500 pixels for the 128 x 256 input
+        width, height = Image.open(__import__("io").BytesIO(figure_png(fig))).size
+        assert height >= 600 and width >= 250 * len(fig.axes)
+
+
+def test_file_identity_reads_the_file_names_ids():
+    market = Sample("/d/Market-1501-v15.09.15/bounding_box_train/0002_c3s1_000451_03.jpg", 0, 2, "market1501",
+                    "bounding_box_train/0002_c3s1_000451_03.jpg")
+    assert file_identity(market) == (2, 3)
+    assert identity_caption(market) == "pid 2, camera 3"
+    duke = Sample("/d/x.jpg", 5, 1, "dukemtmcreid", "query/0005_c2_f0046985.jpg")
+    assert file_identity(duke) == (5, 2)
+    msmt = Sample("/d/MSMT17_V1/train/0011/0011_013_05_0303noon_1000_0.jpg", 3, 4, "msmt17",
+                  "train/0011/0011_013_05_0303noon_1000_0.jpg")
+    assert file_identity(msmt) == (11, 5)
+    cuhk = Sample("/d/cuhk03-np/detected/bounding_box_train/0001_c2_6.png", 0, 1, "cuhk03_np",
+                  "detected/bounding_box_train/0001_c2_6.png")
+    assert file_identity(cuhk) == (1, 2)
+    synth = Sample("/d/synth_A/bounding_box_train/0007_c4s1_000012_00.jpg", 6, 3, "synth_A",
+                   "bounding_box_train/0007_c4s1_000012_00.jpg")
+    assert file_identity(synth) == (7, 4)
+    unknown = Sample("/d/toy/train/a.png", 1, 0, "toy", "train/a.png")
+    assert file_identity(unknown) is None
+    assert identity_caption(unknown) == "label pid 1, camid 0 (no ids in the file name)"
+
+
+def test_widget_displays_with_a_static_png(toy_explorer):
+    """The executed copy of the notebook is not trusted, so JupyterLab renders no widget in it (the widget
+    renderer is not 'safe'): the display bundle carries the image as image/png beside the widget view."""
+    import base64
+
+    from IPython.core.formatters import DisplayFormatter
+
+    box = toy_explorer.widget(ExplorerState("toy/train"))
+    bundle, _ = DisplayFormatter().format(box)
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == box.model_id
+    png = base64.b64decode(bundle["image/png"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == bytes(toy_explorer.image_widget.value)
+    assert "VBox(" not in bundle["text/plain"] and "toy/train/a.png" in bundle["text/plain"]
+    toy_explorer.controls["part"].value = "legs"                       # the PNG follows the controls
+    assert base64.b64decode(DisplayFormatter().format(box)[0]["image/png"]) == bytes(toy_explorer.image_widget.value)
+    assert base64.b64decode(DisplayFormatter().format(box)[0]["image/png"]) != png
+
+
 # ---------------------------------------------------------------------------- a trained tiny model
 def tiny_cfg(synth_root: Path, folder: Path, cache: Path) -> RunConfig:
     return tiny_run_config(synth_root, folder, cache, stage1_epochs=1, stage1_warmup_epochs=0,
@@ -306,6 +386,31 @@ def test_widget_slider_changes_the_png(explorer):
     assert ex.splits["synth_B/query"][1].key in ex.caption_widget.value
 
 
+def test_caption_and_title_show_the_files_own_pid_and_camera(explorer):
+    """Not the 0-based training label: the identity and camera the file name gives."""
+    import re
+
+    ex = explorer
+    ex.widget(ExplorerState("synth_A/train"))
+    train = ex.splits["synth_A/train"]
+    index = next(i for i, s in enumerate(train) if int(Path(s.relpath).name[:4]) != s.pid)
+    sample = train[index]
+    match = re.match(r"^(\d+)_c(\d+)", Path(sample.relpath).name)
+    pid, camera = int(match.group(1)), int(match.group(2))
+    assert (pid, camera) != (sample.pid, sample.camid)
+    ex.controls["index"].value = index
+    caption = ex.caption_widget.value
+    assert f"pid {pid}, camera {camera}" in caption and sample.key in caption
+    assert f"pid {sample.pid}," not in caption
+    fig = ex.render(ExplorerState("synth_A/train", index=index))
+    assert f"pid {pid}, camera {camera}" in fig._suptitle.get_text()
+    assert Path(sample.relpath).name in fig._suptitle.get_text()
+    # a query image (original ids on the sample already): the same ids, camera 1-based as in the name
+    q = ex.splits["synth_B/query"][0]
+    qid = re.match(r"^(\d+)_c(\d+)", Path(q.relpath).name)
+    assert file_identity(q) == (int(qid.group(1)), int(qid.group(2))) == (q.pid, q.camid + 1)
+
+
 def test_from_masks_and_from_config(trained, tmp_path):
     ex = PartMaskExplorer.from_masks(trained)
     assert not ex.has_model and ex.source.startswith("pseudo labels")
@@ -343,3 +448,21 @@ def test_notebook_runs_under_papermill(trained, tmp_path):
     nb = nbformat.read(str(out), as_version=4)
     mimes = {k for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) for k in o.get("data", {})}
     assert "application/vnd.jupyter.widget-view+json" in mimes and "image/png" in mimes
+    _assert_executed_copy_shows_the_explorer(nb)
+
+
+def _assert_executed_copy_shows_the_explorer(nb) -> None:
+    """An executed copy (untrusted: JupyterLab renders no widget there) still shows the explorer: the
+    widget's output carries the rendered figure as image/png, and the widgets' state is saved."""
+    import base64
+
+    widget_outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                      if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert widget_outputs, "no widget output in the executed notebook"
+    for o in widget_outputs:
+        assert "image/png" in o["data"], f"the widget output has only {sorted(o['data'])}"
+        png = base64.b64decode(o["data"]["image/png"])
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+        assert not o["data"]["text/plain"].startswith("VBox(")
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert any(m["model_name"] == "ImageModel" for m in state.values())

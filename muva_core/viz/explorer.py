@@ -5,7 +5,7 @@ A testable core plus a thin ipywidgets layer:
 * pure functions - per-layer mask probabilities of an encoder (:func:`layer_probabilities`),
   layer / part selection (:func:`select_layer`, :func:`select_parts`), thresholding
   (:func:`threshold_masks`), per-image IoU (:func:`part_iou`), rendering (:func:`render_view`,
-  :func:`figure_png`);
+  :func:`figure_png`), the file's own pid / camera (:func:`file_identity`);
 * :class:`PredictedMasks` - a trained encoder run one image at a time, cached per image;
 * :class:`PartMaskExplorer` - the data source (splits of the protocol's datasets, the predicted
   masks of a trained model and/or the pseudo-label mask file, the ground-truth part boxes of
@@ -21,9 +21,11 @@ residual mask predictors (eq. 5), their sigmoid the probabilities shown.
 from __future__ import annotations
 
 import dataclasses
+import html
 import io
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -45,6 +47,8 @@ __all__ = [
     "PredictedMasks",
     "blend_parts",
     "figure_png",
+    "file_identity",
+    "identity_caption",
     "layer_probabilities",
     "part_iou",
     "protocol_splits",
@@ -153,6 +157,39 @@ def _fmt_iou(value: float | None) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.2f}"
 
 
+def file_identity(sample: Sample) -> tuple[int, int] | None:
+    """``(pid, camera)`` of an image as its dataset names them, read from the file name with the dataset's
+    own naming rule: the original identity id (not the 0-based training label of a train split) and the
+    1-based camera number of the name (Market-style ``0002_c3s1_000451_03.jpg`` -> ``(2, 3)``; MSMT17's
+    ``0000_000_01_0303morning_0008_0.jpg`` -> ``(0, 1)``). None where the name carries no ids."""
+    import re
+
+    from ..data.datasets import MSMT17, MarketStyleDataset, get_dataset_class
+
+    name = Path(sample.relpath or sample.path).name
+    try:
+        cls = get_dataset_class(sample.domain)
+    except (KeyError, ValueError):       # a domain no parser is registered for: try the Market naming
+        cls = MarketStyleDataset
+    match = getattr(cls, "pattern", MarketStyleDataset.pattern).match(name)
+    if match is not None:
+        return int(match.group(1)), int(match.group(2))
+    if issubclass(cls, MSMT17) or cls is MarketStyleDataset:   # MSMT17 list layout: <pid>_<seq>_<camera>_...
+        match = re.match(r"^(-?\d+)_\d+_(\d+)_", name)
+        if match is not None:
+            return int(match.group(1)), int(match.group(2))
+    return None
+
+
+def identity_caption(sample: Sample) -> str:
+    """``pid 2, camera 3`` from the file name (:func:`file_identity`); the sample's labels where the name
+    has no ids."""
+    ids = file_identity(sample)
+    if ids is None:
+        return f"label pid {sample.pid}, camid {sample.camid} (no ids in the file name)"
+    return f"pid {ids[0]}, camera {ids[1]}"
+
+
 # ---------------------------------------------------------------------------- state and view
 @dataclass(frozen=True)
 class ExplorerState:
@@ -204,48 +241,65 @@ class MaskView:
         return float(self.iou.loc[row, column]) if row in self.iou.index else None
 
 
-def render_view(view: MaskView, alpha: float = 0.5, panel_size: tuple[float, float] = (1.7, 3.6)) -> Figure:
+TITLE_SIZE = 11
+"""Font size (pt) of the explorer's panel titles and legend; the figure title is a little larger."""
+
+
+def render_view(view: MaskView, alpha: float = 0.5, panel_size: tuple[float, float] = (2.7, 5.4)) -> Figure:
     """A figure with one panel per mask source: the prediction (thresholded or soft), the pseudo label,
-    the ground-truth boxes (each only when available); the shown part's IoU in the panel titles."""
+    the ground-truth boxes (each only when available); the shown part's IoU in the panel titles, a
+    legend of the part colours, the image's file name, pid and camera (as the file names them) on top.
+
+    Sized to be read at 100 % zoom: ``panel_size`` inches per panel, rendered at 100 dpi (a 270 x 540
+    pixel panel for a 128 x 256 input), text of at least 10 pt."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.patches import Patch
 
     panels = [name for name, m in (("predicted", view.predicted), ("pseudo", view.pseudo), ("truth", view.truth))
               if m is not None]
     n = max(1, len(panels))
-    fig = Figure(figsize=(panel_size[0] * n, panel_size[1]))
+    fig = Figure(figsize=(max(panel_size[0] * n, 4.0), panel_size[1] + 1.2), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, n, squeeze=False)[0]
     state, parts, grid = view.state, view.parts, view.grid
+    fs = TITLE_SIZE
     if not panels:
-        overlay_mask(axes[0], view.image, np.zeros(grid[0] * grid[1]), grid, title="no masks for this image")
+        overlay_mask(axes[0], view.image, np.zeros(grid[0] * grid[1]), grid, title="no masks for this image",
+                     fontsize=fs)
     for ax, name in zip(axes, panels):
         if name == "predicted":
             probs = view.predicted
             shown = probs if state.mode == "soft" else threshold_masks(probs, state.threshold).astype(np.float32)
             base = blend_parts(view.image, shown[:-1], parts[:-1], grid, alpha)
             title = f"predicted, layer {view.layer}/{view.n_layers}\nt = {state.threshold:.2f} ({state.mode})"
-            overlay_mask(ax, base, shown[-1], grid, colour=PART_COLOURS.get(parts[-1], "y"), alpha=alpha, title=title)
+            overlay_mask(ax, base, shown[-1], grid, colour=PART_COLOURS.get(parts[-1], "y"), alpha=alpha, title=title,
+                         fontsize=fs)
             if state.mode == "soft":
                 h, w = view.image.shape[:2]
                 for mask, part in zip(probs, parts):
                     binary = mask > state.threshold
                     if binary.any() and not binary.all():
                         ax.contour(_upsample(binary, grid, (h, w)), levels=[0.5], colors=[PART_COLOURS.get(part, "y")],
-                                   linewidths=1.2)
+                                   linewidths=1.5)
         elif name == "pseudo":
             base = blend_parts(view.image, view.pseudo[:-1], parts[:-1], grid, alpha)
             title = f"pseudo label\nIoU pred {_fmt_iou(view.shown_iou('predicted vs pseudo'))}" \
                 if view.predicted is not None else "pseudo label"
             overlay_mask(ax, base, view.pseudo[-1], grid, colour=PART_COLOURS.get(parts[-1], "y"), alpha=alpha,
-                         title=title)
+                         title=title, fontsize=fs)
         else:
             base = blend_parts(view.image, view.truth, parts, grid, alpha * 0.6)
             scores = [f"{label} {_fmt_iou(view.shown_iou(col))}" for label, col in
                       (("pred", "predicted vs truth"), ("pseudo", "pseudo vs truth")) if col in view.iou.columns]
             draw_boxes(ax, base, view.truth_boxes or {}, title="ground truth\nIoU " + ", ".join(scores) if scores
-                       else "ground truth")
-    fig.suptitle(f"{view.sample.key}  [{state.part}]", fontsize=7)
-    fig.tight_layout()
+                       else "ground truth", linewidth=2.0, fontsize=fs)
+    handles = [Patch(facecolor=PART_COLOURS.get(p, "y"), edgecolor="none", alpha=0.8, label=p) for p in parts]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=fs, frameon=False,
+               title="part colours", title_fontsize=fs)
+    sample = view.sample
+    folder, _, filename = sample.relpath.rpartition("/")
+    where = f"{sample.domain}/{folder}" if folder else sample.domain
+    fig.suptitle(f"{filename}\n{identity_caption(sample)}  ·  {where}  ·  [{state.part}]", fontsize=fs + 1)
     return fig
 
 
@@ -563,7 +617,12 @@ class PartMaskExplorer:
     # ------------------------------------------------------------------ widgets
     def widget(self, state: ExplorerState | None = None):
         """Controls (split, image, layer, part, threshold, mode) above the rendered PNG and the IoU table;
-        the controls are kept in ``self.controls``, the image in ``self.image_widget``."""
+        the controls are kept in ``self.controls``, the image in ``self.image_widget``.
+
+        The box (an ``ipywidgets.VBox``) displays with the image shown as a static ``image/png`` beside the
+        widget view: a live, trusted notebook shows the widget; an executed copy (papermill's output is not
+        trusted, and JupyterLab renders no widget in an untrusted output) shows the PNG instead of
+        ``VBox(children=...)``."""
         import ipywidgets as W
 
         self.state = self.check(state or self.state)
@@ -595,8 +654,9 @@ class PartMaskExplorer:
                                        threshold=float(threshold.value), mode=mode.value)
             view = self.view(self.state)
             self.image_widget.value = figure_png(render_view(view))
-            self.caption_widget.value = (f"<b>{view.sample.key}</b> &nbsp; pid {view.sample.pid}, camera "
-                                         f"{view.sample.camid} &nbsp; <i>source: {self.source}</i>")
+            self.caption_widget.value = (f"<b>{html.escape(view.sample.key)}</b> &nbsp; "
+                                         f"{html.escape(identity_caption(view.sample))} &nbsp; "
+                                         f"<i>source: {html.escape(self.source)}</i>")
             self.iou_widget.value = ("<b>IoU (this image)</b>" + view.iou.to_html(float_format=_fmt_iou, na_rep="n/a")
                                      if len(view.iou.columns) else "<i>no IoU: nothing to compare for this image</i>")
 
@@ -614,4 +674,35 @@ class PartMaskExplorer:
             control.observe(refresh, "value")
         refresh()
         controls = W.VBox([split, index, layer, part, mode, threshold])
-        return W.VBox([controls, self.caption_widget, W.HBox([self.image_widget, self.iou_widget])])
+        body = W.HBox([self.image_widget, self.iou_widget], layout=W.Layout(flex_flow="row wrap",
+                                                                             align_items="flex-start"))
+        box = _explorer_box_class()([controls, self.caption_widget, body])
+        box.static_png = lambda: bytes(self.image_widget.value)
+        box.static_text = lambda: (f"part-mask explorer: {self.state.split} image {self.state.index} "
+                                   f"({self.sample(self.state.split, self.state.index).key}); interactive in a "
+                                   "trusted notebook with a running kernel")
+        return box
+
+
+@lru_cache(maxsize=None)
+def _explorer_box_class():
+    """An ``ipywidgets.VBox`` whose display bundle adds the explorer's current image as ``image/png`` (the
+    widget view stays the preferred form wherever widgets render)."""
+    import base64
+
+    import ipywidgets as W
+
+    class ExplorerBox(W.VBox):
+        static_png = None
+        static_text = None
+
+        def _repr_mimebundle_(self, **kwargs):
+            bundle = super()._repr_mimebundle_(**kwargs) or {}
+            png = self.static_png() if callable(self.static_png) else None
+            if png:
+                bundle["image/png"] = base64.b64encode(png).decode("ascii")
+            if callable(self.static_text):
+                bundle["text/plain"] = self.static_text()
+            return bundle
+
+    return ExplorerBox
