@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.muva-installed
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test test-fast bench
+.PHONY: install browser demo lab test test-fast bench
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ browser:
 
 demo: install
 	$(BIN)/muva demo
+
+# JupyterLab on the workbook: served from the project root, opened on notebooks/, kernels from .venv
+lab: install
+	$(BIN)/muva lab
 
 test: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

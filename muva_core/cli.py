@@ -17,6 +17,7 @@
     muva protocols [--kind single|multi|synthetic]
     muva baseline  --protocol NAME [--config FILE] [-p key=value ...]
     muva demo      [-p key=value ...]            (= muva run --protocol synth:A2B)
+    muva lab       [--port N] [jupyter options]   (JupyterLab on notebooks/, this environment's kernel)
 """
 from __future__ import annotations
 
@@ -29,13 +30,12 @@ from pathlib import Path
 from .config import ConfigError, RunConfig, parse_overrides
 
 
-def _load_config(args) -> RunConfig:
-    overrides = parse_overrides(getattr(args, "param", None))
-    if getattr(args, "protocol", None):
-        overrides["protocol"] = args.protocol
-    if getattr(args, "config", None):
-        return RunConfig.from_yaml(args.config, overrides)
-    return RunConfig().update(overrides)
+def _cli_path(value: str) -> Path:
+    """A path given on the command line: as typed when it exists from here, else under the project root."""
+    from .paths import resolve
+
+    path = Path(value).expanduser()
+    return path if path.exists() or path.is_absolute() else resolve(value)
 
 
 def _add_config_args(p: argparse.ArgumentParser, protocol: bool = True) -> None:
@@ -186,16 +186,23 @@ def cmd_eval(args) -> int:
     import json
 
     from .eval.features import resolve_device
-    from .pipeline import load_protocol
+    from .paths import existing_run_folder
+    from .pipeline import check_datasets_present, check_images_readable, load_protocol
     from .train.run import evaluate_model, load_trained
 
-    run = Path(args.run)
-    cfg = RunConfig.from_yaml(run / "config.yaml", parse_overrides(args.param))
+    run = existing_run_folder(_cli_path(args.run), "--run")
+    overrides = parse_overrides(args.param)
     if args.protocol:
-        cfg.update({"protocol": args.protocol})
+        overrides["protocol"] = args.protocol
+    cfg = RunConfig.from_yaml(run / "config.yaml", overrides)
+    check_datasets_present(cfg)
     data = load_protocol(cfg, progress=not args.quiet)
+    check_images_readable(cfg, [*data.query, *data.gallery], progress=not args.quiet,
+                          what=f"images of {data.protocol.name} (query, gallery)")
     device = resolve_device(cfg.device)
-    ckpt = Path(args.checkpoint) if args.checkpoint else run / "model.safetensors"
+    ckpt = _cli_path(args.checkpoint) if args.checkpoint else run / "model.safetensors"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt}: no trained model (train the run first, or pass --checkpoint)")
     from .train.checkpoint import read_checkpoint_info
 
     num_classes = int(read_checkpoint_info(ckpt)["extra"].get("num_classes", 0)) or None
@@ -211,15 +218,19 @@ def cmd_eval(args) -> int:
 
 def cmd_export_onnx(args) -> int:
     from .export import check_onnx_parity, export_onnx
+    from .paths import existing_run_folder, load_run_config
     from .train.checkpoint import read_checkpoint_info
     from .train.run import load_trained
 
-    run = Path(args.run)
-    cfg = RunConfig.from_yaml(run / "config.yaml")
+    run = existing_run_folder(_cli_path(args.run), "--run")
+    cfg = load_run_config(run)
     ckpt = run / "model.safetensors"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt}: no trained model in the run folder (train it first)")
     model = load_trained(cfg, ckpt, int(read_checkpoint_info(ckpt)["extra"]["num_classes"]), "cpu")
+    # the file's own "backbone" entry describes the architecture; the config's name goes beside it
     path = export_onnx(model.encoder, args.out, image_size=(cfg.data.height, cfg.data.width), norm=cfg.data.norm,
-                       extra_metadata={"backbone": cfg.model.backbone, "protocol": cfg.data.protocol})
+                       extra_metadata={"backbone_name": cfg.model.backbone, "protocol": cfg.data.protocol})
     import torch
 
     diff = check_onnx_parity(model.encoder, path, torch.randn(2, 3, cfg.data.height, cfg.data.width))
@@ -240,7 +251,9 @@ def cmd_run(args) -> int:
     summary = json.loads((folder / "metrics.json").read_text())
     if summary.get("metrics"):
         print(_metrics_line(cfg.data.protocol, summary["metrics"], summary.get("mask_iou_truth") or {}))
-    print(f"report: {folder} ({time.perf_counter() - t0:.0f} s); index: {Path(cfg.reports_dir) / 'README.md'}")
+    from .paths import resolve
+
+    print(f"report: {folder} ({time.perf_counter() - t0:.0f} s); index: {resolve(cfg.reports_dir) / 'README.md'}")
     return 0
 
 
@@ -283,7 +296,7 @@ def _metrics_line(protocol: str, metrics: dict, iou: dict) -> str:
 def cmd_baseline(args) -> int:
     from .pipeline import run_baseline
 
-    cfg = _load_config(args)
+    cfg = _resolved(args)
     run_baseline(cfg, progress=not args.quiet)
     return 0
 
@@ -342,12 +355,38 @@ def cmd_demo(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report.runner import ROOT, update_readme_results, write_reports_index
+    from .paths import project_root, resolve
+    from .report.runner import update_readme_results, write_reports_index
 
-    index = write_reports_index(Path(args.reports_dir))
-    changed = update_readme_results(ROOT / "README.md", Path(args.reports_dir))
+    reports = resolve(args.reports_dir)
+    index = write_reports_index(reports)
+    changed = update_readme_results(project_root() / "README.md", reports)
     print(f"wrote {index}; README results table {'updated' if changed else 'unchanged'}")
     return 0
+
+
+def lab_command(port: int | None = None, extra: list[str] | None = None) -> list[str]:
+    """The JupyterLab command line of ``muva lab`` / ``make lab``: served from the project root, opened on
+    ``notebooks/``, kernels are this environment's Python (so they import this ``muva_core``)."""
+    from .paths import project_root
+
+    root = project_root()
+    cmd = [sys.executable, "-m", "jupyter", "lab", f"--ServerApp.root_dir={root}",
+           "--LabApp.default_url=/lab/tree/notebooks", "--LabApp.news_url=None",
+           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    if port:
+        cmd.append(f"--port={port}")
+    return cmd + list(extra or [])
+
+
+def cmd_lab(args) -> int:
+    import subprocess
+
+    from .paths import project_root
+
+    cmd = lab_command(args.port, args.jupyter_args)
+    print("JupyterLab on the workbook: " + " ".join(cmd[1:]), flush=True)
+    return subprocess.call(cmd, cwd=str(project_root()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -485,6 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint made with other settings")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_pretrain_clip)
+
+    p = sub.add_parser("lab", help="open the workbook's notebooks in JupyterLab (kernels use this environment)")
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("jupyter_args", nargs=argparse.REMAINDER, help="more jupyter lab options, e.g. --no-browser")
+    p.set_defaults(func=cmd_lab)
 
     p = sub.add_parser("demo", help=f"the main job: `muva run` on the synthetic default {DEMO_PROTOCOL} (writes reports/)")
     _add_config_args(p)

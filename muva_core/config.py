@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -120,7 +121,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
     reports_dir: str = "reports"
-    run_dir: str = ""                  # where a run's notebooks write ("" = <reports_dir>/<protocol>/interactive)
+    run_dir: str = ""                  # the run folder ("" = <reports_dir>/<protocol slug>/run-<config hash>)
     num_examples: int = 8              # images shown in example figures
     data: DataConfig = field(default_factory=DataConfig)
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
@@ -166,11 +167,29 @@ class RunConfig:
             except KeyError:
                 raise ConfigError(_unknown_key_message(key, source, list(self.to_flat()))) from None
             target = self if section is None else getattr(self, section)
-            setattr(target, key, _coerce(target, key, value, source))
+            value = _coerce(target, key, value, source)
+            check_value(key, value, source)
+            setattr(target, key, value)
+        return self
+
+    def validate(self, source: str = "configuration") -> "RunConfig":
+        """Checks between keys (each key's own range is checked when it is set); returns ``self``."""
+        d, g = self.data, self.grounding
+        if d.batch_size % d.num_instances:
+            raise ConfigError(f"{source}: batch_size ({d.batch_size}) must be a multiple of num_instances "
+                              f"({d.num_instances}): a P x K batch holds K = num_instances images of each identity")
+        for key in ("height", "width"):
+            if getattr(d, key) % g.patch_size:
+                raise ConfigError(f"{source}: {key} ({getattr(d, key)}) must be a multiple of patch_size ({g.patch_size})")
+        milestones = list(self.train.lr_milestones)
+        if milestones != sorted(milestones):
+            raise ConfigError(f"{source}: lr_milestones must be increasing, got {milestones}")
         return self
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "RunConfig":
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None,
+                  require_protocol: bool = False) -> "RunConfig":
+        """A configuration from a YAML file (flat or sectioned keys), then ``overrides``; checked."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
@@ -180,10 +199,17 @@ class RunConfig:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(loaded).__name__}")
+        if not loaded:
+            raise ConfigError(f"{path}: the config file is empty; it should set at least `protocol:` "
+                              f"(see configs/*.yaml)")
+        if require_protocol and "protocol" not in loaded and "protocol" not in (loaded.get("data") or {}) \
+                and "protocol" not in (overrides or {}):
+            raise ConfigError(f"{path}: the config names no protocol: add `protocol: <name>` (see `muva protocols`) "
+                              f"or pass --protocol")
         cfg = cls().update(loaded, source=str(path))
         if overrides:
             cfg.update(overrides)
-        return cfg
+        return cfg.validate(str(path))
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_nested(), sort_keys=False)
@@ -206,10 +232,82 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _unknown_key_message(key: str, source: str, known: list[str]) -> str:
+CHOICES: dict[str, tuple[str, ...]] = {
+    "synth_scale": ("small", "default", "evidence", "large"),             # data.synthetic.SCALES
+    "norm": ("clip", "half"),
+    "backend": ("synthetic", "cogvlm", "florence2", "owlv2", "grounding_dino", "vitpose"),  # grounding.BACKENDS
+    "calib_method": ("robust_z", "quantile"),
+    "calib_windows": ("stripes", "data"),
+    "vote_rule": ("center", "coverage"),
+    "backbone": ("vit-b-16", "small", "tiny"),                             # model.backbone.NAMED_CONFIGS
+    "mask_mode": ("predicted", "stripe"),
+    "mask_dice": ("soft", "elementwise"),
+    "augment": ("flip", "flip+crop+erase"),
+    "metric": ("euclidean", "cosine"),                                     # eval.metrics.METRICS
+    "rerank": ("none", "k-reciprocal"),
+}
+"""Keys with a fixed set of values (tests tie each list to the registry it mirrors)."""
+
+# (low, high, low inclusive, high inclusive); None = unbounded
+_INT_AT_LEAST_0 = (0, None, True, True)
+_INT_AT_LEAST_1 = (1, None, True, True)
+_POSITIVE = (0.0, None, False, True)
+_NON_NEGATIVE = (0.0, None, True, True)
+_FRACTION_OPEN = (0.0, 1.0, False, False)
+RANGES: dict[str, tuple] = {
+    "seed": _INT_AT_LEAST_0, "num_examples": _INT_AT_LEAST_1, "synth_seed": _INT_AT_LEAST_0,
+    "height": (16, None, True, True), "width": (16, None, True, True),
+    "num_instances": _INT_AT_LEAST_1, "batch_size": _INT_AT_LEAST_1, "num_workers": _INT_AT_LEAST_0,
+    "ground_batch_size": _INT_AT_LEAST_0, "vote_min_coverage": (0.0, 1.0, False, True),
+    "patch_size": _INT_AT_LEAST_1, "rmp_heads": _INT_AT_LEAST_1, "mask_threshold": _FRACTION_OPEN,
+    "n_ctx": _INT_AT_LEAST_1,
+    "stage1_epochs": _INT_AT_LEAST_0, "stage1_lr": _POSITIVE, "stage1_warmup_epochs": _INT_AT_LEAST_0,
+    "stage1_batch_ids": _INT_AT_LEAST_1, "cmp_temperature": _NON_NEGATIVE,
+    "stage2_epochs": _INT_AT_LEAST_1, "stage2_lr": _POSITIVE, "weight_decay": _NON_NEGATIVE,
+    "rmp_lr_scale": _POSITIVE, "warmup_epochs": _INT_AT_LEAST_0, "warmup_factor": (0.0, 1.0, False, True),
+    "lr_gamma": (0.0, 1.0, False, True), "id_epsilon": (0.0, 1.0, True, False), "imp_temperature": _POSITIVE,
+    "memory_momentum": (0.0, 1.0, True, True), "i2tce_logit_scale": _NON_NEGATIVE,
+    "mask_loss_weight": _NON_NEGATIVE, "log_every": _INT_AT_LEAST_1,
+    "max_rank": _INT_AT_LEAST_1, "eval_chunk_size": _INT_AT_LEAST_1,
+    "k1": _INT_AT_LEAST_1, "k2": _INT_AT_LEAST_1, "lambda_value": (0.0, 1.0, True, True),
+}
+"""The allowed range of every numeric key, checked when the key is set."""
+
+
+def _range_text(low, high, low_inc, high_inc) -> str:
+    if high is None:
+        return f">= {low}" if low_inc else f"> {low}"
+    return f"in {'[' if low_inc else '('}{low}, {high}{']' if high_inc else ')'}"
+
+
+def check_value(key: str, value: Any, source: str = "configuration") -> None:
+    """Raise :class:`ConfigError` naming ``key`` when ``value`` is outside its range or choices."""
+    if key in CHOICES and value not in CHOICES[key]:
+        close = difflib.get_close_matches(str(value), CHOICES[key], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{source}: key {key!r} must be one of {', '.join(CHOICES[key])}, got {value!r}{hint}")
+    if key == "device" and not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(value)):
+        raise ConfigError(f"{source}: key 'device' must be auto, cpu, cuda or cuda:N, got {value!r}")
+    if key == "granularity" and not re.fullmatch(r"G(\+H)?(\+U)?(\+L)?", str(value)):
+        raise ConfigError(f"{source}: key 'granularity' must be G followed by any of +H, +U, +L in that order "
+                          f"(e.g. G+H+U+L, Table 5), got {value!r}")
+    if key == "lr_milestones":
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+            raise ConfigError(f"{source}: key 'lr_milestones' must be a list of epochs >= 1, got {value!r}")
+    if key in RANGES:
+        low, high, low_inc, high_inc = RANGES[key]
+        ok = (value >= low if low_inc else value > low) if low is not None else True
+        if high is not None:
+            ok = ok and (value <= high if high_inc else value < high)
+        if not ok or value != value:  # NaN fails every comparison but one
+            raise ConfigError(f"{source}: key {key!r} must be {_range_text(low, high, low_inc, high_inc)}, got {value!r}")
+
+
+def _unknown_key_message(key: str, source: str, known: list[str], list_known: bool = True) -> str:
     close = difflib.get_close_matches(key, known, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"{source}: unknown config key {key!r}{hint} (known keys: {', '.join(sorted(known))})"
+    listing = f" (known keys: {', '.join(sorted(known))})" if list_known else ""
+    return f"{source}: unknown config key {key!r}{hint}{listing}"
 
 
 def _coerce(obj: Any, key: str, value: Any, source: str) -> Any:
@@ -227,3 +325,40 @@ def _coerce(obj: Any, key: str, value: Any, source: str) -> Any:
     if origin in (list, tuple) and isinstance(value, (list, tuple)):
         return type(getattr(obj, key))(value) if getattr(obj, key) is not None else list(value)
     return value
+
+
+def protocol_config_path(protocol: str) -> Path:
+    """``configs/<protocol slug>.yaml`` under the project root (the protocol checked against the registry)."""
+    from .data.protocols import get_protocol, protocol_slug
+    from .paths import config_dir
+
+    return config_dir() / f"{protocol_slug(get_protocol(protocol).name)}.yaml"
+
+
+def resolve_config(protocol: str | None = None, config: str | Path | None = None,
+                   overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The configuration of a run, checked before any work: the config file given (relative to the working
+    directory, else to the project root), else ``configs/<protocol slug>.yaml`` of the protocol (given, in
+    the overrides, or the default ``synth:A2B``) when it exists, else the defaults; then the overrides. An
+    empty file, a file that names no protocol (and none given), an unknown protocol or key, and a value out
+    of its range are errors that name the file and the key."""
+    from .data.protocols import get_protocol
+
+    overrides = dict(overrides or {})
+    if protocol:
+        overrides["protocol"] = protocol
+    if config:
+        path = Path(config).expanduser()
+        if not path.is_file():
+            from .paths import resolve
+
+            path = resolve(config) if resolve(config).is_file() else path
+        cfg = RunConfig.from_yaml(path, overrides, require_protocol=True)
+    else:
+        name = overrides.get("protocol", DataConfig.protocol)
+        if not isinstance(name, str):
+            raise ConfigError(f"overrides: key 'protocol' expects str, got {name!r}")
+        path = protocol_config_path(name)
+        cfg = RunConfig.from_yaml(path, overrides) if path.is_file() else RunConfig().update(overrides).validate()
+    get_protocol(cfg.data.protocol)  # unknown protocol: fail before any work
+    return cfg

@@ -1,44 +1,110 @@
 """The few helpers every numbered notebook uses, so the notebooks stay thin.
 
-A notebook's ``parameters`` cell assigns config keys as plain variables (papermill overwrites
-them); :func:`config_from_namespace` turns them into a :class:`RunConfig`; :func:`record` writes
-the step's numbers to ``<run_dir>/metrics/<step>.json`` where the runner and tests read them.
+A notebook's ``parameters`` cell assigns config keys as plain variables (papermill overwrites them);
+``None`` means "the value in ``configs/<protocol>.yaml``" (or, when ``run_dir`` names an existing
+run folder, the value in its ``config.yaml``). :func:`config_from_namespace` turns them into the
+run's :class:`RunConfig`: that file, then every parameter that is not ``None``. So with its defaults a notebook opened in JupyterLab uses the same configuration, and
+therefore the same run folder, as ``muva run --protocol <protocol>``. A name in the parameters cell
+that is not a config key is an error naming the closest key. :func:`record` writes the step's
+numbers to ``<run folder>/metrics/<step>.json`` where the runner and tests read them.
 """
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig, _unknown_key_message, resolve_config
 from .io import write_json
+from .paths import existing_run_folder, figures_folder, resolve, run_folder
 
 
-def config_from_namespace(namespace: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
-    """A RunConfig from every config key defined in ``namespace`` (a notebook's ``globals()``)."""
-    cfg = base or RunConfig()
-    keys = set(cfg.to_flat())
-    return cfg.update({k: v for k, v in namespace.items() if k in keys}, source="notebook parameters")
+def _literal_assignments(source: str) -> dict[str, Any] | None:
+    """``{name: value}`` when ``source`` is a cell of plain ``name = <literal>`` lines, else None."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    if not tree.body:
+        return None
+    out: dict[str, Any] = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            return None
+        try:
+            out[node.targets[0].id] = ast.literal_eval(node.value)
+        except ValueError:
+            return None
+    return out
+
+
+def parameters_from_history(history: list[str]) -> dict[str, Any]:
+    """The values of every parameters-style cell executed so far (``In``: the parameters cell, papermill's
+    injected cell, re-runs of either), later cells winning; the cell running now (the last) is left out."""
+    values: dict[str, Any] = {}
+    for source in history[:-1]:
+        found = _literal_assignments(source)
+        if found:
+            values.update(found)
+    return values
+
+
+def config_from_namespace(namespace: Mapping[str, Any]) -> RunConfig:
+    """The run configuration from a notebook's parameters (its ``globals()``).
+
+    In a kernel the parameters are read from the executed cells (``In``), so a variable that a later cell
+    reuses (``device = resolve_device(...)``) never leaks into the configuration; outside one, every config
+    key in ``namespace`` counts."""
+    known = set(RunConfig().to_flat())
+    history = namespace.get("In")
+    if isinstance(history, list) and history and all(isinstance(h, str) for h in history):
+        params = parameters_from_history(history)
+        unknown = [k for k in params if k not in known]
+        if unknown:
+            raise ConfigError(_unknown_key_message(unknown[0], "notebook parameters cell", sorted(known), list_known=False)
+                              + (f" (also not config keys: {', '.join(unknown[1:])})" if unknown[1:] else "")
+                              + "; every name in the parameters cell must be a config key")
+    else:
+        params = {k: v for k, v in namespace.items() if k in known}
+    values = {k: v for k, v in params.items() if v is not None}
+    if values.get("run_dir"):
+        saved = resolve(values["run_dir"]) / "config.yaml"
+        if saved.is_file():  # an existing run folder: its configuration, then the parameters given
+            return RunConfig.from_yaml(saved, values)
+    return resolve_config(overrides=values)
 
 
 def run_dir(cfg: RunConfig) -> Path:
-    """The folder a run writes to: ``cfg.run_dir`` or ``<reports_dir>/<protocol slug>/interactive``."""
-    if cfg.run_dir:
-        return Path(cfg.run_dir)
-    from .data.protocols import protocol_slug
+    """The run folder (see :func:`muva_core.paths.run_folder`)."""
+    return run_folder(cfg)
 
-    return Path(cfg.reports_dir) / protocol_slug(cfg.data.protocol) / "interactive"
+
+def trained_run(cfg: RunConfig) -> Path:
+    """The run folder of ``cfg`` that must already hold a trained ``model.safetensors`` (notebooks 06-08)."""
+    folder = existing_run_folder(cfg.run_dir) if cfg.run_dir else run_folder(cfg)
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no trained model in {folder} (model.safetensors): run notebooks 04-05 with the "
+                                f"same parameters, or `muva train --protocol '{cfg.data.protocol}'`, first")
+    return folder
 
 
 def figures_dir(cfg: RunConfig) -> Path:
-    return run_dir(cfg) / "figures"
+    return figures_folder(cfg)
 
 
-def record(cfg: RunConfig, step: str, values: Mapping[str, Any]) -> Path:
-    """Write a step's recorded values to ``<run_dir>/metrics/<step>.json`` (atomically) and return the path."""
-    path = run_dir(cfg) / "metrics" / f"{step}.json"
+class Recorded(str):
+    """The path of a step's record; shows as ``recorded: <path>`` as a cell's last value."""
+
+    def __repr__(self) -> str:
+        return f"recorded: {self}"
+
+
+def record(cfg: RunConfig, step: str, values: Mapping[str, Any]) -> Recorded:
+    """Write a step's recorded values to ``<run folder>/metrics/<step>.json`` (atomically) and return the path."""
+    path = run_folder(cfg) / "metrics" / f"{step}.json"
     write_json(path, dict(values))
-    return path
+    return Recorded(path)
 
 
 def read_record(folder: str | Path, step: str) -> dict:

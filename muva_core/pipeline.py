@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .io import write_json
+from .paths import resolve
 
 BASELINE_FEATURES = {"hist-global": 1, "hist-3stripes": 3}
 """Colour-histogram baselines: name -> number of horizontal stripes."""
@@ -17,12 +18,106 @@ def ensure_synthetic(cfg: RunConfig, progress: bool = True) -> Path:
     """Generate the synthetic set at ``cfg.data.synth_root`` unless the same one is there already."""
     from .data.synthetic import generate_synthetic
 
-    return generate_synthetic(cfg.data.synth_root, seed=cfg.data.synth_seed, scale=cfg.data.synth_scale, progress=progress)
+    return generate_synthetic(resolve(cfg.data.synth_root), seed=cfg.data.synth_seed, scale=cfg.data.synth_scale,
+                              progress=progress)
 
 
-def protocol_roots(cfg: RunConfig) -> dict[str, str]:
-    """Dataset roots for ``build_protocol_data``: the synthetic root, and ``data_root`` for every real dataset."""
-    return {"synth": cfg.data.synth_root, "*": cfg.data.data_root}
+def protocol_roots(cfg: RunConfig) -> dict[str, Path]:
+    """Dataset roots for ``build_protocol_data``: the synthetic root, and ``data_root`` for every real dataset
+    (both resolved against the project root)."""
+    return {"synth": resolve(cfg.data.synth_root), "*": resolve(cfg.data.data_root)}
+
+
+DATASET_LAYOUTS = {
+    "market1501": "Market-1501-v15.09.15/{bounding_box_train,query,bounding_box_test}",
+    "dukemtmcreid": "DukeMTMC-reID/{bounding_box_train,query,bounding_box_test}",
+    "msmt17": "MSMT17_V1/{train,test,list_train.txt,list_val.txt,list_query.txt,list_gallery.txt} "
+              "(or MSMT17_V2, or a market-style conversion)",
+    "cuhk03_np": "cuhk03-np/{detected,labeled}/{bounding_box_train,query,bounding_box_test}",
+}
+"""What to put under ``data_root`` for each real dataset (as the README says)."""
+
+
+def check_datasets_present(cfg: RunConfig) -> None:
+    """Every real dataset of the protocol can be found under ``data_root``; else one error naming, for each
+    missing dataset, every folder tried and what to put there. Synthetic domains are generated, not checked."""
+    from .data.datasets import DatasetError, get_dataset_class
+    from .data.protocols import get_protocol
+
+    proto = get_protocol(cfg.data.protocol)
+    root = resolve(cfg.data.data_root)
+    problems = []
+    for name in dict.fromkeys((*proto.sources, proto.target)):
+        if name.startswith("synth_"):
+            continue
+        tried = _folders_tried(get_dataset_class(name), root)
+        if not tried:
+            continue
+        layout = DATASET_LAYOUTS.get(name, name)
+        problems.append(f"{name}: not found; tried\n" + "\n".join(tried) + f"\n  put it there as {root}/{layout}")
+    if problems:
+        raise DatasetError(f"protocol {proto.name} needs datasets that are not under data_root={cfg.data.data_root} "
+                           f"({root}):\n" + "\n".join(problems)
+                           + "\n(pass -p data_root=<folder> if they live elsewhere; `muva datasets NAME --root DIR` "
+                             "checks one)")
+
+
+def _folders_tried(cls, root: Path) -> list[str]:
+    """``[]`` when the dataset class finds its folder under ``root``, else each folder tried and why not."""
+    if not root.is_dir():
+        return [f"  {root}  (does not exist)"]
+    probe = cls.__new__(cls)  # the class's folder rules without parsing anything
+    tried = []
+    for cand in probe.candidate_dirs(root):
+        why = probe._looks_like(cand) if cand.is_dir() else "does not exist"
+        if why is None:
+            return []
+        tried.append(f"  {cand}  ({why})")
+    return tried
+
+
+def check_checkpoint(cfg: RunConfig) -> None:
+    if cfg.model.checkpoint_path and not resolve(cfg.model.checkpoint_path).is_file():
+        raise FileNotFoundError(f"checkpoint_path={cfg.model.checkpoint_path}: no such file "
+                                f"({resolve(cfg.model.checkpoint_path)})")
+
+
+def check_batch_plan(cfg: RunConfig, data) -> None:
+    """The P x K batches of stage 2 can be formed from the training identities; else a ConfigError naming the
+    keys (checked before grounding and stage 1, where the sampler would otherwise fail after hours)."""
+    from .data.sampler import RandomIdentitySampler
+
+    try:
+        RandomIdentitySampler(data.train, num_instances=cfg.data.num_instances, batch_size=cfg.data.batch_size)
+    except ValueError as err:
+        raise ConfigError(f"batch_size={cfg.data.batch_size} with num_instances={cfg.data.num_instances} "
+                          f"(P = {cfg.data.batch_size // cfg.data.num_instances} identities x K = "
+                          f"{cfg.data.num_instances} images) does not fit the training set of {data.protocol.name} "
+                          f"({data.num_classes} identities, {len(data.train)} images): {err}; lower batch_size "
+                          f"or num_instances") from None
+
+
+def check_images_readable(cfg: RunConfig, samples, what: str, progress: bool = True):
+    """Decode every image once (in parallel; cached by file size and mtime under ``<cache_dir>/image-scan``) and
+    report all unreadable files in one error."""
+    from .data.scan import require_readable
+
+    return require_readable(list(samples), cache_dir=resolve(cfg.grounding.cache_dir) / "image-scan",
+                            progress=progress, what=what)
+
+
+def preflight(cfg: RunConfig, progress: bool = True):
+    """Everything a run can check before it starts working: the datasets are there, the checkpoint exists, the
+    protocol's data loads (the synthetic set is generated when missing), the batches can be formed, and every
+    image of the splits it reads can be decoded. Returns the protocol's data."""
+    cfg.validate()
+    check_datasets_present(cfg)
+    check_checkpoint(cfg)
+    data = load_protocol(cfg, progress=progress)
+    check_batch_plan(cfg, data)
+    check_images_readable(cfg, [*data.train, *data.query, *data.gallery], progress=progress,
+                          what=f"images of {data.protocol.name} (train, query, gallery)")
+    return data
 
 
 def load_protocol(cfg: RunConfig, progress: bool = True):
@@ -88,7 +183,7 @@ def run_baseline(cfg: RunConfig, progress: bool = True) -> dict:
     proto = data.protocol
     t0 = time.perf_counter()
     metrics = evaluate_baselines(data.query, data.gallery, cfg, progress=progress)
-    out = Path(cfg.reports_dir) / protocol_slug(proto.name) / "baseline"
+    out = resolve(cfg.reports_dir) / protocol_slug(proto.name) / "baseline"
     record = {"protocol": proto.name, "metrics": metrics, "seconds": round(time.perf_counter() - t0, 2),
               "config": cfg.to_flat()}
     write_json(out / "metrics.json", record)

@@ -1,7 +1,8 @@
 """Every numbered notebook: parameters cell first and made of config keys; each runs under papermill.
 
 Like Microsoft's recommenders repo: the notebooks run with tiny parameters and the values they
-record (``<run_dir>/metrics/<step>.json``) are read back and checked.
+record (``<run folder>/metrics/<step>.json``) are read back and checked. They run the way JupyterLab
+runs them: the kernel's working directory is ``notebooks/``, and nothing may be written there.
 """
 from __future__ import annotations
 
@@ -34,21 +35,32 @@ def test_there_are_notebooks():
     assert [p.name[:2] for p in NOTEBOOKS][:3] == ["01", "02", "03"]
 
 
+def test_there_are_eight_notebooks():
+    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, 9)]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_parameters_are_config_keys_with_config_defaults(path):
+def test_parameters_are_config_keys_defaulting_to_the_protocol_config(path):
     params = _parameters(path)
     defaults = RunConfig().to_flat()
     unknown = sorted(set(params) - set(defaults))
     assert not unknown, f"{path.name}: parameters that are not config keys: {unknown}"
-    for key, value in params.items():
-        assert value == defaults[key], f"{path.name}: {key} = {value!r} differs from the config default {defaults[key]!r}"
+    assert list(params)[:2] == ["protocol", "run_dir"], f"{path.name}: protocol and run_dir come first"
+    # None = "as in configs/<protocol>.yaml": with its defaults a notebook uses `muva run`'s configuration
+    assert all(v is None for v in params.values()), f"{path.name}: defaults other than None: {params}"
+
+
+def _tree(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns for p in folder.rglob("*")}
 
 
 def _run(path: Path, tmp: Path, params: dict) -> Path:
+    """Execute a notebook as JupyterLab does: the kernel's working directory is notebooks/."""
     import papermill as pm
 
     out = tmp / path.name
-    pm.execute_notebook(str(path), str(out), parameters=params, progress_bar=False, cwd=str(ROOT), kernel_name="python3")
+    pm.execute_notebook(str(path), str(out), parameters=params, progress_bar=False, cwd=str(ROOT / "notebooks"),
+                        kernel_name="python3")
     return out
 
 
@@ -72,3 +84,44 @@ def test_grounding_notebooks_run_and_record(tmp_path, small_synth_root):
     for fig in ("01_part_boxes", "02_box_height_hist", "03_mask_voting"):
         assert (run / "figures" / f"{fig}.png").stat().st_size > 5000
         assert (run / "figures" / f"{fig}.svg").is_file()
+
+
+@pytest.mark.slow
+def test_notebooks_01_to_08_from_the_notebooks_folder_share_one_run_folder(tmp_path, small_synth_root):
+    """Default parameters plus small-scale overrides only; no run_dir: every notebook finds the run folder
+    the earlier ones wrote (reports/<protocol>/run-<config hash>), and nothing is written under notebooks/."""
+    from muva_core.config import resolve_config
+    from muva_core.paths import run_folder
+
+    small = {"synth_root": str(small_synth_root), "synth_scale": "small", "cache_dir": str(tmp_path / "cache"),
+             "reports_dir": str(tmp_path / "reports"), "backbone": "tiny", "pretrained": "none",
+             "stage1_epochs": 1, "stage1_warmup_epochs": 0, "stage1_batch_ids": 4, "stage2_epochs": 1,
+             "warmup_epochs": 0, "lr_milestones": [1], "batch_size": 16, "num_workers": 0, "device": "cpu",
+             "num_examples": 2}
+    before = _tree(ROOT / "notebooks")
+    for path in NOTEBOOKS:
+        _run(path, tmp_path, small)
+    assert _tree(ROOT / "notebooks") == before, "a notebook wrote under notebooks/"
+    folder = run_folder(resolve_config(overrides=small))
+    assert folder.parent == tmp_path / "reports" / "synth_A2B" and folder.name.startswith("run-")
+    for step in ("01_grounding", "02_calibration", "03_mask_voting", "04_stage1", "05_stage2", "06_evaluate",
+                 "07_figures", "08_part_mask_explorer"):
+        assert (folder / "metrics" / f"{step}.json").is_file(), step
+    assert read_record(folder, "06_evaluate")["metrics"] == read_record(folder, "05_stage2")["metrics"]
+    explorer = read_record(folder, "08_part_mask_explorer")
+    assert explorer["source"] == "model" and "pseudo" in " ".join(explorer["iou"]), explorer["iou"]
+
+
+@pytest.mark.slow
+def test_a_mistyped_parameter_fails_naming_the_closest_key(tmp_path):
+    import nbformat
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    nb = nbformat.read(str(ROOT / "notebooks" / "01_grounding.ipynb"), as_version=4)
+    nb.cells[0].source += "\nsynth_scael = 'small'"
+    typo = tmp_path / "01_typo.ipynb"
+    nbformat.write(nb, str(typo))
+    with pytest.raises(PapermillExecutionError, match=r"unknown config key 'synth_scael'; did you mean synth_scale"):
+        pm.execute_notebook(str(typo), str(tmp_path / "out.ipynb"), progress_bar=False,
+                            cwd=str(ROOT / "notebooks"), kernel_name="python3")

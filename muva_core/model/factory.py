@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..paths import resolve
 from ..data.samples import PARTS
 from .backbone import BackboneConfig, build_clip
 from .muva import MUVAConfig, MUVAEncoder, parts_from_code
@@ -55,7 +56,7 @@ def build_muva(cfg, num_classes: int, id_domains: torch.Tensor | None = None) ->
     m = cfg.model
     pretrained = None if m.pretrained in ("none", "", None) else m.pretrained
     clip, tokenizer = build_clip(BackboneConfig(
-        name=m.backbone, pretrained=pretrained, checkpoint_path=m.checkpoint_path or None,
+        name=m.backbone, pretrained=pretrained, checkpoint_path=str(resolve(m.checkpoint_path)) if m.checkpoint_path else None,
         image_size=(cfg.data.height, cfg.data.width), seed=cfg.seed,
     ))
     parts = parts_from_code(m.granularity)

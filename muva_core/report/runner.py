@@ -20,17 +20,14 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
-from ..config import ConfigError, RunConfig
-from ..data.protocols import get_protocol, protocol_slug
+from ..config import ConfigError, RunConfig, protocol_config_path, resolve_config  # noqa: F401 (re-exported)
 from ..io import write_json
+from ..paths import config_hash, notebook_dir, project_root, resolve  # noqa: F401 (config_hash re-exported)
 
-ROOT = Path(__file__).resolve().parents[2]
-NOTEBOOK_DIR = ROOT / "notebooks"
-CONFIG_DIR = ROOT / "configs"
 PIPELINE = ("01_grounding", "02_calibration", "03_mask_voting", "04_stage1_prompts", "05_stage2_reid", "06_evaluate",
             "07_figures")
 
@@ -39,44 +36,15 @@ class StepFailed(RuntimeError):
     """A notebook raised; the message names the notebook, the cell and the error."""
 
 
-def protocol_config_path(protocol: str) -> Path:
-    return CONFIG_DIR / f"{protocol_slug(get_protocol(protocol).name)}.yaml"
-
-
-def resolve_config(protocol: str | None = None, config: str | Path | None = None,
-                   overrides: dict | None = None) -> RunConfig:
-    """The config file given, else ``configs/<protocol slug>.yaml`` when it exists, else the defaults;
-    then the overrides. The protocol is checked against the registry."""
-    overrides = dict(overrides or {})
-    if protocol:
-        overrides["protocol"] = protocol
-    path = Path(config) if config else (protocol_config_path(protocol) if protocol else None)
-    if path is not None and path.is_file():
-        cfg = RunConfig.from_yaml(path, overrides)
-    elif config:
-        raise ConfigError(f"{config}: config file not found")
-    else:
-        cfg = RunConfig().update(overrides)
-    get_protocol(cfg.data.protocol)  # unknown protocol: fail before any work
-    return cfg
-
-
-def config_hash(cfg: RunConfig) -> str:
-    flat = {k: v for k, v in cfg.to_flat().items() if k not in ("run_dir",)}
-    return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
 def _notebook_parameters(path: Path) -> list[str]:
     import papermill as pm
 
     return list(pm.inspect_notebook(str(path)))
 
 
-@dataclass
-class StepResult:
-    name: str
-    status: str          # ran | skipped
-    seconds: float
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
+"""The kernel's own log stays quiet (no "Kernel is running over TCP without encryption" per notebook);
+errors in a notebook still reach the runner as execution errors."""
 
 
 def run_notebooks(cfg: RunConfig, steps: Sequence[str] = PIPELINE, run_id: str | None = None,
@@ -84,61 +52,86 @@ def run_notebooks(cfg: RunConfig, steps: Sequence[str] = PIPELINE, run_id: str |
                   command: str | None = None) -> Path:
     """Execute ``steps`` in order into the run folder; returns the folder.
 
-    ``command`` is the command line that reproduces the run (recorded in ``metrics.json``)."""
+    Before any kernel starts: the steps exist, the configuration is checked, the run folder holds the same
+    configuration (or is refused, see :func:`muva_core.paths.claim_run_folder`), the datasets are there
+    and the batches can be formed; a failed check leaves no folder behind. Each notebook runs with its
+    kernel in ``notebooks/``, as JupyterLab starts it; its progress lines (epochs, resumes) are printed
+    here while it runs. ``command`` is the command line that reproduces the run (in ``metrics.json``)."""
+    import os
+
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
-    slug = protocol_slug(get_protocol(cfg.data.protocol).name)
-    run_id = run_id or f"run-{config_hash(cfg)}"
-    folder = Path(cfg.reports_dir) / slug / run_id
-    cfg.run_dir = str(folder)
-    (folder / "notebooks").mkdir(parents=True, exist_ok=True)
-    cfg.to_yaml(folder / "config.yaml")
-    state_path = folder / "steps.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    flat = cfg.to_flat()
-    results = []
-    for name in steps:
-        source = NOTEBOOK_DIR / f"{name}.ipynb"
+    from ..paths import check_run_folder, claim_run_folder, run_folder
+    from ..pipeline import preflight
+    from ..progress import ENV, ProgressTail
+
+    if not steps:
+        raise ValueError("no notebooks to run (--steps matched none)")
+    sources = {name: notebook_dir() / f"{name}.ipynb" for name in steps}
+    for name, source in sources.items():
         if not source.is_file():
-            raise FileNotFoundError(f"{source}: no such notebook (steps are {', '.join(PIPELINE)} ...)")
+            raise FileNotFoundError(f"{source}: no such notebook (steps are {', '.join(PIPELINE)}, 08_part_mask_explorer)")
         # every config key goes in (a notebook's parameters cell names the keys it shows; the steps it calls
         # may read any other key, e.g. rmp_layernorm in stage 2): the whole configuration reaches the kernel
-        declared = _notebook_parameters(source)
-        unknown = [k for k in declared if k not in flat]
+        unknown = [k for k in _notebook_parameters(source) if k not in cfg.to_flat()]
         if unknown:
             raise ConfigError(f"{source}: parameters that are not config keys: {unknown}")
-        params = dict(flat)
+    folder = run_folder(cfg, run_id)
+    check_run_folder(cfg, folder)
+    preflight(cfg, progress=progress)
+    fresh = not cfg.train.resume
+    claim_run_folder(cfg, folder)
+    if fresh:  # started afresh once, here; the notebooks then continue in the fresh folder
+        cfg.train.resume = True
+    (folder / "notebooks").mkdir(exist_ok=True)
+    state_path = folder / "steps.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    params = cfg.to_flat()
+    log = folder / "progress.log"
+    logging.getLogger("papermill").setLevel(logging.ERROR)  # not "unknown parameter" for every key
+    for name, source in sources.items():
         digest = hashlib.sha1(source.read_bytes() + json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
         out = folder / "notebooks" / f"{name}.ipynb"
         if not force and state.get(name, {}).get("hash") == digest and out.is_file():
-            results.append(StepResult(name, "skipped", 0.0))
             if progress:
                 print(f"[{name}] unchanged since the last run: skipped")
             continue
         if progress:
             print(f"[{name}] running ...", flush=True)
         t0 = time.perf_counter()
-        logging.getLogger("papermill").setLevel(logging.ERROR)  # not "unknown parameter" for every key
+        previous_env = os.environ.get(ENV)
+        os.environ[ENV] = str(log)  # the kernel inherits it: its progress lines go to the run's log
         try:
-            pm.execute_notebook(str(source), str(out), parameters=params, progress_bar=False, cwd=str(Path.cwd()),
-                                kernel_name=kernel_name)
+            with ProgressTail(log, prefix=f"[{name}] ") if progress else _nothing():
+                pm.execute_notebook(str(source), str(out), parameters=params, progress_bar=False,
+                                    cwd=str(notebook_dir()), kernel_name=kernel_name,
+                                    extra_arguments=KERNEL_ARGUMENTS)
         except PapermillExecutionError as err:
             state.pop(name, None)
             write_json(state_path, state)
             raise StepFailed(f"{name} failed in cell {err.exec_count}: {err.ename}: {err.evalue} "
                              f"(executed notebook with the traceback: {out})") from None
+        finally:
+            if previous_env is None:
+                os.environ.pop(ENV, None)
+            else:
+                os.environ[ENV] = previous_env
         seconds = time.perf_counter() - t0
         state[name] = {"hash": digest, "seconds": round(seconds, 2)}
         write_json(state_path, state)
-        results.append(StepResult(name, "ran", seconds))
         if progress:
             print(f"[{name}] done in {seconds:.1f} s", flush=True)
     summary = summarise_run(folder, cfg, state)
     summary["command"] = command or f"muva run --protocol '{cfg.data.protocol}'"
     write_json(folder / "metrics.json", summary)
-    write_reports_index(Path(cfg.reports_dir))
+    write_reports_index(resolve(cfg.reports_dir))
     return folder
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 def summarise_run(folder: Path, cfg: RunConfig, state: dict) -> dict:
@@ -162,6 +155,7 @@ def summarise_run(folder: Path, cfg: RunConfig, state: dict) -> dict:
 
 def write_reports_index(reports_dir: Path) -> Path:
     """``reports/README.md``: one row per run (protocol, config, mAP, Rank-1, time, notebooks)."""
+    reports_dir = Path(reports_dir)
     rows = []
     for path in sorted(reports_dir.glob("*/*/metrics.json")):
         rec = json.loads(path.read_text())
@@ -192,7 +186,7 @@ def parse_steps(text: str | None) -> list[str]:
     """``"01-03"`` / ``"01,04"`` / None (all) to notebook names."""
     if not text:
         return list(PIPELINE)
-    available = sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    available = sorted(p.stem for p in notebook_dir().glob("[0-9][0-9]_*.ipynb"))
     chosen: list[str] = []
     for part in text.split(","):
         m = re.fullmatch(r"(\d\d)(?:-(\d\d))?", part.strip())
@@ -200,6 +194,9 @@ def parse_steps(text: str | None) -> list[str]:
             raise ValueError(f"--steps: expected NN, NN-MM or a comma list, got {part!r}")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         chosen += [n for n in available if lo <= int(n[:2]) <= hi and n not in chosen]
+    if not chosen:
+        raise ValueError(f"--steps {text}: no notebook matches; the notebooks are "
+                         f"{', '.join(n[:2] for n in available)} ({available[0]} ... {available[-1]})")
     return chosen
 
 

@@ -1,6 +1,7 @@
 """One training run of a protocol, end to end, resumable: masks -> stage 1 -> stage 2 -> evaluation.
 
-Layout of a run folder (``RunConfig.run_dir`` or ``reports/<protocol>/interactive``)::
+Layout of a run folder (``RunConfig.run_dir`` or ``reports/<protocol>/run-<config hash>``, see
+:mod:`muva_core.paths`)::
 
     config.yaml                    the resolved configuration
     checkpoints/stage1-last.safetensors, stage1.safetensors
@@ -10,7 +11,8 @@ Layout of a run folder (``RunConfig.run_dir`` or ``reports/<protocol>/interactiv
     metrics/train.json             evaluation on the target domain (+ mask IoU vs ground truth)
 
 Every step writes atomically; ``train.resume`` continues from the last finished epoch, and a
-resumed CPU run ends with the same metrics as an uninterrupted one.
+resumed CPU run ends with the same metrics as an uninterrupted one. A folder made with other settings
+is refused (:func:`muva_core.paths.claim_run_folder`); ``resume=false`` starts it afresh.
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ from ..eval.features import extract_features, resolve_device, sample_arrays
 from ..eval.masks import mask_iou, truth_patch_masks
 from ..io import atomic_path
 from ..model.factory import BuiltModel, MUVAReID, build_muva, part_indices
-from ..notebook import record, run_dir
+from ..notebook import record
+from ..paths import check_run_folder, claim_run_folder, run_folder
+from ..progress import epoch_line, report
 from ..seeding import seed_everything
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, init_distributed, shutdown
@@ -105,6 +109,7 @@ def run_stage1(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
     if cfg.train.resume and final.is_file():
         load_checkpoint(final, prompts=prompts, restore_rng=False)
         history = _read_history(hist_path, cfg.train.stage1_epochs)
+        report(f"stage 1 finished earlier: prompts loaded from {final}", echo=progress and info.main)
     else:
         optimizer = scheduler = None
         start = 0
@@ -115,12 +120,14 @@ def run_stage1(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
             scheduler = WarmupCosineLR(optimizer, max_epochs=cfg.train.stage1_epochs, warmup_epochs=warm,
                                        warmup_lr_init=min(1e-5, cfg.train.stage1_lr))
             start = load_checkpoint(last, prompts=prompts, optimizer=optimizer, scheduler=scheduler)["epoch"]
+            report(f"resuming stage 1 from epoch {start} ({last})", echo=progress and info.main)
         centroids = _sharded_centroids(model, train, masks, cfg, device, info, progress)
         previous = [_read_history(hist_path, start)]
 
         def on_epoch_end(epoch, row, opt, sched):
             previous[0] = _write_history(hist_path, previous[0], row) if info.main else previous[0]
             if info.main:
+                report(epoch_line("stage 1", epoch, cfg.train.stage1_epochs, row), echo=False)
                 save_checkpoint(last, prompts=prompts, optimizer=opt, scheduler=sched, epoch=epoch, config=flat,
                                 extra={"stage": 1})
 
@@ -147,6 +154,10 @@ def run_stage2(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
     start = 0
     if t.resume and ckpt.is_file():
         start = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, memory=memory)["epoch"]
+        if start >= t.stage2_epochs:
+            report(f"stage 2 finished earlier ({start} epochs): model loaded from {ckpt}", echo=progress and info.main)
+        else:
+            report(f"resuming stage 2 from epoch {start} ({ckpt})", echo=progress and info.main)
     ddp = None
     if info.enabled:
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -158,6 +169,7 @@ def run_stage2(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
 
     def on_epoch_end(epoch, row, opt, sched):
         if info.main:
+            report(epoch_line("stage 2", epoch, t.stage2_epochs, row), echo=progress)
             previous[0] = _write_history(hist_path, previous[0], row)
             save_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, memory=memory, epoch=epoch,
                             config=flat, extra={"stage": 2})
@@ -206,18 +218,22 @@ class RunContext:
 
 
 def prepare_run(cfg: RunConfig, progress: bool = True) -> RunContext:
-    """Data, part masks (labelled / calibrated / voted when not cached), the model, the run folder."""
+    """Data, part masks (labelled / calibrated / voted when not cached), the model, the run folder.
+
+    Everything that can be checked is checked before work starts: the configuration, the run folder
+    (made with the same settings, or refused), the datasets, the batch plan."""
     from ..grounding.steps import grounding_paths, load_protocol_masks, prepare_masks
-    from ..pipeline import load_protocol, source_datasets
+    from ..pipeline import preflight, source_datasets
 
     info = init_distributed(cfg.device)
     seed_everything(cfg.seed)
     device = _device(cfg, info)
-    folder = run_dir(cfg)
-    data = load_protocol(cfg, progress=progress and info.main)
+    folder = run_folder(cfg)
+    cfg.validate()
+    check_run_folder(cfg, folder)
+    data = preflight(cfg, progress=progress and info.main)
     if info.main:
-        folder.mkdir(parents=True, exist_ok=True)
-        cfg.to_yaml(folder / "config.yaml")
+        claim_run_folder(cfg, folder)
         prepare_masks(cfg, source_datasets(data), progress=progress)
     barrier(info)
     masks = load_protocol_masks({d.name: grounding_paths(cfg, d.name).masks for d in source_datasets(data)})
