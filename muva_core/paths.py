@@ -140,13 +140,14 @@ def figures_folder(cfg: "RunConfig") -> Path:
     return run_folder(cfg) / "figures"
 
 
-def existing_run_folder(value: str | os.PathLike, what: str = "run_dir") -> Path:
-    """A run folder that must already exist with its ``config.yaml`` (reopened by eval, export, explorer)."""
+def existing_run_folder(value: str | os.PathLike, what: str = "run_dir", require_config: bool = True) -> Path:
+    """A run folder that must already exist (with its ``config.yaml``, which training writes), reopened by
+    eval, export and the explorer."""
     folder = resolve(value)
     if not folder.is_dir():
         raise FileNotFoundError(f"{what}={value}: run folder not found ({folder}); run folders are "
                                 f"reports/<protocol>/run-<hash>, listed in reports/README.md")
-    if not (folder / "config.yaml").is_file():
+    if require_config and not (folder / "config.yaml").is_file():
         raise FileNotFoundError(f"{what}={value}: {folder} is not a run folder (no config.yaml in it)")
     return folder
 

@@ -31,23 +31,20 @@ def report(message: str, echo: bool = True) -> None:
 
 
 def epoch_line(stage: str, epoch: int, epochs: int, row: Mapping[str, float]) -> str:
-    """``stage 2 epoch 3/16: loss 2.314 (id 1.20, imp 0.61, ...) lr 3.0e-04, 13.2 s``."""
+    """``stage 2 epoch 3/16: loss 2.314 (id 1.200, imp 0.610, ...), mask_iou_head 0.41, lr 3.0e-04, 13.2 s``."""
     losses = {k[5:]: v for k, v in row.items() if k.startswith("loss_")}
     total = losses.pop("total", None)
     if total is None and len(losses) == 1:
         total = losses.popitem()[1]
-    parts = [f"{stage} epoch {epoch}/{epochs}:"]
-    if total is not None:
-        parts.append(f"loss {total:.3f}")
+    head = f"loss {total:.3f}" if total is not None else ""
     if losses:
-        parts.append("(" + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()) + ")")
-    extra = [f"{k} {row[k]:.2f}" for k in row if k.startswith(("mask_iou_", "text_to_centroid"))]
-    if extra:
-        parts.append("; " + ", ".join(extra))
+        head += " (" + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()) + ")"
+    fields = [head] if head else []
+    fields += [f"{k} {row[k]:.2f}" for k in row if k.startswith(("mask_iou_", "text_to_centroid"))]
     if "lr" in row:
-        parts.append(f"lr {row['lr']:.1e},")
-    parts.append(f"{row.get('seconds', 0.0):.1f} s")
-    return " ".join(parts)
+        fields.append(f"lr {row['lr']:.1e}")
+    fields.append(f"{row.get('seconds', 0.0):.1f} s")
+    return f"{stage} epoch {epoch}/{epochs}: " + ", ".join(fields)
 
 
 class ProgressTail:

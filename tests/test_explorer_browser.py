@@ -1,9 +1,12 @@
 """The part-mask explorer notebook in a real JupyterLab, driven by headless Chromium (Playwright).
 
-A tiny model is trained, notebook 08 is parametrised for it (papermill, not executed) into a temporary
-folder, JupyterLab serves that folder on a free localhost port, Chromium opens the notebook, runs all
-cells, waits for the explorer's image widget, screenshots it, moves the threshold slider with the
-keyboard and checks that the screenshot changes.
+As a user does after ``make demo``: a workbook folder (``$MUVA_HOME``: ``configs/`` with a tiny
+``synth_A2B.yaml``, the real ``notebooks/08_part_mask_explorer.ipynb``) gets a trained tiny model in its
+default run folder; JupyterLab is started on it with ``muva lab``'s command line (served from the
+project root, kernels start in ``notebooks/``); Chromium opens notebook 08 unchanged, runs all cells with
+the default parameters, finds the pseudo-label IoU in the explorer, screenshots the image, moves the
+threshold slider with the keyboard and checks that the screenshot changes. Nothing may be written
+under ``notebooks/``.
 
 Needs the Debian package ``chromium`` (``apt-get install -y chromium``) and the Python package
 ``playwright`` (``pip install playwright``; its own browser download, ``playwright install``, is not
@@ -25,8 +28,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from muva_core.config import RunConfig
-from conftest import tiny_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "08_part_mask_explorer.ipynb"
@@ -37,9 +38,31 @@ IMAGE = "img.muva-explorer-image"
 SLIDER = ".muva-explorer-threshold"
 
 
-def _tiny_cfg(synth_root: Path, folder: Path, cache: Path) -> RunConfig:
-    return tiny_run_config(synth_root, folder, cache, stage1_epochs=1, stage1_warmup_epochs=0,
-                           stage2_epochs=1, warmup_epochs=0)
+TINY_DEMO = """
+# the demo's protocol at test size (the workbook folder of the browser test)
+synth_scale: small
+backbone: tiny
+pretrained: none
+stage1_epochs: 1
+stage1_warmup_epochs: 0
+stage1_batch_ids: 4
+stage2_epochs: 1
+warmup_epochs: 0
+lr_milestones: [1]
+batch_size: 16
+num_workers: 0
+device: cpu
+"""
+
+
+def _workbook(home: Path) -> Path:
+    """A workbook folder like a fresh clone's, with the demo config shrunk to test size."""
+    (home / "configs").mkdir(parents=True)
+    (home / "notebooks").mkdir()
+    (home / "configs" / "synth_A2B.yaml").write_text((ROOT / "configs" / "synth_A2B.yaml").read_text() + TINY_DEMO)
+    (home / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    (home / "notebooks" / NOTEBOOK.name).write_bytes(NOTEBOOK.read_bytes())
+    return home
 
 
 def _require_browser():
@@ -100,41 +123,41 @@ def _png_array(data: bytes) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_explorer_notebook_in_jupyterlab(tmp_path, small_synth_root):
+def test_explorer_notebook_in_jupyterlab(tmp_path, monkeypatch):
     sync_playwright = _require_browser()
-    import papermill as pm
-
+    from muva_core.cli import lab_command
+    from muva_core.config import resolve_config
     from muva_core.train.run import train_protocol
 
-    run = tmp_path / "run"
-    train_protocol(_tiny_cfg(small_synth_root, run, tmp_path / "cache"), progress=False)
-    lab_root = tmp_path / "lab"
-    lab_root.mkdir()
-    pm.execute_notebook(str(NOTEBOOK), str(lab_root / NOTEBOOK.name), parameters={"run_dir": str(run), "device": "cpu"},
-                        prepare_only=True, progress_bar=False, kernel_name="python3")
+    home = _workbook(tmp_path / "workbook")
+    monkeypatch.setenv("MUVA_HOME", str(home))
+    result = train_protocol(resolve_config("synth:A2B"), progress=False)    # what `make demo` leaves behind
+    assert result.run_dir.parent == home / "reports" / "synth_A2B"
+    notebooks_before = sorted(p.name for p in (home / "notebooks").rglob("*"))
 
     port, token = _free_port(), secrets.token_hex(16)
     base = f"http://127.0.0.1:{port}"
-    home = tmp_path / "jupyter"
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_DATA_DIR": str(home / "data"),
-           "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "IPYTHONDIR": str(home / "ipython"),
+    jupyter = tmp_path / "jupyter"
+    env = {**os.environ, "MUVA_HOME": str(home), "JUPYTER_CONFIG_DIR": str(jupyter / "config"),
+           "JUPYTER_DATA_DIR": str(jupyter / "data"), "JUPYTER_RUNTIME_DIR": str(jupyter / "runtime"),
+           "IPYTHONDIR": str(jupyter / "ipython"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log = tmp_path / "jupyter.log"
+    command = lab_command(port, ["--no-browser", "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
+                                 "--ServerApp.port_retries=0", "--ServerApp.terminals_enabled=False",
+                                 "--LabApp.expose_app_in_browser=True", "--LabApp.extension_manager=readonly",
+                                 f"--LabApp.workspaces_dir={jupyter / 'workspaces'}"]
+                          + (["--allow-root"] if os.geteuid() == 0 else []))
+    assert f"--ServerApp.root_dir={home}" in command      # `make lab` serves the project root
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
-             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={lab_root}", "--ServerApp.port_retries=0",
-             "--ServerApp.terminals_enabled=False", "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
-             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.extension_manager=readonly",
-             f"--LabApp.workspaces_dir={home / 'workspaces'}"] + (["--allow-root"] if os.geteuid() == 0 else []),
-            cwd=str(lab_root), env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, cwd=str(home), env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_for_server(f"{base}/api/status?token={token}", proc, log)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?token={token}", timeout=60_000)
+                page.goto(f"{base}/lab/tree/notebooks/{NOTEBOOK.name}?token={token}", timeout=60_000)
                 page.wait_for_function(
                     "() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
                     " && window.jupyterapp.shell.currentWidget.sessionContext", timeout=60_000)
@@ -147,6 +170,8 @@ def test_explorer_notebook_in_jupyterlab(tmp_path, small_synth_root):
                 image.wait_for(state="visible", timeout=90_000)
                 page.wait_for_function(f"() => {{ const i = document.querySelector('{IMAGE}');"
                                        " return i && i.complete && i.naturalWidth > 100; }", timeout=30_000)
+                # the pseudo labels were found (the IoU table compares the prediction with them)
+                page.wait_for_function("() => document.body.innerText.includes('vs pseudo')", timeout=30_000)
                 before_src = image.get_attribute("src")
                 first = image.screenshot()
 
@@ -168,6 +193,8 @@ def test_explorer_notebook_in_jupyterlab(tmp_path, small_synth_root):
     finally:
         _stop_server(proc, base, token)
 
+    assert sorted(p.name for p in (home / "notebooks").rglob("*") if ".ipynb_checkpoints" not in p.parts) == \
+        notebooks_before, "the notebook's kernel wrote under notebooks/"
     (tmp_path / "before.png").write_bytes(first)     # kept for a look when the test fails
     (tmp_path / "after.png").write_bytes(second)
     a, b = _png_array(first), _png_array(second)

@@ -125,3 +125,16 @@ def test_a_mistyped_parameter_fails_naming_the_closest_key(tmp_path):
     with pytest.raises(PapermillExecutionError, match=r"unknown config key 'synth_scael'; did you mean synth_scale"):
         pm.execute_notebook(str(typo), str(tmp_path / "out.ipynb"), progress_bar=False,
                             cwd=str(ROOT / "notebooks"), kernel_name="python3")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_papermill_reads_every_parameter_line(path, caplog):
+    """papermill infers the parameters from the cell's lines ('Unable to parse line ...' otherwise)."""
+    import logging
+
+    import papermill as pm
+
+    with caplog.at_level(logging.WARNING):
+        inferred = pm.inspect_notebook(str(path))
+    assert not [r for r in caplog.records if "Unable to parse" in r.getMessage()]
+    assert list(inferred) == list(_parameters(path))

@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ..paths import resolve
 from ..io import atomic_path
 from .paper import ABLATIONS
 from .sweep import VARIANTS, run_sweep, sweep_dir, variant_config
@@ -214,7 +215,7 @@ def train_missing(runs: Sequence, jobs: int = 1, progress: bool = True) -> int:
 
     from ..train.run import train_protocol
 
-    todo = [r for r in runs if not (Path(r.run_dir) / "metrics" / "train.json").is_file()]
+    todo = [r for r in runs if not (resolve(r.run_dir) / "metrics" / "train.json").is_file()]
     if progress:
         print(f"evidence: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to train ({jobs} at a time)")
     if not todo:
@@ -261,7 +262,7 @@ def run_evidence(base_cfg, scale: str = "full", protocols: Sequence[str] = PROTO
             frames.append(per_run)
     runs = pd.concat(frames, ignore_index=True)
     claims = evaluate_claims(runs)
-    reports_dir = Path(cfg.reports_dir)
+    reports_dir = resolve(cfg.reports_dir)
     out = Path(out) if out else reports_dir / ("evidence.md" if scale == "full" else f"evidence-{scale}.md")
     write_evidence(out, claims, runs, scale, seeds, protocols, diagnostics=diagnostics(configs, runs),
                    notes=_read_notes(out))
@@ -377,7 +378,7 @@ def part_mask_iou(runs: pd.DataFrame) -> pd.DataFrame:
     each run's ``metrics/train.json`` (``run`` column)."""
     rows = []
     for rec in runs.itertuples(index=False):
-        path = Path(rec.run) / "metrics" / "train.json"
+        path = resolve(rec.run) / "metrics" / "train.json"
         iou = json.loads(path.read_text()).get("mask_iou_truth", {}) if path.is_file() else {}
         rows.append({"protocol": rec.protocol, "table": rec.table, "variant": rec.variant, **iou})
     frame = pd.DataFrame(rows)

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ..paths import portable, resolve
 from ..config import RunConfig
 from ..data.protocols import get_protocol, protocol_slug
 from ..io import atomic_path
@@ -55,7 +56,7 @@ def variant_slug(name: str) -> str:
 
 
 def sweep_dir(cfg: RunConfig, table: int) -> Path:
-    return Path(cfg.reports_dir) / protocol_slug(get_protocol(cfg.data.protocol).name) / f"sweep-table{table}"
+    return resolve(cfg.reports_dir) / protocol_slug(get_protocol(cfg.data.protocol).name) / f"sweep-table{table}"
 
 
 def variant_config(cfg: RunConfig, table: int, variant: str, seed: int) -> RunConfig:
@@ -65,7 +66,7 @@ def variant_config(cfg: RunConfig, table: int, variant: str, seed: int) -> RunCo
 
     run = copy.deepcopy(cfg).update({**VARIANTS[table][variant], "seed": seed})
     slug = protocol_slug(get_protocol(cfg.data.protocol).name)
-    run.run_dir = str(Path(cfg.reports_dir) / slug / "sweep-runs" / f"run-{config_hash(run)}")
+    run.run_dir = portable(resolve(cfg.reports_dir) / slug / "sweep-runs" / f"run-{config_hash(run)}")
     return run
 
 
@@ -74,7 +75,7 @@ def run_variant(cfg: RunConfig, table: int, variant: str, seed: int, progress: b
     from ..train.run import train_protocol
 
     run = variant_config(cfg, table, variant, seed)
-    record = Path(run.run_dir) / "metrics" / "train.json"
+    record = resolve(run.run_dir) / "metrics" / "train.json"
     if not record.is_file():
         train_protocol(run, progress=progress)
     return json.loads(record.read_text())

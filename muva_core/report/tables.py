@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..paths import resolve
 from .paper import MAIN_RESULTS
 
 
 def collect_runs(reports_dir: str | Path) -> pd.DataFrame:
     """One row per run folder under ``reports_dir`` that has a ``metrics.json`` with metrics."""
     rows = []
-    for path in sorted(Path(reports_dir).glob("*/*/metrics.json")):
+    for path in sorted(resolve(reports_dir).glob("*/*/metrics.json")):
         rec = json.loads(path.read_text())
         m = rec.get("metrics") or {}
         if "mAP" in m:  # `muva run` / `muva train` records, not `muva baseline` output

@@ -472,10 +472,11 @@ class PartMaskExplorer:
 
     @classmethod
     def from_config(cls, cfg, progress: bool = False) -> "PartMaskExplorer":
-        """From ``run_dir(cfg)`` when it holds a trained model, else from the protocol's mask files."""
-        from ..notebook import run_dir
+        """From the run folder when it holds a trained model, else from the protocol's mask files. A ``run_dir``
+        that was given must exist."""
+        from ..paths import existing_run_folder, run_folder
 
-        folder = run_dir(cfg)
+        folder = existing_run_folder(cfg.run_dir, require_config=False) if cfg.run_dir else run_folder(cfg)
         if (folder / "model.safetensors").is_file():
             return cls.from_run(folder, device=cfg.device, progress=progress)
         return cls.from_masks(cfg, progress=progress)
