@@ -317,3 +317,19 @@ def test_make_lab_serves_the_project_root_and_opens_notebooks():
     cmd = lab_command(8899)
     assert f"--ServerApp.root_dir={ROOT}" in cmd and "--LabApp.default_url=/lab/tree/notebooks" in cmd
     assert cmd[0] == os.fspath(Path(__import__("sys").executable)) and "--port=8899" in cmd
+
+
+# ---- 7. bad data is reported whole ----------------------------------------------------------------------
+def test_eval_reports_every_unreadable_target_image_in_one_message(trained_tiny, small_synth_root, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "synth"
+    shutil.copytree(small_synth_root, copy)
+    query = sorted((copy / "synth_B" / "query").glob("*.jpg"))
+    query[0].write_bytes(b"not a jpeg")
+    query[1].write_bytes(query[1].read_bytes()[:200])             # truncated
+    code = main(["eval", "--run", str(trained_tiny), "-p", f"synth_root={copy}", "-p", f"cache_dir={tmp_path / 'c'}",
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert query[0].name in err and query[1].name in err and "2 of" in err
