@@ -18,12 +18,12 @@ def test_every_numeric_key_has_a_range():
 def test_choices_mirror_the_registries():
     from muva_core.data.synthetic import SCALES
     from muva_core.eval.metrics import METRICS
-    from muva_core.grounding import BACKENDS
+    from muva_core.grounding import available_backends
     from muva_core.model.backbone import NAMED_CONFIGS
     from muva_core.model.muva import MASK_MODES
 
     assert set(CHOICES["synth_scale"]) == set(SCALES) - {"pretrain"}    # "pretrain": the CLIP pretraining set
-    assert set(CHOICES["backend"]) == set(BACKENDS)
+    assert set(CHOICES["backend"]) == set(available_backends())
     assert set(CHOICES["backbone"]) == set(NAMED_CONFIGS)
     assert set(CHOICES["metric"]) == set(METRICS)
     assert set(CHOICES["mask_mode"]) <= set(MASK_MODES)
