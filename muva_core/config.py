@@ -4,9 +4,18 @@ Every field name is unique across the sections, so a configuration flattens to o
 ``{key: value}`` dict. Those flat keys are, at once, the YAML keys (nested by section or
 flat), the notebooks' papermill parameters and the CLI's ``-p key=value`` overrides.
 Unknown keys fail with a message that names the file and suggests the closest key.
+
+Recipes. ``recipe`` names a set of defaults for the training-recipe keys (:data:`RECIPES`):
+``workbook`` (the project's own choices, the dataclass defaults) or ``reference`` (the authors' code,
+RikoLi/MUVA at commit 8965263). Setting ``recipe`` writes its value into every recipe key that was not
+given explicitly; a key given explicitly (in the YAML file, an override, a notebook parameter) wins,
+whatever the order. The resolved values are the fields themselves, so :meth:`RunConfig.to_flat` (and the
+run folder's config hash) shows what runs: ``recipe: reference`` and ``recipe: reference`` plus a key set
+to the value the recipe gives it name the same run.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -33,7 +42,7 @@ class DataConfig:
     synth_seed: int = 0                # seed of the synthetic data and of the simulated expert (fixed across run seeds)
     height: int = 256
     width: int = 128
-    norm: str = "clip"                 # clip | half (the reference code's mean = std = 0.5)
+    norm: str = "clip"                 # clip | half (the reference code's mean = std = 0.5); recipe key
     num_instances: int = 4             # K images per identity in a P x K batch
     batch_size: int = 64               # P x K
     num_workers: int = 2
@@ -73,6 +82,12 @@ class ModelConfig:
     n_ctx: int = 4                     # learnable prompt tokens per identity per granularity
     part_agnostic_prompts: bool = False  # Table 7 PAP: no part words in the templates
     domain_specific_prompts: bool = False  # Table 7 DSP: learnable per-domain prompt tokens
+    # recipe keys (RECIPES): workbook value first, then the reference code's
+    prompt_template: str = "paper"     # paper ("A photo of a X X X X person.") | reference (no period, "a ... legs")
+    local_pos_embed: str = "cls"       # cls (local tokens use the CLS positional row) | separate (own trained copies)
+    rmp_activation: str = "gelu"       # gelu | quickgelu (the RMP MLP's activation)
+    rmp_qkv_bias: bool = True          # biases on the RMP cross-attention's q/k/v projections (reference: none)
+    rmp_init: str = "xavier"           # xavier (q/k/v; PyTorch default elsewhere) | trunc_normal (std 0.02, MLP biases 0)
 
 
 @dataclass
@@ -84,7 +99,10 @@ class TrainConfig:
     stage1_lr: float = 3.5e-4
     stage1_warmup_epochs: int = 5
     stage1_batch_ids: int = 64         # identities per stage-1 step
-    cmp_temperature: float = 0.0       # 0 = 1 / CLIP's logit scale (see README); 1.0 = the paper's literal eq. 1
+    cmp_temperature: float = 0.0       # 0 = 1 / CLIP's logit scale (see README); 1.0 = the paper's eq. 1; recipe key
+    cmp_normalize: str = "per_granularity"  # L_cmp / VPM-1 normalisation: per_granularity (/ sqrt(G)) | whole vector
+    vpm1_mean: str = "normalized"      # VPM-1 averages per-granularity normalised features | raw features
+    stage1_sampling: str = "identities"  # identities (stage1_batch_ids distinct ids a step) | images (P x K images)
     stage2_epochs: int = 60
     stage2_lr: float = 5e-6
     weight_decay: float = 1e-4
@@ -96,11 +114,16 @@ class TrainConfig:
     id_epsilon: float = 0.1
     imp_temperature: float = 0.01
     memory_momentum: float = 0.2
-    i2tce_logit_scale: float = 0.0     # 0 = CLIP's logit scale; 1.0 = the paper's literal eq. 4
+    i2tce_logit_scale: float = 0.0     # 0 = CLIP's logit scale; 1.0 = the paper's eq. 4 / 1 / I2TCE_TAU; recipe key
+    i2tce_similarity: str = "cosine"   # cosine (mean of per-granularity cosines) | dot (raw pre-BN feature . raw text)
+    rmp_weight_decay: float = -1.0     # weight decay of the RMP parameters; negative = weight_decay (reference: 0)
     mask_loss_weight: float = 1.0
     mask_dice: str = "soft"            # soft | elementwise (eq. 8 as printed)
+    mask_dice_smooth: float = 1.0      # smoothing of the soft Dice (reference: 1e-3)
+    lr_schedule: str = "workbook"      # workbook (stepped after each epoch, from 0) | reference (at the start, from 1)
     augment: str = "flip"              # flip (the paper) | flip+crop+erase (Table 11)
-    amp: bool = True                   # bf16 autocast on GPU (ignored on CPU: fp32)
+    amp: bool = True                   # autocast on GPU (ignored on CPU: fp32)
+    amp_dtype: str = "bfloat16"        # bfloat16 | float16 (with a GradScaler, the reference); recipe key
     log_every: int = 20                # steps between progress-bar loss updates
     resume: bool = True                # continue from the run's checkpoints when they exist
 
@@ -112,6 +135,10 @@ class EvalConfig:
     metric: str = "euclidean"          # distance on the BN-neck features after L2 normalisation
     max_rank: int = 50
     eval_chunk_size: int = 1024
+    rerank: str = "none"               # none | k-reciprocal (Zhong et al. 2017; not in the paper's tables)
+    k1: int = 20                       # k-reciprocal re-ranking: neighbours,
+    k2: int = 6                        # query-expansion neighbours,
+    lambda_value: float = 0.3          # weight of the original distance
 
 
 @dataclass
@@ -119,6 +146,7 @@ class RunConfig:
     """The whole run. Sections are plain attributes; keys are unique across sections."""
 
     seed: int = 0
+    recipe: str = "workbook"           # workbook | reference: defaults of the recipe keys (RECIPES); explicit keys win
     device: str = "auto"               # auto | cpu | cuda
     reports_dir: str = "reports"
     run_dir: str = ""                  # the run folder ("" = <reports_dir>/<protocol slug>/run-<config hash>)
@@ -128,6 +156,23 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        # recipe keys given explicitly (they win over the recipe); not a field: not in to_flat / the hash
+        self._explicit: set[str] = set()
+
+    # ---- recipes -------------------------------------------------------------------------
+    def apply_recipe(self) -> "RunConfig":
+        """Write ``RECIPES[self.recipe]`` into every recipe key not given explicitly; returns ``self``."""
+        for key, value in RECIPES[self.recipe].items():
+            if key not in self._explicit:
+                section = self.section_of(key)
+                setattr(self if section is None else getattr(self, section), key, copy.deepcopy(value))
+        return self
+
+    def explicit_keys(self) -> set[str]:
+        """The recipe keys that were set explicitly (and so are not taken from the recipe)."""
+        return set(self._explicit)
 
     # ---- flat view ---------------------------------------------------------------------
     def to_flat(self) -> dict[str, Any]:
@@ -170,6 +215,10 @@ class RunConfig:
             value = _coerce(target, key, value, source)
             check_value(key, value, source)
             setattr(target, key, value)
+            if key in RECIPE_KEYS:
+                self._explicit.add(key)
+            elif key == "recipe":
+                self.apply_recipe()
         return self
 
     def validate(self, source: str = "configuration") -> "RunConfig":
@@ -232,7 +281,40 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+RECIPES: dict[str, dict[str, Any]] = {
+    # the project's own choices (the dataclass defaults: RunConfig() is the workbook recipe)
+    "workbook": {
+        "norm": "clip",
+        "prompt_template": "paper", "local_pos_embed": "cls",
+        "rmp_activation": "gelu", "rmp_qkv_bias": True, "rmp_init": "xavier",
+        "cmp_normalize": "per_granularity", "cmp_temperature": 0.0, "vpm1_mean": "normalized",
+        "stage1_sampling": "identities",
+        "i2tce_similarity": "cosine", "i2tce_logit_scale": 0.0,
+        "rmp_weight_decay": -1.0, "mask_dice_smooth": 1.0, "lr_schedule": "workbook", "amp_dtype": "bfloat16",
+    },
+    # the authors' code, RikoLi/MUVA @ 8965263 (file and line of each value in README "Choices ...")
+    "reference": {
+        "norm": "half",                                   # configs/*.yml PIXEL_MEAN = PIXEL_STD = 0.5
+        "prompt_template": "reference",                   # model/visual_language_encoder.py 50-79
+        "local_pos_embed": "separate",                    # visual_language_encoder.py 154-158
+        "rmp_activation": "quickgelu", "rmp_qkv_bias": False, "rmp_init": "trunc_normal",  # model/ammsa.py, utils.py
+        "cmp_normalize": "whole", "cmp_temperature": 1.0,  # engine/coop_trainers.py 98-106, CLUSTER_NCE_TEMP
+        "vpm1_mean": "raw",                               # coop_trainers.py 54-69, engine/utils.py
+        "stage1_sampling": "images",                      # engine/utils.py pk_sampling
+        "i2tce_similarity": "dot", "i2tce_logit_scale": 1.0,  # coop_trainers.py 259-271 (NORM_I2TCE, I2TCE_TAU)
+        "rmp_weight_decay": 0.0,                          # engine/solvers/optimizers.py 114-115
+        "mask_dice_smooth": 1e-3,                         # losses/mask_loss.py 50-68
+        "lr_schedule": "reference",                       # scheduler.step(epoch) at the start of each epoch
+        "amp_dtype": "float16",                           # amp.autocast(float16) + GradScaler
+    },
+}
+"""Named training recipes: defaults of the recipe keys (``recipe: <name>``; explicit keys win)."""
+
+RECIPE_KEYS: frozenset[str] = frozenset(RECIPES["workbook"])
+"""The keys a recipe sets."""
+
 CHOICES: dict[str, tuple[str, ...]] = {
+    "recipe": tuple(RECIPES),
     "synth_scale": ("small", "default", "evidence", "large"),             # data.synthetic.SCALES
     "norm": ("clip", "half"),
     "backend": ("synthetic", "cogvlm", "florence2", "owlv2", "grounding_dino", "vitpose"),  # grounding.BACKENDS
@@ -245,6 +327,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "augment": ("flip", "flip+crop+erase"),
     "metric": ("euclidean", "cosine"),                                     # eval.metrics.METRICS
     "rerank": ("none", "k-reciprocal"),
+    "prompt_template": ("paper", "reference"),                             # model.prompts.TEMPLATE_SETS
+    "local_pos_embed": ("cls", "separate"),
+    "rmp_activation": ("gelu", "quickgelu"),
+    "rmp_init": ("xavier", "trunc_normal"),
+    "cmp_normalize": ("per_granularity", "whole"),
+    "vpm1_mean": ("normalized", "raw"),
+    "stage1_sampling": ("identities", "images"),
+    "i2tce_similarity": ("cosine", "dot"),
+    "lr_schedule": ("workbook", "reference"),
+    "amp_dtype": ("bfloat16", "float16"),
 }
 """Keys with a fixed set of values (tests tie each list to the registry it mirrors)."""
 
@@ -268,6 +360,7 @@ RANGES: dict[str, tuple] = {
     "lr_gamma": (0.0, 1.0, False, True), "id_epsilon": (0.0, 1.0, True, False), "imp_temperature": _POSITIVE,
     "memory_momentum": (0.0, 1.0, True, True), "i2tce_logit_scale": _NON_NEGATIVE,
     "mask_loss_weight": _NON_NEGATIVE, "log_every": _INT_AT_LEAST_1,
+    "rmp_weight_decay": (-1.0, None, True, True), "mask_dice_smooth": _POSITIVE,
     "max_rank": _INT_AT_LEAST_1, "eval_chunk_size": _INT_AT_LEAST_1,
     "k1": _INT_AT_LEAST_1, "k2": _INT_AT_LEAST_1, "lambda_value": (0.0, 1.0, True, True),
 }

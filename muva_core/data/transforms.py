@@ -44,8 +44,12 @@ CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "clip": (CLIP_MEAN, CLIP_STD),
-    "reference": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # the reference code's 0.5 / 0.5
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),       # the reference code's PIXEL_MEAN = PIXEL_STD = 0.5 (config `norm: half`)
+    "reference": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # the same, older name
 }
+"""Input normalisations by name (the config key ``norm``). Resizing is bicubic (PIL, as the reference's
+``T.Resize(size, interpolation=3)`` for training) unless ``interpolation`` says otherwise; the reference
+resizes its test and feature-extraction images with ``T.Resize``'s default, bilinear."""
 
 MaskLike = Any  # torch.Tensor or np.ndarray, shape [..., Gh*Gw]
 
@@ -201,10 +205,11 @@ def build_train_transform(
     norm: str = "clip",
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    interpolation: str = "bicubic",
 ) -> ReIDTransform:
     """Train transform: resize, flip (image + mask), optional crop / erasing, to-tensor, normalise."""
     return ReIDTransform(size, patch_size, True, flip_prob, random_crop, crop_padding, random_erasing,
-                         erasing_prob, norm, mean, std)
+                         erasing_prob, norm, mean, std, interpolation)
 
 
 def build_test_transform(
@@ -213,9 +218,10 @@ def build_test_transform(
     norm: str = "clip",
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    interpolation: str = "bicubic",
 ) -> ReIDTransform:
     """Test transform: resize, to-tensor, normalise (the mask passes through unchanged)."""
-    return ReIDTransform(size, patch_size, False, norm=norm, mean=mean, std=std)
+    return ReIDTransform(size, patch_size, False, norm=norm, mean=mean, std=std, interpolation=interpolation)
 
 
 class ReIDImageDataset(Dataset):

@@ -18,6 +18,12 @@ constant cancels in the softmax) and the value projection is applied after the a
 result is exactly a standard multi-head cross-attention with its own q/k/v/out projections
 (same parameters, same layout as ``nn.MultiheadAttention``), at ``2 H P D`` MACs per patch
 instead of ``2 D^2``. All parts and heads run in one SDPA call per layer.
+
+Two styles of the RMP's details (config keys ``rmp_activation``, ``rmp_qkv_bias``, ``rmp_init``; the
+recipes set them): the workbook's (GELU, q/k/v biases, xavier-uniform q/k/v, PyTorch's default init
+elsewhere, zero output bias) and the reference code's (``model/ammsa.py``, ``model/utils.py``
+``CrossAttention``: QuickGELU, q/k/v without bias, the output projection with bias, the cross-attention's
+and the MLP's weights truncated-normal std 0.02, the MLP's biases 0, the output bias PyTorch's default).
 """
 from __future__ import annotations
 
@@ -31,6 +37,9 @@ from torch import nn
 from ..data.samples import PARTS
 
 __all__ = [
+    "QuickGELU",
+    "RMP_ACTIVATIONS",
+    "RMP_INITS",
     "ResidualMaskPredictor",
     "MaskGating",
     "build_attention_mask",
@@ -38,6 +47,17 @@ __all__ = [
     "stripe_part_masks",
     "attention_template",
 ]
+
+
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)`` (OpenAI CLIP's activation; the reference RMP's MLP uses it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+RMP_ACTIVATIONS = {"gelu": nn.GELU, "quickgelu": QuickGELU}
+RMP_INITS = ("xavier", "trunc_normal")
 
 
 class ResidualMaskPredictor(nn.Module):
@@ -49,6 +69,11 @@ class ResidualMaskPredictor(nn.Module):
     heads:      cross-attention heads (Table 12: 2 default, 8 for MS / multi-source)
     layernorm:  the three LayerNorms of eq. 5 (Table 10 "LN")
     residual:   the shortcut from the cross-attention input to its output (Table 10 "RC")
+    activation: the MLP's activation, ``gelu`` | ``quickgelu`` (the reference)
+    qkv_bias:   biases on the q/k/v projections (the reference has none; the output projection has one)
+    init:       ``xavier`` (q/k/v xavier-uniform, out/MLP PyTorch's default, out bias 0) |
+                ``trunc_normal`` (the reference: q/k/v/out and MLP weights trunc-normal std 0.02, MLP
+                biases 0, the output bias PyTorch's default)
     """
 
     def __init__(
@@ -59,10 +84,17 @@ class ResidualMaskPredictor(nn.Module):
         heads: int = 2,
         layernorm: bool = True,
         residual: bool = True,
+        activation: str = "gelu",
+        qkv_bias: bool = True,
+        init: str = "xavier",
     ) -> None:
         super().__init__()
         if heads < 1 or width % heads:
             raise ValueError(f"RMP heads must divide the width: width={width}, heads={heads}")
+        if activation not in RMP_ACTIVATIONS:
+            raise ValueError(f"RMP activation must be one of {sorted(RMP_ACTIVATIONS)}, got {activation!r}")
+        if init not in RMP_INITS:
+            raise ValueError(f"RMP init must be one of {RMP_INITS}, got {init!r}")
         self.width, self.n_patches, self.n_parts, self.heads = width, n_patches, n_parts, heads
         self.head_dim = width // heads
         self.layernorm, self.residual = layernorm, residual
@@ -71,15 +103,24 @@ class ResidualMaskPredictor(nn.Module):
         self.ln_out = nn.LayerNorm(width) if layernorm else nn.Identity()
         # cross-attention parameters in nn.MultiheadAttention's layout: rows [q; k; v]
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        if qkv_bias:
+            self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        else:
+            self.register_parameter("in_proj_bias", None)
         self.out_proj = nn.Linear(width, width)
         self.mlp = nn.Sequential(
             nn.Linear(width, n_patches),
-            nn.GELU(),
+            RMP_ACTIVATIONS[activation](),
             nn.Linear(n_patches, n_patches),
         )
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.out_proj.bias)
+        if init == "xavier":
+            nn.init.xavier_uniform_(self.in_proj_weight)
+            nn.init.zeros_(self.out_proj.bias)
+        else:
+            for w in (self.in_proj_weight, self.out_proj.weight, self.mlp[0].weight, self.mlp[2].weight):
+                nn.init.trunc_normal_(w, std=0.02)
+            nn.init.zeros_(self.mlp[0].bias)
+            nn.init.zeros_(self.mlp[2].bias)
 
     def cross_attention(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Multi-head cross-attention ``[B, P, D] x [B, N, D] -> [B, P, D]`` (keys = values),
@@ -87,7 +128,8 @@ class ResidualMaskPredictor(nn.Module):
         B, P, D = queries.shape
         H, dh = self.heads, self.head_dim
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, _, b_v = self.in_proj_bias.chunk(3)  # the key bias is constant over keys: cancels
+        # the key bias is constant over keys: it cancels in the softmax
+        b_q, _, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
         q = F.linear(queries, w_q, b_q)                                 # [B, P, D]
         q = q.view(B * P, H, dh).transpose(0, 1)                        # [H, B*P, dh]
         q = torch.bmm(q, w_k.view(H, dh, D).to(q.dtype))                # [H, B*P, D]   q_h W_k,h
@@ -96,7 +138,9 @@ class ResidualMaskPredictor(nn.Module):
         ctx = F.scaled_dot_product_attention(q, kv, kv, scale=1.0 / math.sqrt(dh))  # [B,1,H*P,D]
         ctx = ctx.view(B, H, P, D).permute(1, 0, 2, 3).reshape(H, B * P, D)
         out = torch.bmm(ctx, w_v.view(H, dh, D).transpose(1, 2).to(ctx.dtype))  # [H, B*P, dh]
-        out = out.transpose(0, 1).reshape(B, P, D) + b_v.to(out.dtype)
+        out = out.transpose(0, 1).reshape(B, P, D)
+        if b_v is not None:
+            out = out + b_v.to(out.dtype)
         return self.out_proj(out)
 
     def cross_attention_reference(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 :class:`MUVAReID` holds what stage 2 trains and inference needs: the image encoder (CLIP visual
 tower + local tokens + AM-MSA + BN neck), the bias-free identity classifier on the BN feature,
 and the frozen text prototypes (TPM) produced by stage 1, kept as a buffer so a checkpoint is
-self-contained. The prompt learner (stage 1) wraps the frozen CLIP text tower.
+self-contained (the raw, un-normalised text features of every identity; each recipe normalises them as
+its L_i2tce needs). The prompt learner (stage 1) wraps the frozen CLIP text tower.
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def build_muva(cfg, num_classes: int, id_domains: torch.Tensor | None = None) ->
     parts = parts_from_code(m.granularity)
     encoder = MUVAEncoder(clip.visual, MUVAConfig(
         parts=parts, mask_mode=m.mask_mode, rmp_heads=m.rmp_heads, rmp_layernorm=m.rmp_layernorm,
-        rmp_residual=m.rmp_residual, threshold=m.mask_threshold, seed=cfg.seed,
+        rmp_residual=m.rmp_residual, threshold=m.mask_threshold, local_pos_embed=m.local_pos_embed,
+        rmp_activation=m.rmp_activation, rmp_qkv_bias=m.rmp_qkv_bias, rmp_init=m.rmp_init, seed=cfg.seed,
     ))
     logit_scale = float(clip.logit_scale.detach().exp()) if hasattr(clip, "logit_scale") else 1.0
     model = MUVAReID(encoder, num_classes, logit_scale=logit_scale)
@@ -70,6 +72,6 @@ def build_muva(cfg, num_classes: int, id_domains: torch.Tensor | None = None) ->
     if not cfg.train.vision_only:
         prompts = PromptLearner(num_classes, parts, clip, tokenizer, PromptConfig(
             n_ctx=m.n_ctx, part_words=not m.part_agnostic_prompts, domain_specific=m.domain_specific_prompts,
-            seed=cfg.seed,
+            template=m.prompt_template, seed=cfg.seed,
         ), id_domains=id_domains if m.domain_specific_prompts else None)
     return BuiltModel(model=model, prompts=prompts, clip=clip)

@@ -1,7 +1,9 @@
 """The MUVA image encoder: CLIP ViT + local visual tokens + AM-MSA + BN neck (paper 3.1, 3.2, 4.2).
 
 Token sequence ``[CLS, local_1 .. local_P, patch_1 .. patch_N]``: the local tokens (head, upper
-body, legs, or a subset for Table 5) sit right after CLS and share its positional embedding.
+body, legs, or a subset for Table 5) sit right after CLS and share its positional embedding
+(``local_pos_embed="cls"``), or, as the reference code does, get their own positional rows, copies of
+the CLS row made when the encoder is built and trained separately (``"separate"``).
 Every open_clip block runs with the AM-MSA mask of its layer (own block forward reusing the
 block's weights, :func:`masked_block_forward`). The feature is CLS + local tokens after
 ``ln_post``, each projected with CLIP's visual projection, concatenated (4 x 512 = 2048-d for
@@ -76,6 +78,9 @@ class MUVAConfig:
     rmp_residual:  residual shortcut around the RMP cross-attention (Table 10 "RC")
     threshold:     mask-gating threshold t (eq. 6)
     local_token_std: init std of the local visual tokens (N(0, 0.02))
+    local_pos_embed: ``cls`` (the local tokens add the CLS positional row) | ``separate`` (own trained
+                   copies of it, the reference code)
+    rmp_activation, rmp_qkv_bias, rmp_init: the RMP's details (see :class:`ResidualMaskPredictor`)
     seed:          seed of the new parameters' initialisation (global RNG left untouched)
     """
 
@@ -86,6 +91,10 @@ class MUVAConfig:
     rmp_residual: bool = True
     threshold: float = 0.5
     local_token_std: float = 0.02
+    local_pos_embed: str = "cls"
+    rmp_activation: str = "gelu"
+    rmp_qkv_bias: bool = True
+    rmp_init: str = "xavier"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -102,6 +111,8 @@ class MUVAConfig:
             raise ValueError(f"rmp_heads must be >= 1, got {self.rmp_heads}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.local_pos_embed not in ("cls", "separate"):
+            raise ValueError(f"local_pos_embed must be 'cls' or 'separate', got {self.local_pos_embed!r}")
 
     @property
     def granularities(self) -> tuple[str, ...]:
@@ -182,8 +193,9 @@ class MUVAEncoder(nn.Module):
     """The MUVA image encoder around an open_clip ``VisionTransformer`` (``clip.visual``).
 
     The visual tower is registered as ``self.visual`` (its weights are reused, not copied).
-    New parameters: ``local_tokens [P, D]``, one :class:`ResidualMaskPredictor` per layer
-    (``rmp``, absent in stripe mode or without parts), the BN neck ``bottleneck``.
+    New parameters: ``local_tokens [P, D]``, ``local_pos_embed [P, D]`` (``separate`` only), one
+    :class:`ResidualMaskPredictor` per layer (``rmp``, absent in stripe mode or without parts), the BN
+    neck ``bottleneck``.
     """
 
     def __init__(self, visual: VisionTransformer, cfg: MUVAConfig | None = None) -> None:
@@ -213,11 +225,17 @@ class MUVAEncoder(nn.Module):
                     ResidualMaskPredictor(
                         self.width, self.n_patches, self.n_parts, heads=cfg.rmp_heads,
                         layernorm=cfg.rmp_layernorm, residual=cfg.rmp_residual,
+                        activation=cfg.rmp_activation, qkv_bias=cfg.rmp_qkv_bias, init=cfg.rmp_init,
                     )
                     for _ in blocks
                 )
             else:
                 self.rmp = None
+        if self.n_parts and cfg.local_pos_embed == "separate":
+            row = visual.positional_embedding.detach()[:1]
+            self.local_pos_embed = nn.Parameter(row.clone().repeat(self.n_parts, 1))
+        else:
+            self.register_parameter("local_pos_embed", None)
         self.gating = MaskGating(cfg.threshold)
         self.register_buffer(
             "stripe_masks", stripe_part_masks(self.grid, self.parts), persistent=False
@@ -270,7 +288,8 @@ class MUVAEncoder(nn.Module):
         pos = v.positional_embedding.to(dt)
         tokens = [(v.class_embedding.to(dt) + pos[0]).expand(B, 1, -1)]
         if self.n_parts:
-            tokens.append((self.local_tokens.to(dt) + pos[0]).expand(B, -1, -1))
+            local_pos = pos[0] if self.local_pos_embed is None else self.local_pos_embed.to(dt)
+            tokens.append((self.local_tokens.to(dt) + local_pos).expand(B, -1, -1))
         tokens.append(x + pos[1:])
         return v.ln_pre(torch.cat(tokens, dim=1))
 

@@ -8,6 +8,10 @@ Each identity c gets N (=4) learnable word vectors per granularity, written into
     upper:  "A photo of a X X X X upper body of a person."
     legs:   "A photo of X X X X legs of a person."
 
+(``template="paper"``). The reference code (``model/visual_language_encoder.py`` 50-79) writes them
+without the final period and with "A photo of a X X X X legs of a person", and its part-agnostic
+prompt is "A photo of a X X X X" (``template="reference"``, :data:`TEMPLATE_SETS`).
+
 The template is tokenised with open_clip's BPE tokenizer, the ``X`` placeholder positions are
 found in the token ids (never hard-coded), their embeddings are replaced by the learnable
 vectors (init N(0, 0.002), dim = text width, 512 for ViT-B/16), and the frozen CLIP text
@@ -35,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ..data.samples import PARTS
 
-__all__ = ["TEMPLATES", "PromptConfig", "TextEncoder", "PromptLearner", "placeholder_positions"]
+__all__ = ["TEMPLATES", "TEMPLATE_SETS", "PromptConfig", "TextEncoder", "PromptLearner", "placeholder_positions"]
 
 TEMPLATES: dict[str, str] = {
     "global": "A photo of a {ctx} person.",
@@ -44,6 +48,18 @@ TEMPLATES: dict[str, str] = {
     "legs": "A photo of {ctx} legs of a person.",
 }
 """The paper's multi-grained templates; ``{ctx}`` becomes N placeholder words."""
+
+TEMPLATE_SETS: dict[str, dict[str, str]] = {
+    "paper": {**TEMPLATES, "agnostic": TEMPLATES["global"]},
+    "reference": {
+        "global": "A photo of a {ctx} person",
+        "head": "A photo of a {ctx} head of a person",
+        "upper": "A photo of a {ctx} upper body of a person",
+        "legs": "A photo of a {ctx} legs of a person",
+        "agnostic": "A photo of a {ctx}",     # TEMPLATE_TYPE part-agnostic: the prefix alone
+    },
+}
+"""Template wordings by name (config ``prompt_template``); ``agnostic`` is the part-agnostic prompt (PAP)."""
 
 CTX_WORD = "X"
 DOMAIN_WORD = "Z"
@@ -61,6 +77,7 @@ class PromptConfig:
     n_domain_ctx:       DSP vectors per domain
     domain_descriptions: optional fixed text per domain appended to the prompt (DSP only),
                         e.g. "captured outdoors in daylight"
+    template:           the wording, a key of :data:`TEMPLATE_SETS` (``paper`` | ``reference``)
     seed:               seed of the initialisation (global RNG left untouched)
     """
 
@@ -71,11 +88,14 @@ class PromptConfig:
     domain_specific: bool = False
     n_domain_ctx: int = 4
     domain_descriptions: tuple[str, ...] | None = None
+    template: str = "paper"
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.n_ctx < 1:
             raise ValueError(f"n_ctx must be >= 1, got {self.n_ctx}")
+        if self.template not in TEMPLATE_SETS:
+            raise ValueError(f"template must be one of {sorted(TEMPLATE_SETS)}, got {self.template!r}")
         if self.domain_specific and self.n_domain_ctx < 1:
             raise ValueError(f"n_domain_ctx must be >= 1 with domain_specific, got {self.n_domain_ctx}")
         if self.domain_descriptions is not None:
@@ -228,12 +248,14 @@ class PromptLearner(nn.Module):
     def template_text(self, granularity: str, description: str | None = None) -> str:
         """The sentence (with placeholders) used for ``granularity``."""
         cfg = self.cfg
-        base = TEMPLATES[granularity if cfg.part_words else "global"]
+        wording = TEMPLATE_SETS[cfg.template]
+        base = wording[granularity if cfg.part_words else "agnostic"]
         text = base.format(ctx=" ".join([CTX_WORD] * cfg.n_ctx))
         if cfg.domain_specific:
             text = " ".join([DOMAIN_WORD] * cfg.n_domain_ctx) + " " + text
             if description:
-                text = text.rstrip(".") + f", {description.strip().rstrip('.')}."
+                end = "." if text.endswith(".") else ""
+                text = text.rstrip(".") + f", {description.strip().rstrip('.')}{end}"
         return text
 
     def granularity_texts(self, variant: int = 0) -> list[str]:

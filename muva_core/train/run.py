@@ -36,10 +36,8 @@ from ..progress import epoch_line, report
 from ..seeding import seed_everything
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, init_distributed, shutdown
-from .losses import normalize_per_granularity
 from .memory import PrototypeMemory, all_gather_variable
-from .schedulers import WarmupCosineLR
-from .stage1 import text_prototypes, train_stage1, visual_centroids
+from .stage1 import build_stage1_optimizer, stage1_centroids, text_prototypes, train_stage1, visual_centroids
 from .stage2 import build_optimizer, train_stage2
 
 
@@ -82,7 +80,8 @@ def _id_domains(data) -> torch.Tensor:
 
 
 def _sharded_centroids(model: MUVAReID, train, masks, cfg, device, info: DistInfo, progress: bool) -> torch.Tensor:
-    """VPM-1; under torchrun each rank encodes its share of the images and the features are gathered."""
+    """VPM-1 (:func:`~muva_core.train.stage1.stage1_centroids` of the raw pre-BN features); under torchrun
+    each rank encodes its share of the images and the features are gathered."""
     if not info.enabled:
         return visual_centroids(model.encoder, train, masks, model.classifier.out_features, cfg, device, progress)
     mode = "pseudo" if model.encoder.n_parts else None
@@ -91,15 +90,13 @@ def _sharded_centroids(model: MUVAReID, train, masks, cfg, device, info: DistInf
                              which="pre", normalize=False, progress=progress and info.main, desc="VPM-1 features")
     labels = torch.tensor([s.pid for s in share], device=device)
     feats, labels = all_gather_variable(feats.to(device)), all_gather_variable(labels)
-    G = 1 + model.encoder.n_parts
-    memory = PrototypeMemory(model.classifier.out_features, feats.shape[1]).to(device)
-    memory.build(normalize_per_granularity(feats, G), labels, gather=False)
-    return normalize_per_granularity(memory.centroids.clone(), G)
+    return stage1_centroids(feats, labels, model.classifier.out_features, cfg)
 
 
 def run_stage1(cfg: RunConfig, built: BuiltModel, train, masks, device, info: DistInfo, folder: Path,
                progress: bool = True) -> pd.DataFrame:
-    """Stage 1 with resume; leaves the text prototypes (TPM) in ``built.model.text_prototypes``."""
+    """Stage 1 with resume; leaves the text prototypes (TPM, the raw text features of every identity) in
+    ``built.model.text_prototypes``."""
     model, prompts = built.model, built.prompts
     ckpt = folder / "checkpoints"
     final, last = ckpt / "stage1.safetensors", ckpt / "stage1-last.safetensors"
@@ -114,11 +111,7 @@ def run_stage1(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
         optimizer = scheduler = None
         start = 0
         if cfg.train.resume and last.is_file():
-            optimizer = torch.optim.Adam(prompts.learnable_parameters(), lr=cfg.train.stage1_lr,
-                                         weight_decay=cfg.train.weight_decay)
-            warm = min(cfg.train.stage1_warmup_epochs, max(0, cfg.train.stage1_epochs - 1))
-            scheduler = WarmupCosineLR(optimizer, max_epochs=cfg.train.stage1_epochs, warmup_epochs=warm,
-                                       warmup_lr_init=min(1e-5, cfg.train.stage1_lr))
+            optimizer, scheduler = build_stage1_optimizer(prompts, cfg)
             start = load_checkpoint(last, prompts=prompts, optimizer=optimizer, scheduler=scheduler)["epoch"]
             report(f"resuming stage 1 from epoch {start} ({last})", echo=progress and info.main)
         centroids = _sharded_centroids(model, train, masks, cfg, device, info, progress)
@@ -132,13 +125,13 @@ def run_stage1(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
                                 extra={"stage": 1})
 
         train_stage1(prompts, centroids, cfg, device, logit_scale=float(model.clip_logit_scale), start_epoch=start,
-                     optimizer=optimizer, scheduler=scheduler, on_epoch_end=on_epoch_end, progress=progress and info.main)
+                     optimizer=optimizer, scheduler=scheduler, on_epoch_end=on_epoch_end, progress=progress and info.main,
+                     labels=torch.tensor([s.pid for s in train]))
         if info.main:
             save_checkpoint(final, prompts=prompts, epoch=cfg.train.stage1_epochs, config=flat, extra={"stage": 1},
                             rng=False)
         history = previous[0]
-    tp = text_prototypes(prompts, device)
-    model.text_prototypes.copy_(normalize_per_granularity(tp, len(prompts.granularities)))
+    model.text_prototypes.copy_(text_prototypes(prompts, device))  # raw: stage2_losses normalises per the recipe
     return history if history is not None else pd.DataFrame()
 
 
@@ -190,7 +183,9 @@ def evaluate_model(cfg: RunConfig, model: MUVAReID, data, device, progress: bool
     qp, qc = sample_arrays(data.query)
     gp, gc = sample_arrays(data.gallery)
     metrics = evaluate_features(feats[:nq], feats[nq:], qp, gp, qc, gc, metric=cfg.eval.metric,
-                                max_rank=cfg.eval.max_rank, chunk_size=cfg.eval.eval_chunk_size)
+                                max_rank=cfg.eval.max_rank, chunk_size=cfg.eval.eval_chunk_size,
+                                rerank=cfg.eval.rerank, k1=cfg.eval.k1, k2=cfg.eval.k2,
+                                lambda_value=cfg.eval.lambda_value)
     iou = {}
     from ..grounding.simulated import dataset_truth
 

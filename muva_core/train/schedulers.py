@@ -8,9 +8,13 @@ only numbers and lists (JSON-serialisable, as the checkpoint stores it).
 
 Reference-code note: the authors (as CLIP-ReID) call ``scheduler.step(epoch)`` with the
 1-based epoch *before* each epoch, so their epoch ``n`` (1-based) uses ``factor(n)`` where
-ours uses ``factor(n - 1)``: their warm-up starts one step in (0.19 rather than 0.1 of the
+the workbook uses ``factor(n - 1)``: their warm-up starts one step in (0.19 rather than 0.1 of the
 base for stage 2) and each decay comes one epoch earlier. Milestones here count epochs
 completed: with ``milestones=(30, 50)`` epochs 0-29 (1-based 1-30) run before the first decay.
+``lr_schedule: reference`` reproduces it: the training loops call :func:`step_before_epoch` (one
+``step()`` at the start of every epoch, so 1-based epoch ``n`` runs at ``factor(n)``) instead of
+:func:`step_after_epoch`, and stage 1 uses timm's cosine (``cosine_from_zero=True``). Both keep
+``last_epoch`` = epochs finished at every epoch boundary, so checkpoints resume either way.
 """
 from __future__ import annotations
 
@@ -23,7 +27,22 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["WarmupMultiStepLR", "WarmupCosineLR", "make_param_groups"]
+__all__ = ["WarmupMultiStepLR", "WarmupCosineLR", "make_param_groups", "step_before_epoch", "step_after_epoch"]
+
+
+def step_before_epoch(scheduler, lr_schedule: str) -> None:
+    """At the start of an epoch: ``step()`` under ``lr_schedule="reference"`` (the epoch then runs at the
+    1-based epoch's learning rate, as the reference's ``scheduler.step(epoch)``), nothing otherwise."""
+    if lr_schedule == "reference":
+        scheduler.step()
+
+
+def step_after_epoch(scheduler, lr_schedule: str) -> None:
+    """At the end of an epoch: ``step()`` under ``lr_schedule="workbook"`` (0-based epochs), nothing otherwise."""
+    if lr_schedule not in ("workbook", "reference"):
+        raise ValueError(f"lr_schedule must be 'workbook' or 'reference', got {lr_schedule!r}")
+    if lr_schedule == "workbook":
+        scheduler.step()
 
 
 class WarmupMultiStepLR(LRScheduler):
@@ -88,6 +107,11 @@ class WarmupCosineLR(LRScheduler):
     ``t = (e - warmup_epochs) / (max_epochs - warmup_epochs)``, so the last epoch runs just above
     ``eta_min`` (absolute, as in ``CosineAnnealingLR``). Defaults: 120 epochs, 5 warm-up epochs
     from 1e-5, to 1e-6 (the reference stage-1 schedule).
+
+    ``cosine_from_zero=True`` is timm's ``CosineLRScheduler`` as the reference builds it
+    (``warmup_prefix=False``, ``cycle_limit=1``): after the warm-up the cosine is
+    ``eta_min + (base_lr - eta_min) * (1 + cos(pi * e / max_epochs)) / 2``, counted from epoch 0 (not
+    from the end of the warm-up), and ``eta_min`` from ``e = max_epochs`` on.
     """
 
     def __init__(
@@ -99,6 +123,7 @@ class WarmupCosineLR(LRScheduler):
         warmup_factor: float = 0.01,
         warmup_lr_init: float | None = 1e-5,
         last_epoch: int = -1,
+        cosine_from_zero: bool = False,
     ) -> None:
         if max_epochs <= warmup_epochs:
             raise ValueError(f"max_epochs ({max_epochs}) must exceed warmup_epochs ({warmup_epochs})")
@@ -109,6 +134,7 @@ class WarmupCosineLR(LRScheduler):
         self.eta_min = float(eta_min)
         self.warmup_factor = float(warmup_factor)
         self.warmup_lr_init = None if warmup_lr_init is None else float(warmup_lr_init)
+        self.cosine_from_zero = bool(cosine_from_zero)
         super().__init__(optimizer, last_epoch)
 
     def lr_at(self, base_lr: float, epoch: int) -> float:
@@ -116,6 +142,10 @@ class WarmupCosineLR(LRScheduler):
         if epoch < self.warmup_epochs:
             start = self.warmup_lr_init if self.warmup_lr_init is not None else self.warmup_factor * base_lr
             return start + (base_lr - start) * epoch / self.warmup_epochs
+        if self.cosine_from_zero:
+            if epoch >= self.max_epochs:
+                return self.eta_min
+            return self.eta_min + 0.5 * (base_lr - self.eta_min) * (1.0 + math.cos(math.pi * epoch / self.max_epochs))
         t = min(1.0, (epoch - self.warmup_epochs) / (self.max_epochs - self.warmup_epochs))
         return self.eta_min + (base_lr - self.eta_min) * 0.5 * (1.0 + math.cos(math.pi * t))
 

@@ -4,6 +4,21 @@ Per epoch: rebuild VPM-2 from the whole training set (features encoded with the 
 masks, as the paper says), then P x K batches with flip-only augmentation applied to image and
 mask together; loss = L_id + L_imp + L_i2tce + L_mask (eq. 11); VPM-2 updated with the hardest
 sample of each identity after every step (eq. 3).
+
+The loss of one batch is :func:`stage2_losses` (the loop calls it; a notebook can call it on any
+batch). Recipe keys (``muva_core.config.RECIPES``) it and the loop follow:
+
+=================  ==============================================  =========================================
+key                workbook                                        reference (RikoLi/MUVA @ 8965263)
+=================  ==============================================  =========================================
+i2tce_similarity   mean of per-granularity cosines of the pre-BN   raw dot product of the pre-BN feature and
+                   feature and the text prototypes                 the raw text prototypes (NORM_I2TCE False)
+i2tce_logit_scale  0 = CLIP's logit scale (~100 for ViT-B/16)      1.0 (1 / I2TCE_TAU)
+mask_dice_smooth   1.0                                             1e-3 (losses/mask_loss.py: 1e-6 / scale 1000)
+rmp_weight_decay   -1 = weight_decay                               0 (engine/solvers/optimizers.py 114-115)
+lr_schedule        stepped after each epoch                        stepped at the start, epochs from 1
+amp_dtype          bfloat16 autocast                               float16 autocast + GradScaler (GPU only)
+=================  ==============================================  =========================================
 """
 from __future__ import annotations
 
@@ -24,7 +39,11 @@ from ..eval.masks import mask_iou
 from ..model.factory import part_indices
 from .losses import MUVALoss, normalize_per_granularity
 from .memory import PrototypeMemory
-from .schedulers import WarmupMultiStepLR, make_param_groups
+from .schedulers import WarmupMultiStepLR, make_param_groups, step_after_epoch, step_before_epoch
+from .stage1 import amp_settings, backward_step, grad_scaler
+
+RMP_PATTERN = r"\brmp\b|\.rmp\."
+"""Parameter names of the RMP (10x learning rate; ``rmp_weight_decay``)."""
 
 
 def train_loader(samples: Sequence[Sample], masks, cfg, rank: int = 0, world_size: int = 1):
@@ -57,8 +76,12 @@ class _BatchSampler:
 
 
 def build_optimizer(model, cfg):
+    """Adam with the RMP group at ``rmp_lr_scale`` x the learning rate (and ``rmp_weight_decay`` when it is
+    not negative), and the warm-up + multi-step schedule."""
     t = cfg.train
-    groups = make_param_groups(model, t.stage2_lr, t.weight_decay, lr_scale_patterns={r"\brmp\b|\.rmp\.": t.rmp_lr_scale})
+    wd = {RMP_PATTERN: t.rmp_weight_decay} if t.rmp_weight_decay >= 0 else None
+    groups = make_param_groups(model, t.stage2_lr, t.weight_decay, lr_scale_patterns={RMP_PATTERN: t.rmp_lr_scale},
+                               weight_decay_patterns=wd)
     optimizer = torch.optim.Adam(groups, lr=t.stage2_lr, weight_decay=t.weight_decay)
     warm = min(t.warmup_epochs, max(0, t.stage2_epochs - 1))
     scheduler = WarmupMultiStepLR(optimizer, milestones=t.lr_milestones, gamma=t.lr_gamma,
@@ -66,13 +89,57 @@ def build_optimizer(model, cfg):
     return optimizer, scheduler
 
 
-def build_loss(cfg, model) -> MUVALoss:
+def _loss(cfg, use_mask: bool, logit_scale: float | None) -> MUVALoss:
     t = cfg.train
-    scale = t.i2tce_logit_scale if t.i2tce_logit_scale > 0 else float(model.clip_logit_scale)
-    has_mask = model.encoder.rmp is not None
-    return MUVALoss(use_i2tce=not t.vision_only, use_mask=has_mask, weights={"mask": t.mask_loss_weight},
-                    id_epsilon=t.id_epsilon, imp_temperature=t.imp_temperature, i2tce_logit_scale=scale,
-                    i2tce_normalize=False, mask_dice=t.mask_dice)
+    scale = t.i2tce_logit_scale if t.i2tce_logit_scale > 0 else logit_scale
+    if scale is None:
+        if not t.vision_only:
+            raise ValueError("i2tce_logit_scale = 0 means CLIP's logit scale: pass logit_scale="
+                             "float(model.clip_logit_scale)")
+        scale = 1.0
+    return MUVALoss(use_i2tce=not t.vision_only, use_mask=use_mask, weights={"mask": t.mask_loss_weight},
+                    id_epsilon=t.id_epsilon, imp_temperature=t.imp_temperature, i2tce_logit_scale=float(scale),
+                    i2tce_normalize=False, mask_dice=t.mask_dice, mask_smooth=t.mask_dice_smooth)
+
+
+def build_loss(cfg, model) -> MUVALoss:
+    """The stage-2 criterion of ``model`` (inputs prepared by the caller; :func:`stage2_losses` does both)."""
+    return _loss(cfg, model.encoder.rmp is not None, float(model.clip_logit_scale))
+
+
+def stage2_losses(output, id_logits: torch.Tensor, pids: torch.Tensor, memory, text_prototypes: torch.Tensor | None,
+                  mask_targets: torch.Tensor | None, cfg, *, logit_scale: float | None = None) -> dict[str, torch.Tensor]:
+    """The stage-2 loss of one batch (eq. 11): ``{"id", "imp", "i2tce", "mask_bce", "mask_dice", "total"}``.
+
+    output: the encoder's :class:`~muva_core.model.muva.MUVAOutput` of the batch (predicted masks: its
+        ``mask_logits`` are supervised when the RMP ran); id_logits: the classifier's logits ``[B, C]``;
+        pids: ``[B]``; memory: VPM-2 (a :class:`PrototypeMemory`, or a ``[C, d]`` tensor with
+        ``imp_temperature``); text_prototypes: the raw text features of all identities ``[C, G*E]`` (TPM;
+        ``None`` for the vision-only model, whose dict has no ``i2tce``); mask_targets: the pseudo masks
+        ``[B, P, N]`` of the configured parts. ``logit_scale`` (CLIP's) is needed when ``i2tce_logit_scale`` is 0.
+
+    L_id: label-smoothed CE of ``id_logits``; L_imp: CE of the L2-normalised BN feature against VPM-2 / tau;
+    L_i2tce: label-smoothed CE of ``i2tce_logit_scale x sim(pre-BN feature, text prototypes)``, ``sim`` the
+    mean per-granularity cosine (``i2tce_similarity="cosine"``) or the raw dot product (``"dot"``); mask:
+    BCE on the logits and soft Dice (smoothing ``mask_dice_smooth``) over all layers; ``total`` the sum
+    (mask terms weighted by ``mask_loss_weight``). Terms are float32 (call outside autocast or inside).
+    """
+    t = cfg.train
+    use_mask = bool(output.mask_logits)
+    criterion = _loss(cfg, use_mask, logit_scale)
+    G = output.granularity_features.shape[1]
+    if t.i2tce_similarity == "cosine":
+        feats = normalize_per_granularity(output.features.float(), G)
+        protos = normalize_per_granularity(text_prototypes.float(), G) if text_prototypes is not None else None
+    else:
+        feats = output.features.float()
+        protos = text_prototypes.float() if text_prototypes is not None else None
+    return criterion(
+        pids, id_logits=id_logits.float(), features=feats, bn_features=output.bn_features.float(),
+        memory=memory, text_prototypes=protos,
+        mask_logits=[m.float() for m in output.mask_logits] if use_mask else None,
+        mask_targets=mask_targets if use_mask else None,
+    )
 
 
 def rebuild_memory(model, memory: PrototypeMemory, samples, masks, cfg, device, progress: bool) -> None:
@@ -98,16 +165,18 @@ def train_stage2(model, memory: PrototypeMemory, samples: Sequence[Sample], mask
     net = ddp_model or model
     if optimizer is None:
         optimizer, scheduler = build_optimizer(model, cfg)
-    criterion = build_loss(cfg, model)
     loader, sampler = train_loader(samples, masks, cfg, rank, world_size)
     idx = part_indices(model.parts)
     text_protos = model.text_prototypes if not t.vision_only else None
-    amp = device.type == "cuda" and t.amp
-    G = 1 + len(idx)
+    logit_scale = float(model.clip_logit_scale)
+    has_mask = model.encoder.rmp is not None
+    amp, amp_dtype = amp_settings(device, cfg)
+    scaler = grad_scaler(device, cfg)
     rows = []
     main = rank == 0
     for epoch in range(start_epoch, t.stage2_epochs):
         t0 = time.perf_counter()
+        step_before_epoch(scheduler, t.lr_schedule)
         rebuild_memory(model, memory, samples, masks, cfg, device, progress and main)
         sampler.set_epoch(epoch)
         net.train()
@@ -118,26 +187,19 @@ def train_stage2(model, memory: PrototypeMemory, samples: Sequence[Sample], mask
         for batch in bar:
             images = batch["image"].to(device, non_blocking=True)
             pids = batch["pid"].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 out, logits = net(images)
-            mask_targets = batch["mask"][:, idx].to(device).float() if criterion.enabled["mask"] else None
-            feats = normalize_per_granularity(out.features.float(), G)
-            terms = criterion(
-                pids, id_logits=logits.float(), features=feats, bn_features=out.bn_features.float(),
-                memory=memory, text_prototypes=text_protos,
-                mask_logits=[m.float() for m in out.mask_logits] if mask_targets is not None else None,
-                mask_targets=mask_targets,
-            )
+            mask_targets = batch["mask"][:, idx].to(device).float() if has_mask else None
+            terms = stage2_losses(out, logits, pids, memory, text_protos, mask_targets, cfg, logit_scale=logit_scale)
             optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            optimizer.step()
+            backward_step(terms["total"], optimizer, scaler)
             memory.update(out.bn_features.detach().float(), pids, gather=world_size > 1)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
             steps += 1
             if steps % max(1, t.log_every) == 0:
                 bar.set_postfix(loss=f"{sums['total'] / steps:.3f}")
-        scheduler.step()
+        step_after_epoch(scheduler, t.lr_schedule)
         row = {"epoch": epoch + 1, **{f"loss_{k}": v / max(steps, 1) for k, v in sums.items()},
                "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         if monitor and model.encoder.rmp is not None and main:
