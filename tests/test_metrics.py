@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from muva_core.eval import ReIDMetrics, evaluate, evaluate_features, pairwise_distance
+from muva_core.eval import METRICS, ReIDMetrics, evaluate, evaluate_features, pairwise_distance
 
 
 def reference(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, use_raw_scores=False):
@@ -232,6 +232,14 @@ def test_errors():
         evaluate(np.zeros((2, 2)), pids, pids, cams[:1], cams)
     with pytest.raises(ValueError, match="len\\(qf\\)"):
         evaluate_features(np.ones((3, 3)), np.ones((2, 3)), pids, pids, cams, cams)
+    for metric in METRICS:  # NaN or overflowing features: refused by the ranking of the NaN rows
+        for bad in (np.array([[np.nan, 0.0, 0.0], [1.0, 0.0, 0.0]]), np.array([[3e38, 3e38, 0.0], [1.0, 0.0, 0.0]])):
+            if metric == "cosine" and bad[0, 0] > 1:
+                continue  # normalised first: large features are fine
+            with pytest.raises(ValueError, match="NaN"):
+                evaluate_features(bad, np.ones((2, 3)), [1, 2], [1, 1], [0, 0], [1, 1], metric=metric)
+            with pytest.raises(ValueError, match="NaN"):
+                evaluate_features(np.ones((2, 3)), bad, [1, 1], [1, 1], [0, 0], [1, 1], metric=metric)
 
 
 def test_chance_level_of_random_features():
@@ -247,3 +255,27 @@ def test_chance_level_of_random_features():
     # 5 of 50 gallery images match each query: Rank-1 of a random ranking is 10 % on average
     assert 3.0 < a["Rank-1"] < 20.0 and a["Rank-5"] > a["Rank-1"]
     assert 5.0 < a["mAP"] < 30.0
+
+
+def test_float32_block_path_equals_row_path():
+    """float32 blocks are ranked all at once (sort keys built from the float bits), other dtypes row
+    by row: the same metrics on negative values, -0.0 vs 0.0, infinities and heavy ties."""
+    rng = np.random.default_rng(8)
+    nq, ng = 40, 70
+    q_pids, g_pids, q_cams, g_cams = random_labels(rng, nq, ng)
+    d = rng.integers(-3, 4, (nq, ng)).astype(np.float64)
+    d[rng.random((nq, ng)) < 0.1] = -0.0
+    d[rng.random((nq, ng)) < 0.03] = np.inf
+    d[rng.random((nq, ng)) < 0.03] = -np.inf
+    m64 = evaluate(d, q_pids, g_pids, q_cams, g_cams, max_rank=10)
+    m32 = evaluate(d.astype(np.float32), q_pids, g_pids, q_cams, g_cams, max_rank=10)
+    assert m32 == m64
+    assert_matches_reference(m32, reference(d, q_pids, g_pids, q_cams, g_cams, 10))
+    has_pos = [np.any((g_pids == q_pids[i]) & (g_cams != q_cams[i])) for i in range(nq)]
+    for dtype in (np.float32, np.float64):
+        bad = d.astype(dtype)
+        bad[has_pos.index(False), 5] = np.nan  # in the row of a skipped query: never looked at
+        assert evaluate(bad, q_pids, g_pids, q_cams, g_cams, max_rank=10) == m64
+        bad[has_pos.index(True), 5] = np.nan
+        with pytest.raises(ValueError, match="NaN"):
+            evaluate(bad, q_pids, g_pids, q_cams, g_cams)

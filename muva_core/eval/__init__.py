@@ -1,7 +1,8 @@
-"""Evaluation: Re-ID retrieval metrics (Market-1501 protocol)."""
+"""Evaluation: Re-ID retrieval metrics (Market-1501 protocol), optionally k-reciprocal re-ranked."""
 from muva_core.eval.metrics import (
     DEFAULT_CHUNK_SIZE,
     METRICS,
+    RERANK_METHODS,
     ReIDMetrics,
     compute_distmat,
     evaluate,
@@ -9,14 +10,17 @@ from muva_core.eval.metrics import (
     iter_distance_chunks,
     pairwise_distance,
 )
+from muva_core.eval.rerank import k_reciprocal_distances
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "METRICS",
+    "RERANK_METHODS",
     "ReIDMetrics",
     "compute_distmat",
     "evaluate",
     "evaluate_features",
     "iter_distance_chunks",
+    "k_reciprocal_distances",
     "pairwise_distance",
 ]

@@ -18,9 +18,18 @@ another chunk size the distances themselves may differ in the last bit (BLAS acc
 depends on the matrix shape), which can swap near-tied gallery items; with exactly representable
 distances (e.g. small integer features) the results are identical for every chunk size.
 
-Instead of a full argsort per query, the ranking sorts only the distance *values* of a row (a fast
-SIMD sort) and finds the rank of each positive by binary search, then corrects for the removed
-same-camera items and for exact ties; a query costs one value sort plus O(#positives) work.
+Instead of a full argsort per query, the ranking keeps only the distance *values* of a row that are
+not larger than the query's farthest positive (one vectorised pass), sorts those (usually few) and
+finds the rank of each positive by binary search, then corrects for the removed same-camera items
+and for exact ties. A float32 block is ranked all at once: the kept values of all its rows are
+sorted together as int64 keys (row, order-preserving float bits); other dtypes row by row, with the
+same rule. The NaN check (one more pass) is skipped by ``evaluate_features`` when the features'
+norms show that no distance can be NaN. The distance blocks are one ``addmm`` each into a reused
+buffer (precomputed norms), so features-to-metrics costs about one GEMM of the same features
+(``benchmarks/eval_scale.py`` measures the ratio).
+
+k-reciprocal re-ranking (``evaluate_features(..., rerank="k-reciprocal")``) is in
+:mod:`muva_core.eval.rerank`; its blocks are ranked by the same routine.
 """
 from __future__ import annotations
 
@@ -39,8 +48,12 @@ from tqdm.auto import tqdm
 METRICS: tuple[str, ...] = ("euclidean", "cosine")
 """Supported distances: squared euclidean (as torchreid) and cosine distance ``1 - cos``."""
 
-DEFAULT_CHUNK_SIZE = 256
-"""Query rows per distance block: 256 x 82,161 gallery items is 84 MB of float32."""
+DEFAULT_CHUNK_SIZE = 1024
+"""Query rows per distance block: 1024 x 82,161 gallery items is 336 MB of float32 (smaller blocks
+make the GEMM slower: each call re-packs the whole gallery)."""
+
+RERANK_METHODS: tuple[str, ...] = ("none", "k-reciprocal")
+"""``evaluate_features(rerank=...)``: plain distances, or k-reciprocal re-ranking (Zhong et al. 2017)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,33 +174,62 @@ def _prepare(qf: Any, gf: Any, metric: str) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def _distance_block(q: torch.Tensor, q_aux: torch.Tensor, g: torch.Tensor, g_aux: torch.Tensor,
-                    metric: str) -> torch.Tensor:
-    """Distances of a block of (prepared) query rows to the whole gallery, float32 [B, G]."""
+                    metric: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Distances of a block of (prepared) query rows to the whole gallery, float32 [B, G].
+
+    One GEMM (``addmm``) per block, written into ``out`` when given (a [B, G] float32 tensor whose
+    rows are contiguous, e.g. a reused buffer or a row/column slice of a bigger matrix): no other
+    full-size temporary. The values do not depend on whether ``out`` is given.
+    """
+    if out is None:
+        out = q.new_empty((q.shape[0], g.shape[0]))
     if metric == "euclidean":
         # (|q|^2 + |g|^2) - 2 q.g, clamped at 0 (rounding can make it slightly negative)
-        d = q_aux.unsqueeze(1) + g_aux.unsqueeze(0)
-        return d.addmm_(q, g.T, beta=1.0, alpha=-2.0).clamp_(min=0.0)
-    d = q @ g.T  # q is unit-norm; g_aux = -1/|g|  ->  1 - cos
-    return d.mul_(g_aux.unsqueeze(0)).add_(1.0)
+        torch.add(q_aux.unsqueeze(1), g_aux.unsqueeze(0), out=out)
+        return out.addmm_(q, g.T, beta=1.0, alpha=-2.0).clamp_(min=0.0)
+    torch.mm(q, g.T, out=out)  # q is unit-norm; g_aux = -1/|g|  ->  1 - cos
+    return out.mul_(g_aux.unsqueeze(0)).add_(1.0)
 
 
-def _blocks(prepared: tuple[torch.Tensor, ...], metric: str, chunk_size: int
-            ) -> Iterator[tuple[int, torch.Tensor]]:
+def _distances_finite(prepared: tuple[torch.Tensor, ...], metric: str) -> bool:
+    """Whether every distance of these prepared features is finite (so no row can hold NaN).
+
+    Euclidean: ``|q.g| <= (|q|^2 + |g|^2) / 2``, so finite squared norms whose sum is finite bound
+    every term of the GEMM. Cosine: unit-norm finite queries and finite non-zero ``-1/|g|``.
+    """
+    q, g, q_aux, g_aux = prepared
+    if metric == "euclidean":
+        return bool(torch.isfinite(q_aux.max() + g_aux.max())) if len(q_aux) else True
+    return bool(torch.isfinite(q).all()) and bool((torch.isfinite(g_aux) & (g_aux != 0)).all())
+
+
+def _check_chunk_size(chunk_size: Any) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def _blocks(prepared: tuple[torch.Tensor, ...], metric: str, chunk_size: int, reuse: bool = False
+            ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, block)`` over query blocks; with ``reuse`` every block is written into the same
+    buffer (so a block is only valid until the next one is requested)."""
+    chunk_size = _check_chunk_size(chunk_size)
     q, g, q_aux, g_aux = prepared
+    buf = q.new_empty((min(chunk_size, q.shape[0]), g.shape[0])) if reuse else None
     for start in range(0, q.shape[0], chunk_size):
         stop = min(start + chunk_size, q.shape[0])
         q_aux_blk = q_aux[start:stop] if q_aux.numel() else q_aux
         with torch.no_grad():  # not around the yield: grad mode is thread-global
-            block = _distance_block(q[start:stop], q_aux_blk, g, g_aux, metric)
+            out = buf[: stop - start] if buf is not None else None
+            block = _distance_block(q[start:stop], q_aux_blk, g, g_aux, metric, out=out)
         yield start, block
 
 
 def iter_distance_chunks(qf: Any, gf: Any, metric: str = "euclidean",
                          chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(first_query_index, distances [B, num_gallery])`` blocks of the query-gallery
-    distance matrix, float32, on the features' device. Memory: one block at a time."""
+    distance matrix, float32, on the features' device. Memory: one block at a time (each block is
+    a new tensor the caller may keep)."""
     return _blocks(_prepare(qf, gf, metric), metric, chunk_size)
 
 
@@ -196,14 +238,19 @@ def pairwise_distance(qf: Any, gf: Any, metric: str = "euclidean",
     """Full query-gallery distance matrix [num_query, num_gallery], float32.
 
     ``metric="euclidean"`` is the SQUARED euclidean distance (as torchreid; same ranking),
-    ``"cosine"`` is ``1 - cosine similarity``. Computed in query blocks of ``chunk_size`` rows,
-    exactly as ``evaluate_features`` does, so the two agree bit for bit at equal ``chunk_size``.
+    ``"cosine"`` is ``1 - cosine similarity``. Computed in query blocks of ``chunk_size`` rows
+    written straight into the result (no concatenation copy), exactly as ``evaluate_features``
+    does, so the two agree bit for bit at equal ``chunk_size``.
     """
-    blocks = [d for _, d in iter_distance_chunks(qf, gf, metric, chunk_size)]
-    if not blocks:
-        g = _as_features(gf, "gf")
-        return g.new_empty((0, g.shape[0]))
-    return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+    chunk_size = _check_chunk_size(chunk_size)
+    q, g, q_aux, g_aux = _prepare(qf, gf, metric)
+    out = q.new_empty((q.shape[0], g.shape[0]))
+    with torch.no_grad():
+        for start in range(0, q.shape[0], chunk_size):
+            stop = min(start + chunk_size, q.shape[0])
+            q_aux_blk = q_aux[start:stop] if q_aux.numel() else q_aux
+            _distance_block(q[start:stop], q_aux_blk, g, g_aux, metric, out=out[start:stop])
+    return out
 
 
 compute_distmat = pairwise_distance
@@ -243,19 +290,39 @@ def _torch_threads(n: int) -> Iterator[None]:
             torch.set_num_threads(old)
 
 
-def _positive_ranks(row: np.ndarray, pos: np.ndarray, rem: np.ndarray, buf: np.ndarray) -> np.ndarray:
+def _ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + n)`` for each (s, n), as int64."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    offsets = np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lengths), lengths)
+    return offsets + np.arange(total, dtype=np.int64)
+
+
+def _float32_keys(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """int64 keys ordered as ``(row, value)`` for float32 values (no NaN): the row in the high 32
+    bits, the value's bits made order-preserving in the low 32 (-0.0 counts as 0.0)."""
+    bits = (values + np.float32(0.0)).view(np.int32).astype(np.int64)  # -0.0 + 0.0 = +0.0
+    bits = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)     # negatives: reverse order
+    return (rows.astype(np.int64) << 32) | bits
+
+
+def _positive_ranks(row: np.ndarray, pos: np.ndarray, rem: np.ndarray, check_nan: bool = True) -> np.ndarray:
     """0-based ranks, ascending, of the gallery items ``pos`` among all items except ``rem``.
 
     The rank of p counts the kept items j with ``row[j] < row[p]``, or ``row[j] == row[p]`` and
-    ``j < p`` (the stable tie rule). ``buf`` is scratch space of ``row``'s shape and dtype.
+    ``j < p`` (the stable tie rule). Only the values up to the farthest positive matter, so only
+    those are sorted (the values only: a SIMD sort, much cheaper than an argsort).
     """
     dp = row[pos]
-    np.copyto(buf, row)
-    buf.sort()  # the values only: a SIMD sort, much cheaper than an argsort
-    if np.isnan(buf[-1]):  # NaN sorts last
+    if check_nan and np.isnan(row.max()):  # max propagates NaN
         raise ValueError("the distance matrix contains NaN")
-    before = np.searchsorted(buf, dp, side="left")  # items strictly closer, removed ones included
-    n_equal = np.searchsorted(buf, dp, side="right") - before
+    near = row[row <= dp.max()]  # every item closer than some positive, and the positives
+    near.sort()
+    before = np.searchsorted(near, dp, side="left")  # items strictly closer, removed ones included
+    n_equal = np.searchsorted(near, dp, side="right") - before
     for k in np.flatnonzero(n_equal > 1):  # exact ties (rare for real features): break by index
         before[k] += np.count_nonzero(row[: pos[k]] == dp[k])
     if rem.size:  # the removed same-camera items never count
@@ -287,6 +354,16 @@ class _Ranker:
         sorted_pids = self.g_pids[self._order]
         self._lo = np.searchsorted(sorted_pids, self.q_pids, side="left")
         self._hi = np.searchsorted(sorted_pids, self.q_pids, side="right")
+        # per query, ascending gallery index: positives (same id, other camera) and removed items
+        # (same id, same camera), as CSR arrays
+        counts = self._hi - self._lo
+        same = self._order[_ragged_arange(self._lo, counts)]
+        owner = np.repeat(np.arange(self.num_q), counts)
+        removed = self.g_camids[same] == self.q_camids[owner]
+        self._pos = same[~removed]
+        self._pos_ptr = np.concatenate([[0], np.cumsum(np.bincount(owner[~removed], minlength=self.num_q))])
+        self._rem = same[removed]
+        self._rem_ptr = np.concatenate([[0], np.cumsum(np.bincount(owner[removed], minlength=self.num_q))])
         self.ap = np.zeros(self.num_q, dtype=np.float64)
         self.inp = np.zeros(self.num_q, dtype=np.float64)
         self.first = np.full(self.num_q, -1, dtype=np.int64)  # -1: skipped (no positive)
@@ -296,29 +373,79 @@ class _Ranker:
             raise ValueError(f"{name} has shape {tuple(shape)}, expected (num_query, num_gallery) = "
                              f"({self.num_q}, {self.num_g}) from the pid/camid arrays")
 
-    def rank_rows(self, rows: np.ndarray, start: int) -> None:
-        """Score queries ``start .. start + len(rows) - 1`` from their distance rows."""
-        buf = np.empty(rows.shape[1], dtype=rows.dtype)
+    def rank_rows(self, rows: np.ndarray, start: int, check_nan: bool = True) -> None:
+        """Score queries ``start .. start + len(rows) - 1`` from their distance rows (``check_nan``
+        False: the caller knows the rows hold no NaN, one pass fewer)."""
+        if rows.dtype == np.float32 and rows.ndim == 2:
+            self._rank_float32(rows, start, check_nan)
+            return
+        queries, ranks = [], []
         for i, row in enumerate(rows):
             q = start + i
-            same = self._order[self._lo[q]:self._hi[q]]  # ascending gallery index
-            same_cam = self.g_camids[same] == self.q_camids[q]
-            pos = same[~same_cam]
-            if pos.size == 0:
-                continue
-            ranks = _positive_ranks(row, pos, same[same_cam], buf)
-            n = ranks.size
-            self.first[q] = ranks[0]
-            self.ap[q] = np.mean(np.arange(1, n + 1) / (ranks + 1.0))
-            self.inp[q] = n / (ranks[-1] + 1.0)
+            pos = self._pos[self._pos_ptr[q]:self._pos_ptr[q + 1]]
+            if pos.size:
+                queries.append(q)
+                ranks.append(_positive_ranks(row, pos, self._rem[self._rem_ptr[q]:self._rem_ptr[q + 1]],
+                                             check_nan))
+        if queries:
+            self._score(np.asarray(queries), np.concatenate(ranks), np.array([len(r) for r in ranks]))
 
-    def rank_block(self, rows: np.ndarray, start: int, pool: ThreadPoolExecutor, n_workers: int) -> None:
+    def _rank_float32(self, rows: np.ndarray, start: int, check_nan: bool = True) -> None:
+        """The rule of :func:`_positive_ranks` for a whole float32 block at once: the values up to
+        each query's farthest positive are sorted together, keyed by (row, value)."""
+        b = len(rows)
+        qs = np.arange(start, start + b)
+        n_pos = self._pos_ptr[qs + 1] - self._pos_ptr[qs]
+        valid = np.flatnonzero(n_pos)
+        if valid.size == 0:
+            return
+        if check_nan and np.isnan(rows.max()) and np.isnan(rows[valid]).any():  # max propagates NaN
+            raise ValueError("the distance matrix contains NaN")
+        n_pos = n_pos[valid]
+        p_row = np.repeat(valid, n_pos)                                  # block row of each positive
+        p_col = self._pos[_ragged_arange(self._pos_ptr[start + valid], n_pos)]
+        dp = rows[p_row, p_col]
+        seg = np.concatenate([[0], np.cumsum(n_pos)])                    # positives of each valid row
+        limit = np.full(b, -np.inf, dtype=np.float32)
+        limit[valid] = np.maximum.reduceat(dp, seg[:-1])
+        near = rows <= limit[:, None]  # every item closer than some positive, and the positives
+        n_near = np.count_nonzero(near, axis=1)
+        keys = _float32_keys(rows[near], np.repeat(np.arange(b), n_near))
+        keys.sort()
+        p_key = _float32_keys(dp, p_row)
+        left = np.searchsorted(keys, p_key, side="left")
+        before = left - np.concatenate([[0], np.cumsum(n_near)])[p_row]  # strictly closer items
+        n_equal = np.searchsorted(keys, p_key, side="right") - left
+        for k in np.flatnonzero(n_equal > 1):  # exact ties (rare for real features): break by index
+            before[k] += np.count_nonzero(rows[p_row[k], : p_col[k]] == dp[k])
+        n_rem = (self._rem_ptr[qs + 1] - self._rem_ptr[qs])[p_row]
+        if n_rem.any():  # the removed same-camera items never count
+            pair = np.repeat(np.arange(len(dp)), n_rem)
+            r_col = self._rem[_ragged_arange(self._rem_ptr[start + p_row], n_rem)]
+            dr = rows[p_row[pair], r_col]
+            ahead = (dr < dp[pair]) | ((dr == dp[pair]) & (r_col < p_col[pair]))
+            before -= np.bincount(pair, weights=ahead, minlength=len(dp)).astype(np.int64)
+        stride = self.num_g + 1  # sort the ranks within each query
+        ranks = np.sort(p_row * stride + before) - p_row * stride
+        self._score(start + valid, ranks, n_pos)
+
+    def _score(self, queries: np.ndarray, ranks: np.ndarray, n_pos: np.ndarray) -> None:
+        """First-match rank, AP and INP of ``queries`` from their positives' 0-based ranks
+        (concatenated, ascending within each query; ``n_pos`` per query)."""
+        seg = np.concatenate([[0], np.cumsum(n_pos)])
+        hit = np.arange(len(ranks)) - np.repeat(seg[:-1], n_pos) + 1.0  # j-th positive: j / rank
+        self.first[queries] = ranks[seg[:-1]]
+        self.ap[queries] = np.add.reduceat(hit / (ranks + 1.0), seg[:-1]) / n_pos
+        self.inp[queries] = n_pos / (ranks[seg[1:] - 1] + 1.0)
+
+    def rank_block(self, rows: np.ndarray, start: int, pool: ThreadPoolExecutor, n_workers: int,
+                   check_nan: bool = True) -> None:
         """``rank_rows`` with the rows split across ``n_workers`` pool threads (sorting releases the GIL)."""
         if n_workers <= 1 or len(rows) < 2:
-            self.rank_rows(rows, start)
+            self.rank_rows(rows, start, check_nan)
             return
         bounds = np.linspace(0, len(rows), min(n_workers, len(rows)) + 1).astype(int)
-        futures = [pool.submit(self.rank_rows, rows[a:b], start + a)
+        futures = [pool.submit(self.rank_rows, rows[a:b], start + a, check_nan)
                    for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         for f in futures:
             f.result()
@@ -368,25 +495,50 @@ def evaluate(distmat: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: An
 
 def evaluate_features(qf: Any, gf: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any,
                       metric: str = "euclidean", max_rank: int = 50, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                      progress: bool = False, num_threads: int | None = None) -> ReIDMetrics:
+                      progress: bool = False, num_threads: int | None = None, rerank: str = "none",
+                      k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> ReIDMetrics:
     """Market-1501 protocol metrics straight from query/gallery features, in bounded memory.
 
     Features are numpy arrays or torch tensors [num, dim] (computed in float32 on the gallery
-    tensor's device). Distances are computed ``chunk_size`` query rows at a time with a matmul and
-    each block is ranked at once, so memory is the features plus one [chunk_size, num_gallery]
-    block. The result equals ``evaluate(pairwise_distance(qf, gf, metric, chunk_size), ...)``
-    exactly. ``num_threads`` (default: the available cores) applies to torch and the ranking.
+    tensor's device). Distances are computed ``chunk_size`` query rows at a time with one matmul
+    each (into a reused buffer) and each block is ranked at once, so memory is the features plus
+    one [chunk_size, num_gallery] block. The result equals
+    ``evaluate(pairwise_distance(qf, gf, metric, chunk_size), ...)`` exactly. ``num_threads``
+    (default: the available cores) applies to torch and the ranking.
+
+    ``rerank="k-reciprocal"``: k-reciprocal re-ranking (Zhong et al. 2017) with ``k1``, ``k2``,
+    ``lambda_value`` (the paper's 20, 6, 0.3), ``metric`` being the original distance. Memory stays
+    bounded (features, neighbour lists, the sparse V, one [chunk_size, num_query + num_gallery]
+    block; never a Q x G or (Q+G)^2 matrix) and the result equals
+    ``evaluate(k_reciprocal_distances(qf, gf, k1, k2, lambda_value, metric=metric,
+    chunk_size=chunk_size), ...)`` exactly. See :mod:`muva_core.eval.rerank`.
     """
+    if rerank not in RERANK_METHODS:
+        raise ValueError(f"rerank must be one of {RERANK_METHODS}, got {rerank!r}")
     ranker = _Ranker(q_pids, g_pids, q_camids, g_camids, max_rank)
+    n_threads = num_threads or _available_cores()
+    if rerank == "k-reciprocal":
+        from muva_core.eval.rerank import KReciprocal
+
+        n_q, n_g = _as_features(qf, "qf").shape[0], _as_features(gf, "gf").shape[0]
+        ranker.check_shape((n_q, n_g), "(len(qf), len(gf))")
+        if ranker.num_q == 0:
+            raise ValueError("qf is empty: there is no query to evaluate")
+        with _torch_threads(n_threads), ThreadPoolExecutor(n_threads) as pool:
+            state = KReciprocal(qf, gf, k1, k2, lambda_value, metric=metric, chunk_size=chunk_size,
+                                progress=progress)
+            for start, block in state.blocks():
+                ranker.rank_block(block, start, pool, n_threads)
+        return ranker.result()
     prepared = _prepare(qf, gf, metric)
     ranker.check_shape((prepared[0].shape[0], prepared[1].shape[0]), "(len(qf), len(gf))")
     if ranker.num_q == 0:
         raise ValueError("qf is empty: there is no query to evaluate")
-    n_threads = num_threads or _available_cores()
+    check_nan = not _distances_finite(prepared, metric)
     with _torch_threads(n_threads), ThreadPoolExecutor(n_threads) as pool:
         bar = tqdm(total=ranker.num_q, desc="evaluate_features", unit="query", disable=not progress)
-        for start, dist in _blocks(prepared, metric, chunk_size):
-            ranker.rank_block(dist.cpu().numpy(), start, pool, n_threads)
+        for start, dist in _blocks(prepared, metric, chunk_size, reuse=True):
+            ranker.rank_block(dist.cpu().numpy(), start, pool, n_threads, check_nan)
             bar.update(dist.shape[0])
         bar.close()
     return ranker.result()
