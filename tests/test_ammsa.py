@@ -175,6 +175,25 @@ def test_rmp_fused_cross_attention_equals_reference(heads):
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g1, g2))
 
 
+@pytest.mark.parametrize("heads", [2, 8])
+def test_rmp_without_qkv_bias_equals_reference(heads):
+    """The reference RMP (q/k/v without bias, QuickGELU, trunc-normal init): same fused computation."""
+    torch.manual_seed(heads)
+    rmp = ResidualMaskPredictor(width=64, n_patches=24, n_parts=3, heads=heads, activation="quickgelu",
+                                qkv_bias=False, init="trunc_normal")
+    assert rmp.in_proj_bias is None and "in_proj_bias" not in rmp.state_dict()
+    q, kv = torch.randn(3, 3, 64), torch.randn(3, 24, 64)
+    torch.testing.assert_close(rmp.cross_attention(q, kv), rmp.cross_attention_reference(q, kv), rtol=1e-5, atol=1e-6)
+    assert rmp(q, kv).shape == (3, 3, 24)
+
+
+def test_rmp_rejects_unknown_activation_and_init():
+    with pytest.raises(ValueError, match="activation"):
+        ResidualMaskPredictor(width=64, n_patches=24, n_parts=3, activation="relu")
+    with pytest.raises(ValueError, match="init"):
+        ResidualMaskPredictor(width=64, n_patches=24, n_parts=3, init="kaiming")
+
+
 @pytest.mark.parametrize("layernorm,residual", [(True, True), (True, False), (False, True), (False, False)])
 def test_rmp_structure_switches(layernorm, residual):
     torch.manual_seed(0)

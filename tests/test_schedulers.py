@@ -65,6 +65,38 @@ def test_warmup_cosine_reference_schedule():
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))  # monotone after warm-up
 
 
+def test_warmup_cosine_from_zero_is_timms_cosine():
+    """timm's CosineLRScheduler (warmup_prefix=False, cycle_limit=1), as the reference stage 1 builds it."""
+    opt = _opt((3.5e-4,))
+    sched = WarmupCosineLR(opt, max_epochs=120, warmup_epochs=5, warmup_lr_init=1e-5, eta_min=1e-6,
+                           cosine_from_zero=True)
+    for e in (0, 3, 5, 60, 119, 120, 130):
+        expected = (1e-5 + e * (3.5e-4 - 1e-5) / 5 if e < 5 else 1e-6 if e >= 120 else
+                    1e-6 + 0.5 * (3.5e-4 - 1e-6) * (1 + math.cos(math.pi * e / 120)))
+        assert sched.lr_at(3.5e-4, e) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["workbook", "reference"])
+def test_step_helpers_run_epoch_n_at_factor_n_minus_1_or_n(schedule):
+    from muva_core.train.schedulers import step_after_epoch, step_before_epoch
+
+    opt = _opt((1.0,))
+    sched = WarmupMultiStepLR(opt, milestones=(3,), gamma=0.1, warmup_factor=0.1, warmup_epochs=2)
+    used = []
+    for _ in range(5):
+        step_before_epoch(sched, schedule)
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        step_after_epoch(sched, schedule)
+        assert sched.last_epoch == len(used)           # epochs finished, either way (checkpoints resume)
+    factors = [0.1, 0.55, 1.0, 0.1, 0.1]                # factor(e), e = 0..4
+    offset = 1 if schedule == "reference" else 0
+    expected = [sched.factor(e + offset) for e in range(5)]
+    assert used == pytest.approx(expected) and expected[:4 - offset] == pytest.approx(factors[offset:4])
+    with pytest.raises(ValueError, match="lr_schedule"):
+        step_after_epoch(sched, "paper")
+
+
 def test_warmup_cosine_relative_start():
     opt = _opt((2.0,))
     sched = WarmupCosineLR(opt, max_epochs=10, warmup_epochs=2, eta_min=0.0, warmup_factor=0.1, warmup_lr_init=None)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from bisect import bisect_right
 from typing import Iterable, Mapping
 
@@ -34,7 +35,9 @@ def step_before_epoch(scheduler, lr_schedule: str) -> None:
     """At the start of an epoch: ``step()`` under ``lr_schedule="reference"`` (the epoch then runs at the
     1-based epoch's learning rate, as the reference's ``scheduler.step(epoch)``), nothing otherwise."""
     if lr_schedule == "reference":
-        scheduler.step()
+        with warnings.catch_warnings():  # the closed-form schedules skip nothing when stepped first
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            scheduler.step()
 
 
 def step_after_epoch(scheduler, lr_schedule: str) -> None:
