@@ -299,3 +299,58 @@ def test_the_market_parser_reads_it(root):
     assert all(s.domain == "synth_C" and s.pid != -1 for s in ds.gallery)
     assert any(s.pid == 0 for s in ds.gallery)
     assert {s.relpath for s in ds.query} <= set(load_part_boxes(root / "synth_C").relpath)
+
+
+# ---- target splits large enough to rank (issue 13) ----------------------------------------------
+
+def _valid_queries(plan: dict) -> int:
+    """Queries with a gallery image of the same identity from another camera (the evaluation's valid ones)."""
+    gallery = {(im["pid"], im["cam"]) for im in plan["images"] if im["split"] == "gallery" and im["pid"] > 0}
+    return sum(any(p == im["pid"] and c != im["cam"] for p, c in gallery)
+               for im in plan["images"] if im["split"] == "query")
+
+
+@pytest.mark.parametrize("scale", ["default", "evidence"])
+def test_every_target_of_the_demo_and_the_evidence_has_300_valid_queries(scale):
+    """Planned, not rendered (a second): every synthetic target the README and the evidence page use (B for the
+    demo, D for synth:C2D, A for synth:B+C+D->A; C too) ranks >= 300 valid queries against a gallery 2.5-6 times
+    as large, while each domain keeps about 50 training identities (the training time of the demo)."""
+    for d in DOMAINS:
+        plan = syn._plan_domain(0, d, scale)
+        counts = syn._counts(plan)
+        assert _valid_queries(plan) >= 300, (d, counts)
+        assert 48 <= counts["train_ids"] <= 56 and 400 <= counts["train_images"] <= 650, (d, counts)
+        assert 2.5 <= counts["gallery_images"] / counts["query_images"] <= 6.0, (d, counts)
+    assert _valid_queries(syn._plan_domain(0, "B", scale)) == syn._counts(syn._plan_domain(0, "B", scale))["test_ids"]
+
+
+def test_train_ids_and_test_images_per_id_shape_the_splits(tmp_path, monkeypatch):
+    """The two keys of the larger splits, rendered at a test size: whole families fill the training split up to
+    ``train_ids``; test identities get ``test_images_per_id`` images; the files follow the plan."""
+    spec = {"description": "test: few train ids, many small test ids", "ids_per_domain": 24, "train_ids": 6,
+            "images_per_id": [5, 6], "test_images_per_id": [2, 3], "distractor_frac": 0.0, "junk_frac": 0.0,
+            "min_distractors": 1, "min_junk": 1}
+    monkeypatch.setitem(SCALES, "split-test", spec)
+    plan = syn._plan_domain(0, "B", "split-test")
+    counts = syn._counts(plan)
+    assert 6 <= counts["train_ids"] <= 9 and counts["test_ids"] == 24 - counts["train_ids"]
+    per_id: dict[int, int] = {}
+    for im in plan["images"]:
+        if im["kind"] == "normal":
+            per_id[im["pid"]] = per_id.get(im["pid"], 0) + 1
+    split = {pid: v["split"] for pid, v in plan["identities"].items()}
+    assert all(5 <= n <= 6 for p, n in per_id.items() if split[p] == "train")
+    assert all(2 <= n <= 3 for p, n in per_id.items() if split[p] == "test")
+    assert counts["query_images"] == counts["test_ids"] == _valid_queries(plan)   # B: 2 cameras, one query each
+    out = generate_synthetic(tmp_path / "s", seed=0, scale="split-test", domains=("B",), progress=False)
+    from muva_core.data.datasets import load_dataset
+
+    ds = load_dataset("synth_B", out)
+    assert len(ds.query) == counts["query_images"] and len({s.pid for s in ds.train}) == counts["train_ids"]
+    # the scale now means something else: the old set is not reused silently, the message says why
+    monkeypatch.setitem(SCALES, "split-test", {**spec, "test_images_per_id": [3, 4]})
+    with pytest.raises(FileExistsError, match="now defined otherwise"):
+        generate_synthetic(out, seed=0, scale="split-test", domains=("B",), progress=False)
+    # a new description alone is not a new definition
+    monkeypatch.setitem(SCALES, "split-test", {**spec, "description": "reworded"})
+    assert generate_synthetic(out, seed=0, scale="split-test", domains=("B",), progress=False) == out

@@ -81,14 +81,17 @@ SCALES: dict[str, dict[str, Any]] = {
         "distractor_frac": 0.08, "junk_frac": 0.05, "min_distractors": 2, "min_junk": 2,
     },
     "default": {
-        "description": "the demo set: 100 ids per domain, 8-12 images each (~4.3k images in all)",
-        "ids_per_domain": 100, "images_per_id": [8, 12],
+        "description": "the demo set: per domain about 50 training ids (8-12 images each, as before) and 310 test "
+                       "ids (4-7 images each): >= 300 queries on every target (one per test id on the 2-camera "
+                       "domain B, 1-3 on the others) and ~4.5 gallery images per query (Market-1501: 4.7); "
+                       "~9.4k images in all",
+        "ids_per_domain": 360, "train_ids": 50, "images_per_id": [8, 12], "test_images_per_id": [4, 7],
         "distractor_frac": 0.06, "junk_frac": 0.04, "min_distractors": 4, "min_junk": 4,
     },
     "evidence": {
-        "description": "the evidence study (muva evidence): 150 ids per domain, a third of them train (as many as "
-                       "the default), two thirds test (twice the default's queries, for less evaluation noise)",
-        "ids_per_domain": 150, "images_per_id": [8, 12], "train_frac": 1 / 3,
+        "description": "the evidence study (muva evidence): the same identities and images as the default "
+                       "(kept as its own name and folder, data/synthetic-evidence)",
+        "ids_per_domain": 360, "train_ids": 50, "images_per_id": [8, 12], "test_images_per_id": [4, 7],
         "distractor_frac": 0.06, "junk_frac": 0.04, "min_distractors": 4, "min_junk": 4,
     },
     "large": {
@@ -103,7 +106,10 @@ SCALES: dict[str, dict[str, Any]] = {
         "distractor_frac": 0.0, "junk_frac": 0.0, "min_distractors": 0, "min_junk": 0,
     },
 }
-"""Dataset sizes. ``ids_per_domain`` is split half train, half test (by family), or ``train_frac`` train."""
+"""Dataset sizes. ``ids_per_domain`` is split half train, half test (by whole families), or ``train_frac`` train,
+or ``train_ids`` train (families are added to the training split until it holds at least that many ids).
+``images_per_id`` = [lo, hi] images of a training id (and of a test id unless ``test_images_per_id`` is given);
+a test id has at least one image in each of its cameras and one query per camera for 1-3 of them."""
 
 _SUMMER = {"short_sleeves": 0.6, "shorts": 0.3, "skirt": 0.12, "hat": 0.12, "bag": 0.45,
            "long_hair": 0.35, "bald": 0.06, "dark_clothes": 0.25}
@@ -464,7 +470,10 @@ def _plan_domain(seed: int, domain: str, scale: str) -> dict:
     identities: dict[int, dict] = {}
     n_train = 0
     k = 0
-    n_train_ids = round(n_ids * spec["train_frac"]) if "train_frac" in spec else n_ids // 2
+    if "train_ids" in spec:
+        n_train_ids = int(spec["train_ids"])
+    else:
+        n_train_ids = round(n_ids * spec["train_frac"]) if "train_frac" in spec else n_ids // 2
     for fi in fam_order:
         fam = families[fi]
         split = "train" if n_train < n_train_ids else "test"
@@ -476,10 +485,11 @@ def _plan_domain(seed: int, domain: str, scale: str) -> dict:
             n_train += split == "train"
 
     # images: each id in >= 2 cameras; test ids give one query per camera for a subset of cameras
-    lo, hi = spec["images_per_id"]
+    per_id = {"train": spec["images_per_id"], "test": spec.get("test_images_per_id", spec["images_per_id"])}
     images: list[dict] = []
     for pid in sorted(identities):
         ident = identities[pid]
+        lo, hi = per_id[ident["split"]]
         n_c = int(pr.integers(2, n_cams + 1))
         cams = sorted(int(c) + 1 for c in pr.choice(n_cams, n_c, replace=False))
         n_img = max(int(pr.integers(lo, hi + 1)), n_c)
@@ -600,6 +610,13 @@ def read_manifest(root: str | os.PathLike) -> dict | None:
         raise DatasetError(f"{p}: not valid JSON ({e})") from e
 
 
+def _scale_params(scale: str | dict) -> dict:
+    """``SCALES[scale]`` (or a manifest's ``scale_params``) as JSON, without the description: what tells a
+    changed definition of a scale."""
+    params = SCALES[scale] if isinstance(scale, str) else scale
+    return {k: v for k, v in json.loads(json.dumps(params)).items() if k != "description"}
+
+
 def _is_ours(domain_dir: Path) -> bool:
     try:
         return json.loads((domain_dir / "attributes.json").read_text()).get("generator") == GENERATOR
@@ -633,7 +650,8 @@ def generate_synthetic(out: str | os.PathLike, seed: int = 0, scale: str = "defa
     old = read_manifest(root)
     keep: dict[str, Any] = {}  # domains of the existing dataset that stay (same seed, scale and version)
     if old is not None:
-        same = (old.get("seed") == seed and old.get("scale") == scale and old.get("version") == GENERATOR_VERSION)
+        same = (old.get("seed") == seed and old.get("scale") == scale and old.get("version") == GENERATOR_VERSION
+                and _scale_params(old.get("scale_params", scale)) == _scale_params(scale))
         have = {d for d in old.get("domains", {}) if (root / f"synth_{d}").is_dir()}
         if same and set(domains) <= have:
             return root
@@ -644,8 +662,11 @@ def generate_synthetic(out: str | os.PathLike, seed: int = 0, scale: str = "defa
             raise FileExistsError(
                 f"{root / 'manifest.json'}: a synthetic dataset with seed={old.get('seed')}, "
                 f"scale={old.get('scale')!r}, version={old.get('version')!r}, domains={sorted(have)} already exists; "
-                f"requested seed={seed}, scale={scale!r}, version={GENERATOR_VERSION!r}, domains={domains}. "
-                f"Pass overwrite=True to replace it, or choose another output folder.")
+                f"requested seed={seed}, scale={scale!r}, version={GENERATOR_VERSION!r}, domains={domains}"
+                + ("" if _scale_params(old.get("scale_params", scale)) == _scale_params(scale) else
+                   f" (the scale {scale!r} is now defined otherwise: {_scale_params(scale)})")
+                + ". Pass overwrite=True to replace it (muva synth --overwrite; delete the grounding cache made from "
+                  "it too), or choose another output folder.")
     else:
         for d in domains:
             p = root / f"synth_{d}"
