@@ -32,11 +32,21 @@ start from random weights, so this module pretrains one on data no Re-ID protoco
   metadata (settings, architecture, epochs, accuracies); a JSON report beside it (zero-shot
   accuracies of the random initialisation and of the pretrained model, loss curve, timings).
   A checkpoint with the same settings is reused; other settings raise unless ``overwrite``.
+* **Resume.** After every epoch the model, optimiser, scheduler and losses so far go to
+  ``<out_dir>/clip-<backbone>-seed<seed>.partial.safetensors`` (atomically); an interrupted run with the
+  same settings continues from its last finished epoch and ends with the same weights as an
+  uninterrupted one; a partial file with other settings is refused like a checkpoint (``overwrite``
+  discards it). The partial file is removed once the checkpoint is written.
+* **Runs that start from it.** ``pretrained: pretrain-clip`` in a run configuration (the synthetic
+  configs) means this CLIP for the run's backbone and input size, with the default settings and seed 0,
+  at :func:`config_clip_path` = ``<data_root>/clip/clip-<backbone>-seed0.safetensors``: the checks before
+  a run (:func:`muva_core.pipeline.ensure_pretrained_clip`, called by ``preflight``) make it when it is
+  missing, reuse it when its settings are the same, and refuse it when they differ.
 
 Usage::
 
     path = pretrain_clip("data/clip", backbone="small", seed=0)      # a few minutes on 2 CPU cores
-    # then: muva train -p checkpoint_path=<path> -p backbone=small -p pretrained=none
+    # then: muva train -p pretrained=pretrain-clip  (the same file), or -p checkpoint_path=<path> -p pretrained=none
 """
 from __future__ import annotations
 
@@ -79,6 +89,13 @@ __all__ = [
     "evaluate_zero_shot",
     "pretrain_clip",
     "read_pretrain_info",
+    "partial_file",
+    "PRETRAINED_TAG",
+    "CONFIG_CLIP_SEED",
+    "CONFIG_CLIP_OPTIONS",
+    "config_clip_spec",
+    "config_clip_path",
+    "uses_pretrain_clip",
 ]
 
 class CheckpointExistsError(FileExistsError, ValueError):
@@ -173,6 +190,47 @@ def checkpoint_file(out_dir: str | os.PathLike, backbone: str, seed: int,
 def report_file(checkpoint: str | os.PathLike) -> Path:
     """The JSON report beside a checkpoint (same name, ``.json``)."""
     return Path(checkpoint).with_suffix(".json")
+
+
+def partial_file(checkpoint: str | os.PathLike) -> Path:
+    """The per-epoch resume state beside a checkpoint: ``clip-...-seed0.partial.safetensors``."""
+    path = Path(checkpoint)
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLIP a run configuration starts from (``pretrained: pretrain-clip``)
+
+PRETRAINED_TAG = "pretrain-clip"
+"""The ``pretrained`` value of a run configuration that starts from this module's CLIP."""
+
+CONFIG_CLIP_SEED = 0
+"""Seed of the CLIP that ``pretrained: pretrain-clip`` names (the same CLIP for every run seed)."""
+
+CONFIG_CLIP_OPTIONS: dict[str, Any] = {}
+""":func:`pretrain_clip` arguments beyond the defaults for ``pretrained: pretrain-clip`` (empty: the
+defaults, i.e. ``muva pretrain-clip --out <data_root>/clip --backbone <backbone> --seed 0``; tests shrink it)."""
+
+
+def uses_pretrain_clip(cfg) -> bool:
+    """Whether a :class:`~muva_core.config.RunConfig` starts from this module's CLIP (``pretrained:
+    pretrain-clip`` and no ``checkpoint_path``, which would win)."""
+    return cfg.model.pretrained == PRETRAINED_TAG and not cfg.model.checkpoint_path
+
+
+def config_clip_spec(cfg) -> dict[str, Any]:
+    """The :func:`pretrain_clip` arguments of the CLIP ``pretrained: pretrain-clip`` names for ``cfg``: its
+    backbone, input size and ``data_root``, seed :data:`CONFIG_CLIP_SEED`, the default settings otherwise."""
+    from .paths import resolve
+
+    return {"out_dir": resolve(cfg.data.data_root) / "clip", "backbone": cfg.model.backbone, "seed": CONFIG_CLIP_SEED,
+            "image_size": (int(cfg.data.height), int(cfg.data.width)), **CONFIG_CLIP_OPTIONS}
+
+
+def config_clip_path(cfg) -> Path:
+    """``<data_root>/clip/clip-<backbone>-seed0.safetensors``: where ``pretrained: pretrain-clip`` loads from."""
+    spec = config_clip_spec(cfg)
+    return checkpoint_file(spec["out_dir"], spec["backbone"], spec["seed"], spec["image_size"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,6 +622,35 @@ class _Clock:
         return {"wall_s": round(time.perf_counter() - self.wall, 2), "cpu_s": round(_cpu_seconds() - self.cpu, 2)}
 
 
+def _partial_state(partial: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The resume state of an interrupted run with the same settings (None: start afresh); a partial file
+    with other settings is refused unless ``overwrite`` (then it is removed)."""
+    if not partial.is_file():
+        return None
+    from .train.checkpoint import CheckpointError, read_checkpoint_info
+
+    try:
+        info = read_checkpoint_info(partial)
+        old = info["config"]
+    except CheckpointError:
+        info, old = None, None
+    if info is not None and old == settings:
+        return info
+    if not overwrite:
+        diff = _differences(old, settings) if isinstance(old, dict) else ["not a pretrain-clip resume state"]
+        raise CheckpointExistsError(f"{partial}: an interrupted pretraining with other settings ({'; '.join(diff)}); "
+                                    "pass overwrite=True (--overwrite) to discard it, or choose another --out")
+    partial.unlink()
+    return None
+
+
+def _progress_line(line: str) -> None:
+    """One line per epoch to the run's progress log when a ``muva run`` kernel or the runner is listening."""
+    from .progress import report
+
+    report(line, echo=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # the entry point
 
@@ -585,6 +672,7 @@ def pretrain_clip(out_dir: str | os.PathLike, backbone: str = "small", seed: int
                          epochs=int(epochs if epochs is not None else DEFAULT_EPOCHS.get(backbone, 4)), **options)
     settings = cfg.settings()
     path = checkpoint_file(out_dir, backbone, seed, cfg.image_size)
+    partial = partial_file(path)
     if path.is_file():
         try:
             old = read_pretrain_info(path).get("settings", {})
@@ -598,12 +686,14 @@ def pretrain_clip(out_dir: str | os.PathLike, backbone: str = "small", seed: int
             diff = _differences(old, settings) if isinstance(old, dict) else ["not a pretrain-clip checkpoint"]
             raise CheckpointExistsError(f"{path}: exists with other settings ({'; '.join(diff)}); "
                                   "pass overwrite=True (--overwrite) to replace it, or choose another --out")
+    resume = _partial_state(partial, settings, overwrite)
 
     from open_clip.loss import ClipLoss
     from tqdm.auto import tqdm
 
     from .data.synthetic import PRETRAIN_DOMAINS, generate_synthetic
     from .model.backbone import NAMED_CONFIGS
+    from .train.checkpoint import load_checkpoint, save_checkpoint
     from .train.schedulers import WarmupCosineLR
 
     timings: dict[str, dict[str, float]] = {}
@@ -622,12 +712,6 @@ def pretrain_clip(out_dir: str | os.PathLike, backbone: str = "small", seed: int
         model, tokenizer = build_pretrain_clip(cfg)
         model.train()
         loss_fn = ClipLoss()
-        clock = _Clock()
-        zero_shot: dict[str, Any] = {}
-        if held is not None:
-            zero_shot["random"] = evaluate_zero_shot(model, tokenizer, held, part_pad=cfg.part_pad, progress=progress)
-        timings["eval_random"] = clock.lap()
-
         batch = min(cfg.batch_size, len(train))
         steps_per_epoch = max(1, len(train) // batch)  # drop the ragged last batch
         n_steps = steps_per_epoch * cfg.epochs
@@ -636,12 +720,30 @@ def pretrain_clip(out_dir: str | os.PathLike, backbone: str = "small", seed: int
         scheduler = WarmupCosineLR(optimizer, max_epochs=n_steps, warmup_epochs=warm, eta_min=0.0,
                                    warmup_lr_init=None, warmup_factor=0.01)
         clock = _Clock()
+        zero_shot: dict[str, Any] = {}
         epoch_loss: list[float] = []
         step_loss: list[float] = []
+        start = 0
+        if resume is not None:
+            info = load_checkpoint(partial, model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=False)
+            start = int(info["epoch"])
+            zero_shot = dict(info["extra"].get("zero_shot", {}))
+            epoch_loss = list(info["extra"].get("epoch_loss", []))
+            step_loss = list(info["extra"].get("step_loss", []))
+            if progress:
+                print(f"pretrain-clip: resuming from epoch {start} of {cfg.epochs} ({partial})")
+        elif held is not None:
+            zero_shot["random"] = evaluate_zero_shot(model, tokenizer, held, part_pad=cfg.part_pad, progress=progress)
+        timings["eval_random"] = clock.lap()
+
+        clock = _Clock()
         gen = torch.Generator().manual_seed(cfg.seed)
-        bar = tqdm(total=n_steps, desc=f"pretrain CLIP {backbone}", unit="step", disable=not progress)
+        for _ in range(start):  # the batch order of the epochs already done
+            torch.randperm(len(train), generator=gen)
+        bar = tqdm(total=n_steps, initial=start * steps_per_epoch, desc=f"pretrain CLIP {backbone}", unit="step",
+                   disable=not progress)
         try:
-            for epoch in range(cfg.epochs):
+            for epoch in range(start, cfg.epochs):
                 order = torch.randperm(len(train), generator=gen).tolist()
                 losses = []
                 for s in range(steps_per_epoch):
@@ -655,6 +757,11 @@ def pretrain_clip(out_dir: str | os.PathLike, backbone: str = "small", seed: int
                     bar.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch + 1)
                 step_loss += losses
                 epoch_loss.append(float(np.mean(losses)))
+                if epoch + 1 < cfg.epochs:  # the last epoch ends in the checkpoint itself
+                    save_checkpoint(partial, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
+                                    step=(epoch + 1) * steps_per_epoch, config=settings, rng=False,
+                                    extra={"zero_shot": zero_shot, "epoch_loss": epoch_loss, "step_loss": step_loss})
+                _progress_line(f"pretrain-clip epoch {epoch + 1}/{cfg.epochs}: loss {epoch_loss[-1]:.3f}")
         finally:
             bar.close()
         timings["train"] = clock.lap()
@@ -674,6 +781,7 @@ def pretrain_clip(out_dir: str | os.PathLike, backbone: str = "small", seed: int
                  "heldout_images": len(held) if held is not None else 0,
                  "heldout_identities": int(len(np.unique(held.pids))) if held is not None else 0},
         "steps": n_steps,
+        "resumed_from_epoch": start,
         "loss": {"per_epoch": epoch_loss, "first_steps": step_loss[:5], "last_steps": step_loss[-5:]},
         "logit_scale": float(model.logit_scale.detach().exp()),
         "zero_shot": zero_shot,
@@ -690,6 +798,7 @@ def pretrain_clip(out_dir: str | os.PathLike, backbone: str = "small", seed: int
         "settings": settings, "architecture": NAMED_CONFIGS[backbone], "epochs": cfg.epochs,
         "zero_shot": summary, "torch_version": torch.__version__,
     })
+    partial.unlink(missing_ok=True)
     if progress:
         t = timings["total"]
         print(f"pretrain-clip: {backbone} seed {seed}, {cfg.epochs} epochs ({n_steps} steps) in {t['wall_s']:.0f} s "

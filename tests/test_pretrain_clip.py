@@ -210,3 +210,59 @@ def test_resized_images_scale_their_part_boxes(train_data):
 def test_checkpoint_name_carries_a_non_default_input_size(tmp_path):
     assert checkpoint_file(tmp_path, "small", 0).name == "clip-small-seed0.safetensors"
     assert checkpoint_file(tmp_path, "small", 1, (128, 64)).name == "clip-small-128x64-seed1.safetensors"
+
+
+# ---- resumable, keyed, refused when the settings differ (issue 13) ---------------------------------
+
+def test_an_interrupted_pretraining_resumes_at_its_last_epoch_and_ends_with_the_same_weights(
+        tiny_ckpt, pt_root, tmp_path, monkeypatch):
+    """Interrupted in its second epoch: the first epoch's state is on disk (``.partial``), the rerun continues from
+    it (the first epoch is not trained again) and writes the same weights as the uninterrupted ``tiny_ckpt``."""
+    import muva_core.pretrain as pretrain
+
+    real = pretrain.contrastive_step
+    calls = {"n": 0}
+    steps_per_epoch = json.loads(report_file(tiny_ckpt).read_text())["steps"] // TINY["epochs"]
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > steps_per_epoch:            # the first step of epoch 2
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "contrastive_step", interrupted)
+    out = tmp_path / "clip"
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_clip(out, synth_root=pt_root, **TINY)
+    path = checkpoint_file(out, "tiny", 0)
+    partial = pretrain.partial_file(path)
+    assert not path.exists() and partial.is_file() and partial.name == "clip-tiny-seed0.partial.safetensors"
+    from muva_core.train.checkpoint import read_checkpoint_info
+
+    assert read_checkpoint_info(partial)["epoch"] == 1
+    calls["n"] = -10**9                              # no more interruptions; count the steps trained now
+    assert pretrain_clip(out, synth_root=pt_root, **TINY) == path
+    assert calls["n"] + 10**9 == steps_per_epoch, "only the second epoch was trained again"
+    assert not partial.exists(), "the resume state goes once the checkpoint is written"
+    resumed, whole = load_file(str(path)), load_file(str(tiny_ckpt))
+    assert set(resumed) == set(whole) and all(torch.equal(resumed[k], whole[k]) for k in whole)
+    report = json.loads(report_file(path).read_text())
+    assert report["resumed_from_epoch"] == 1 and set(report["zero_shot"]) == {"random", "pretrained"}
+    assert report["loss"]["per_epoch"] == json.loads(report_file(tiny_ckpt).read_text())["loss"]["per_epoch"]
+
+
+def test_a_resume_state_with_other_settings_is_refused_unless_overwritten(pt_root, tmp_path):
+    from muva_core.pretrain import partial_file
+    from muva_core.train.checkpoint import save_checkpoint
+
+    out = tmp_path / "clip"
+    partial = partial_file(checkpoint_file(out, "tiny", 0))
+    other = PretrainConfig(backbone="tiny", epochs=5, scale="small").settings()
+    model, _ = build_pretrain_clip(PretrainConfig(backbone="tiny"))
+    save_checkpoint(partial, model=model, epoch=1, config=other, rng=False)
+    with pytest.raises(CheckpointExistsError, match=r"interrupted pretraining with other settings \(epochs: 5 -> 2\)"):
+        pretrain_clip(out, synth_root=pt_root, **TINY)
+    assert partial.is_file()
+    path = pretrain_clip(out, synth_root=pt_root, overwrite=True, **TINY)
+    assert path.is_file() and not partial.exists()
+    assert json.loads(report_file(path).read_text())["resumed_from_epoch"] == 0

@@ -56,8 +56,13 @@ def build_muva(cfg, num_classes: int, id_domains: torch.Tensor | None = None) ->
     """CLIP backbone (named config / pretrained tag / local checkpoint), encoder, classifier, prompts."""
     m = cfg.model
     pretrained = None if m.pretrained in ("none", "", None) else m.pretrained
+    checkpoint = str(resolve(m.checkpoint_path)) if m.checkpoint_path else None
+    if pretrained == "pretrain-clip":  # the language-pretrained CLIP of `muva pretrain-clip` (muva_core.pretrain)
+        from ..pretrain import config_clip_path
+
+        pretrained, checkpoint = None, checkpoint or str(config_clip_path(cfg))
     clip, tokenizer = build_clip(BackboneConfig(
-        name=m.backbone, pretrained=pretrained, checkpoint_path=str(resolve(m.checkpoint_path)) if m.checkpoint_path else None,
+        name=m.backbone, pretrained=pretrained, checkpoint_path=checkpoint,
         image_size=(cfg.data.height, cfg.data.width), seed=cfg.seed,
     ))
     parts = parts_from_code(m.granularity)

@@ -44,19 +44,19 @@ SCALES: dict[str, dict] = {
     },
     "full": {
         "seeds": (0, 1, 2),
-        # the language-pretrained CLIP (muva pretrain-clip --out data/clip --backbone small --seed 0)
-        "clip": {"out_dir": "data/clip", "backbone": "small", "seed": 0},
+        # pretrained: pretrain-clip = the language-pretrained CLIP (muva pretrain-clip --out data/clip --backbone
+        # small --seed 0), made before the runs when missing (muva_core.pipeline.ensure_pretrained_clip);
         # short stage 2 (4 epochs, no warm-up, lr / 10 for the last) to fit 81 runs into ~2 h on 2 cores
         "overrides": {"synth_scale": "evidence", "synth_root": "data/synthetic-evidence", "backbone": "small",
-                      "pretrained": "none", "stage2_lr": 2.0e-4, "stage2_epochs": 4, "warmup_epochs": 0,
+                      "pretrained": "pretrain-clip", "stage2_lr": 2.0e-4, "stage2_epochs": 4, "warmup_epochs": 0,
                       "lr_milestones": [3]},
         # three sources = three times the images per epoch: 2 epochs (1.5x the single-source steps)
         "multi_source": {"stage2_epochs": 2, "lr_milestones": [2]},
     },
 }
-"""Per scale: seeds, config overrides (all protocols), ``multi_source`` overrides on top for protocols with
-several sources, and ``clip``: the pretrain-clip checkpoint the runs start from (unless the user sets
-``checkpoint_path``; ``-p checkpoint_path=`` with ``-p pretrained=none`` = random weights)."""
+"""Per scale: seeds, config overrides (all protocols) and ``multi_source`` overrides on top for protocols with
+several sources. ``pretrained: pretrain-clip`` starts from the language-pretrained CLIP (unless the user sets
+``checkpoint_path``; ``-p pretrained=none`` = random weights)."""
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,7 @@ def claim_variants(table: int) -> list[str]:
 
 
 def scale_overrides(scale: str, protocol: str, base: dict, progress: bool = True) -> dict:
-    """The config overrides of one protocol at ``scale``, the user's (``base``) last; makes the
-    pretrained CLIP checkpoint when the scale names one and the user gave none."""
+    """The config overrides of one protocol at ``scale``, the user's (``base``) last."""
     from ..data.protocols import get_protocol
 
     if scale not in SCALES:
@@ -142,18 +141,29 @@ def scale_overrides(scale: str, protocol: str, base: dict, progress: bool = True
     out = dict(spec["overrides"])
     if get_protocol(protocol).kind == "multi":
         out.update(spec.get("multi_source", {}))
-    if "clip" in spec and "checkpoint_path" not in base:
-        from ..pretrain import pretrain_clip
-
-        out["checkpoint_path"] = str(pretrain_clip(progress=progress, **spec["clip"]))
     return {**out, **base}
 
 
 def protocol_configs(base_cfg: dict, scale: str, protocols: Sequence[str], progress: bool = True) -> dict:
-    """Each protocol's resolved configuration at ``scale`` (the user's overrides last)."""
+    """Each protocol's resolved configuration at ``scale`` (the user's overrides last); the pretrained CLIP a
+    configuration starts from is made here, once, before any run (:func:`muva_core.pipeline.ensure_pretrained_clip`)."""
+    from ..pipeline import ensure_pretrained_clip
     from .runner import resolve_config
 
-    return {p: resolve_config(p, overrides=scale_overrides(scale, p, base_cfg, progress)) for p in protocols}
+    configs = {p: resolve_config(p, overrides=scale_overrides(scale, p, base_cfg, progress)) for p in protocols}
+    for cfg in configs.values():
+        ensure_pretrained_clip(cfg, progress=progress)
+    return configs
+
+
+def start_checkpoint(cfg) -> str | None:
+    """The CLIP file a run configuration starts from (``checkpoint_path``, or the one ``pretrained: pretrain-clip``
+    names), None for random weights or an open_clip tag."""
+    from ..pretrain import config_clip_path, uses_pretrain_clip
+
+    if uses_pretrain_clip(cfg):
+        return str(config_clip_path(cfg))
+    return cfg.model.checkpoint_path or None
 
 
 def plan_runs(configs: dict, tables: Sequence[int], seeds: Sequence[int]) -> list:
@@ -279,7 +289,7 @@ def diagnostics(configs: dict, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
         labels = labels.drop(columns="protocol").drop_duplicates(["source", "pseudo labels", "part"])
         labels = labels.round(3).reset_index(drop=True)
     stripes = pd.DataFrame({cfg.data.protocol: stripe_quality(cfg, data[p]) for p, cfg in configs.items()}).T.round(3)
-    checkpoints = {cfg.model.checkpoint_path for cfg in configs.values()}
+    checkpoints = {start_checkpoint(cfg) for cfg in configs.values()}
     floors = pd.DataFrame([{"protocol": cfg.data.protocol, "baseline": name, **m}
                            for p, cfg in configs.items() for name, m in target_baselines(cfg, data[p]).items()])
     return {
@@ -420,9 +430,10 @@ def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: 
         f"Settings on top of `configs/<protocol>.yaml`: `{json.dumps(SCALES[scale]['overrides'])}`"
         + (f"; multi-source protocols also `{json.dumps(SCALES[scale]['multi_source'])}`"
            if "multi_source" in SCALES[scale] else "")
-        + (f"; starting from the CLIP of `muva pretrain-clip --out {SCALES[scale]['clip']['out_dir']} --backbone "
-           f"{SCALES[scale]['clip']['backbone']} --seed {SCALES[scale]['clip']['seed']}`" if "clip" in SCALES[scale]
-           else "") + ".",
+        + ("; `pretrained: pretrain-clip` = starting from the language-pretrained CLIP of `muva pretrain-clip --out "
+           "data/clip --backbone small --seed 0` (made first when missing)"
+           if SCALES[scale]["overrides"].get("pretrained") == "pretrain-clip" else
+           "; starting from random weights (`pretrained: none`)") + ".",
         "",
         "A direction *holds* when the difference of the two variants' means exceeds twice its standard error "
         "(Welch), *reversed* when it is below minus twice, else it is *within seed noise*. The paper columns give "
