@@ -43,6 +43,7 @@ class DataConfig:
     height: int = 256
     width: int = 128
     norm: str = "clip"                 # clip | half (the reference code's mean = std = 0.5); recipe key
+    test_resize: str = "bicubic"       # resize of test / feature-extraction images: bicubic | bilinear; recipe key
     num_instances: int = 4             # K images per identity in a P x K batch
     batch_size: int = 64               # P x K
     num_workers: int = 2
@@ -285,7 +286,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 RECIPES: dict[str, dict[str, Any]] = {
     # the project's own choices (the dataclass defaults: RunConfig() is the workbook recipe)
     "workbook": {
-        "norm": "clip",
+        "norm": "clip", "test_resize": "bicubic",
         "prompt_template": "paper", "local_pos_embed": "cls",
         "rmp_activation": "gelu", "rmp_qkv_bias": True, "rmp_init": "xavier",
         "cmp_normalize": "per_granularity", "cmp_temperature": 0.0, "vpm1_mean": "normalized",
@@ -296,6 +297,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the authors' code, RikoLi/MUVA @ 8965263 (file and line of each value in README "Choices ...")
     "reference": {
         "norm": "half",                                   # configs/*.yml PIXEL_MEAN = PIXEL_STD = 0.5
+        "test_resize": "bilinear",                        # test transforms: T.Resize's default interpolation
         "prompt_template": "reference",                   # model/visual_language_encoder.py 50-79
         "local_pos_embed": "separate",                    # visual_language_encoder.py 154-158
         "rmp_activation": "quickgelu", "rmp_qkv_bias": False, "rmp_init": "trunc_normal",  # model/ammsa.py, utils.py
@@ -318,6 +320,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "recipe": tuple(RECIPES),
     "synth_scale": ("small", "default", "evidence", "large"),             # data.synthetic.SCALES
     "norm": ("clip", "half"),
+    "test_resize": ("bicubic", "bilinear"),
     "backend": ("synthetic", "cogvlm", "florence2", "owlv2", "grounding_dino", "vitpose"),  # grounding.BACKENDS
     "calib_method": ("robust_z", "quantile"),
     "calib_windows": ("stripes", "data"),

@@ -55,3 +55,14 @@ def test_cross_key_checks():
         RunConfig().update({"height": 250}).validate()
     with pytest.raises(ConfigError, match="lr_milestones must be increasing"):
         RunConfig().update({"lr_milestones": [50, 30]}).validate()
+
+
+def test_reference_recipe_resizes_test_images_bilinearly():
+    from torchvision.transforms import InterpolationMode
+
+    from muva_core.eval.features import test_transform
+
+    assert test_transform(RunConfig()).interpolation == InterpolationMode.BICUBIC
+    ref = RunConfig().update({"recipe": "reference"})
+    assert ref.data.test_resize == "bilinear" and test_transform(ref).interpolation == InterpolationMode.BILINEAR
+    assert ref.train.amp_dtype == "float16"

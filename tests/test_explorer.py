@@ -422,6 +422,9 @@ def test_from_masks_and_from_config(trained, tmp_path):
     assert ex.controls["threshold"].disabled and ex.image_widget.value[:4] == b"\x89PNG"
     assert PartMaskExplorer.from_config(trained).has_model
     other = RunConfig().update({**trained.to_flat(), "run_dir": str(tmp_path / "no-model")})
+    with pytest.raises(FileNotFoundError, match="run folder not found"):     # a run_dir given must exist
+        PartMaskExplorer.from_config(other)
+    (tmp_path / "no-model").mkdir()                                          # a run folder of notebooks 01-03
     assert not PartMaskExplorer.from_config(other).has_model
     with pytest.raises(FileNotFoundError, match="no pseudo-label mask file for synth_A"):
         PartMaskExplorer.from_masks(RunConfig().update({**other.to_flat(), "cache_dir": str(tmp_path / "empty")}))

@@ -18,9 +18,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def test_transform(cfg):
+    """The configuration's test / feature-extraction transform (size, normalisation, resize interpolation)."""
+    return build_test_transform((cfg.data.height, cfg.data.width), cfg.grounding.patch_size, norm=cfg.data.norm,
+                                interpolation=cfg.data.test_resize)
+
+
 def test_loader(samples: Sequence[Sample], cfg, masks=None, batch_size: int | None = None) -> DataLoader:
-    transform = build_test_transform((cfg.data.height, cfg.data.width), cfg.grounding.patch_size, norm=cfg.data.norm)
-    return DataLoader(ReIDImageDataset(samples, transform, masks=masks), batch_size=batch_size or cfg.data.batch_size,
+    return DataLoader(ReIDImageDataset(samples, test_transform(cfg), masks=masks), batch_size=batch_size or cfg.data.batch_size,
                       shuffle=False, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
 
 
@@ -41,7 +46,7 @@ def extract_features(encoder, samples: Sequence[Sample], cfg, device: torch.devi
     for batch in tqdm(test_loader(samples, cfg, masks=masks), desc=desc, disable=not progress, leave=False):
         images = batch["image"].to(device, non_blocking=True)
         part_masks = batch["mask"].to(device) if mask_mode == "pseudo" else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=getattr(torch, cfg.train.amp_dtype), enabled=amp):
             out = encoder(images, part_masks=part_masks, mask_mode=mask_mode)
         f = (out.bn_features if which == "bn" else out.features).float()
         feats.append(torch.nn.functional.normalize(f, dim=-1) if normalize else f)

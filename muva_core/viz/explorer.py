@@ -422,8 +422,7 @@ class PartMaskExplorer:
         """From a run folder's ``model.safetensors`` (and its ``config.yaml``); the pseudo labels are the
         run's mask files when they are in the cache."""
         from ..config import RunConfig
-        from ..data.transforms import build_test_transform
-        from ..eval.features import resolve_device
+        from ..eval.features import resolve_device, test_transform
         from ..pipeline import load_protocol
         from ..train.checkpoint import read_checkpoint_info
         from ..train.run import load_trained
@@ -439,7 +438,7 @@ class PartMaskExplorer:
             cfg = RunConfig().update(read_checkpoint_info(model_path)["config"], source=str(model_path))
         data = load_protocol(cfg, progress=progress)
         model = load_trained(cfg, model_path, data.num_classes, resolve_device(device or cfg.device))
-        transform = build_test_transform((cfg.data.height, cfg.data.width), cfg.grounding.patch_size, norm=cfg.data.norm)
+        transform = test_transform(cfg)
         masks = cls._existing_masks(cfg, data)
         if model.encoder.rmp is not None and model.encoder.n_parts:
             predictor, source = PredictedMasks(model.encoder, transform, cache_size), f"model {model_path}"
