@@ -135,18 +135,29 @@ def _nothing():
 
 
 def summarise_run(folder: Path, cfg: RunConfig, state: dict) -> dict:
-    """The run's headline numbers from the notebooks' records."""
+    """The run's headline numbers from the notebooks' records: the model's metrics on the target, beside them
+    (notebook 06) the chance level (random features) and the colour-histogram baselines on the same split, the
+    predicted-mask IoU against the true part boxes, and the CLIP the run started from."""
+    from ..pipeline import clip_start
+
     metrics_dir = folder / "metrics"
     summary: dict = {"protocol": cfg.data.protocol, "run_dir": str(folder),
                      "seconds": round(sum(s.get("seconds", 0) for s in state.values()), 2),
-                     "steps": {k: v.get("seconds") for k, v in state.items()}}
+                     "steps": {k: v.get("seconds") for k, v in state.items()},
+                     "clip_start": clip_start(cfg)}
     for step in ("06_evaluate", "05_stage2", "train"):
         path = metrics_dir / f"{step}.json"
         if path.is_file():
             rec = json.loads(path.read_text())
             summary["metrics"] = rec.get("metrics")
             summary["mask_iou_truth"] = rec.get("mask_iou_truth", {})
+            for key in ("chance_level", "baselines"):
+                if rec.get(key):
+                    summary[key] = rec[key]
             break
+    m, chance = summary.get("metrics") or {}, summary.get("chance_level") or {}
+    if m.get("mAP") is not None and chance.get("mAP"):
+        summary["mAP_over_chance"] = round(m["mAP"] / chance["mAP"], 2)
     cal = metrics_dir / "02_calibration.json"
     if cal.is_file():
         summary["calibration_iou"] = json.loads(cal.read_text()).get("iou")
@@ -204,9 +215,14 @@ RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def results_table(reports_dir: Path) -> str:
-    """The README's results table: one row per run folder with metrics, and the command that made it."""
-    lines = ["| protocol | model | mAP | Rank-1 | Rank-5 | mINP | mask IoU vs truth (head / upper / legs) | time | command |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """The README's results table: one row per run folder with metrics, and the command that made it. Beside the
+    model: the valid queries of the target split, the chance level (random features, mean of 20 draws) and the
+    global colour-histogram baseline on the same split (mAP / Rank-1), where notebook 06 recorded them."""
+    from ..pipeline import clip_start
+
+    lines = ["| protocol | model | mAP | Rank-1 | Rank-5 | mINP | valid queries | chance mAP / R-1 | colour histogram "
+             "mAP / R-1 | mask IoU vs truth (head / upper / legs) | time | command |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for path in sorted(Path(reports_dir).glob("*/*/metrics.json")):
         rec = json.loads(path.read_text())
         m = rec.get("metrics")
@@ -214,13 +230,18 @@ def results_table(reports_dir: Path) -> str:
         if not m or "mAP" not in m or not (folder / "config.yaml").is_file():
             continue  # not a `muva run` folder (e.g. `muva baseline` output)
         cfg = RunConfig.from_yaml(folder / "config.yaml")
-        init = "random init" if cfg.model.pretrained in ("none", "") and not cfg.model.checkpoint_path else (
-            cfg.model.checkpoint_path or cfg.model.pretrained)
-        model = f"{cfg.model.backbone} CLIP ({init}), {cfg.model.granularity}, {cfg.model.mask_mode} masks"
+        model = f"{cfg.model.backbone} CLIP ({clip_start(cfg)}), {cfg.model.granularity}, {cfg.model.mask_mode} masks"
         iou = rec.get("mask_iou_truth") or {}
         iou_txt = " / ".join(f"{iou[p]:.2f}" for p in ("head", "upper", "legs") if p in iou) or "-"
+
+        def pair(r: dict | None) -> str:
+            return f"{r['mAP']:.1f} / {r['Rank-1']:.1f}" if r and "mAP" in r and "Rank-1" in r else "-"
+
+        hist = (rec.get("baselines") or {}).get("hist-global")
+        queries = m.get("num_valid_queries", "-")
         lines.append(f"| {rec['protocol']} | {model} | {m['mAP']:.1f} | {m['Rank-1']:.1f} | {m['Rank-5']:.1f} | "
-                     f"{m['mINP']:.1f} | {iou_txt} | {rec.get('seconds', 0):.0f} s | `{rec.get('command', '')}` |")
+                     f"{m['mINP']:.1f} | {queries} | {pair(rec.get('chance_level'))} | {pair(hist)} | {iou_txt} | "
+                     f"{rec.get('seconds', 0):.0f} s | `{rec.get('command', '')}` |")
     return "\n".join(lines)
 
 
