@@ -274,8 +274,9 @@ def cmd_evidence(args) -> int:
     overrides = parse_overrides(args.param)
     protocols = args.protocol or list(PROTOCOLS)
     seeds = [int(s) for s in args.seeds.replace(",", " ").split()] if args.seeds else None
+    recipes = [r for item in args.recipe for r in item.split(",")] if args.recipe else None
     out = run_evidence(overrides, scale=args.scale, protocols=protocols, seeds=seeds, progress=not args.quiet,
-                       jobs=args.jobs)
+                       jobs=args.jobs, **({"recipes": recipes} if recipes else {}))
     print(f"wrote {out}")
     return 0
 
@@ -532,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", action="append", help="protocols (default: synth:A2B, synth:C2D, synth:B+C+D->A)")
     p.add_argument("--seeds", help="comma-separated seeds (default: 0,1,2 full; 0,1 small)")
     p.add_argument("--jobs", type=int, default=1, help="trainings at once, each with cpu_count // jobs threads")
+    p.add_argument("--recipe", action="append", help="training recipes (default: workbook for Tables 5, 6, 8, 9 and "
+                   "reference for Tables 6 and 9)")
     p.add_argument("-p", "--param", action="append", metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evidence)

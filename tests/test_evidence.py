@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from muva_core.report.evidence import (
+    RECIPE_TABLES,
     CLAIMS,
     PROTOCOLS,
     TABLES,
@@ -86,9 +87,16 @@ def test_small_scale_study_produces_every_table(small_synth_root, tmp_path):
     for table in TABLES:
         for protocol in ("synth_A2B",):
             assert (tmp_path / "reports" / protocol / f"sweep-table{table}" / f"table{table}.md").is_file()
-    # the full model appears in Tables 5, 6, 8 and 9 but is trained once per seed and protocol
+    for table in RECIPE_TABLES["reference"]:   # language and calibration again under the authors' recipe
+        assert (tmp_path / "reports" / "synth_A2B" / f"sweep-table{table}-reference" / f"table{table}.md").is_file()
+    # the full model appears in Tables 5, 6, 8 and 9 but is trained once per seed, protocol and recipe
     runs = sorted((tmp_path / "reports" / "synth_A2B" / "sweep-runs").iterdir())
-    assert len(runs) == 9  # Table 5's 5 compared rows; Tables 6, 8, 9 add 2, 1 and 1 new configurations
+    # workbook: Table 5's 5 compared rows; Tables 6, 8, 9 add 2, 1 and 1 new configurations;
+    # reference: Table 6's 4 rows and Table 9's raw labels
+    assert len(runs) == 9 + 5
+    import re
+
+    assert re.search(r"\|\s+6 \| language helps the multi-grained model\s+\| reference \| synth:A2B\s+\| mAP", text)
     assert all((r / "metrics" / "train.json").is_file() for r in runs)
     assert "one seed: no verdict" in text
     # diagnostics: pseudo labels raw vs calibrated against the truth, stripes and predicted masks on the target

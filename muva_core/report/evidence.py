@@ -34,6 +34,9 @@ from .sweep import VARIANTS, run_sweep, sweep_dir, variant_config
 
 TABLES = (5, 6, 8, 9)
 PROTOCOLS = ("synth:A2B", "synth:C2D", "synth:B+C+D->A")
+RECIPE_TABLES: dict[str, tuple[int, ...]] = {"workbook": TABLES, "reference": (6, 9)}
+"""Per training recipe (``recipe:``), the tables the study runs under it: every table under the project's own
+recipe; language (6) and calibration (9), with the full model they share, under the authors' (issue 11)."""
 
 SCALES: dict[str, dict] = {
     "small": {
@@ -104,9 +107,10 @@ def verdict(diff: float, se: float) -> str:
 def evaluate_claims(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (claim, protocol, metric) from the per-run table (columns table, protocol, variant, seed, mAP, Rank-1)."""
     rows = []
+    runs = runs if "recipe" in runs.columns else runs.assign(recipe="workbook")
     for claim in CLAIMS:
         paper = ABLATIONS[claim.table]
-        for protocol, group in runs[runs["table"] == claim.table].groupby("protocol", sort=False):
+        for (recipe, protocol), group in runs[runs["table"] == claim.table].groupby(["recipe", "protocol"], sort=False):
             for metric in ("mAP", "Rank-1"):
                 a = group.loc[group["variant"] == claim.better, metric].to_numpy(float)
                 b = group.loc[group["variant"] == claim.worse, metric].to_numpy(float)
@@ -115,7 +119,7 @@ def evaluate_claims(runs: pd.DataFrame) -> pd.DataFrame:
                 diff, se = _welch(a, b)
                 k = 0 if metric == "mAP" else 1
                 rows.append({
-                    "table": claim.table, "claim": claim.text, "protocol": protocol, "metric": metric,
+                    "table": claim.table, "claim": claim.text, "recipe": recipe, "protocol": protocol, "metric": metric,
                     "paper MA2MS": round(paper[claim.better]["MA2MS"][k] - paper[claim.worse]["MA2MS"][k], 1),
                     "paper MS2MA": round(paper[claim.better]["MS2MA"][k] - paper[claim.worse]["MS2MA"][k], 1),
                     "better": f"{a.mean():.1f} ± {a.std(ddof=1) if len(a) > 1 else 0:.1f}",
@@ -144,13 +148,17 @@ def scale_overrides(scale: str, protocol: str, base: dict, progress: bool = True
     return {**out, **base}
 
 
-def protocol_configs(base_cfg: dict, scale: str, protocols: Sequence[str], progress: bool = True) -> dict:
-    """Each protocol's resolved configuration at ``scale`` (the user's overrides last); the pretrained CLIP a
-    configuration starts from is made here, once, before any run (:func:`muva_core.pipeline.ensure_pretrained_clip`)."""
+def protocol_configs(base_cfg: dict, scale: str, protocols: Sequence[str], progress: bool = True,
+                     recipe: str | None = None) -> dict:
+    """Each protocol's resolved configuration at ``scale`` (under ``recipe`` when given; the user's overrides
+    last); the pretrained CLIP a configuration starts from is made here, once, before any run
+    (:func:`muva_core.pipeline.ensure_pretrained_clip`)."""
     from ..pipeline import ensure_pretrained_clip
     from .runner import resolve_config
 
-    configs = {p: resolve_config(p, overrides=scale_overrides(scale, p, base_cfg, progress)) for p in protocols}
+    extra = {"recipe": recipe} if recipe else {}
+    configs = {p: resolve_config(p, overrides={**extra, **scale_overrides(scale, p, base_cfg, progress)})
+               for p in protocols}
     for cfg in configs.values():
         ensure_pretrained_clip(cfg, progress=progress)
     return configs
@@ -253,29 +261,41 @@ def train_missing(runs: Sequence, jobs: int = 1, progress: bool = True) -> int:
     return len(todo)
 
 
-def run_evidence(base_cfg, scale: str = "full", protocols: Sequence[str] = PROTOCOLS, tables: Sequence[int] = TABLES,
-                 seeds: Sequence[int] | None = None, out: str | Path | None = None, progress: bool = True,
-                 jobs: int = 1) -> Path:
-    """Run every (protocol, table) sweep and write the evidence page; returns its path."""
+def run_evidence(base_cfg, scale: str = "full", protocols: Sequence[str] = PROTOCOLS,
+                 tables: Sequence[int] | None = None, seeds: Sequence[int] | None = None, out: str | Path | None = None,
+                 progress: bool = True, jobs: int = 1, recipes: Sequence[str] = tuple(RECIPE_TABLES)) -> Path:
+    """Run every (recipe, protocol, table) sweep and write the evidence page; returns its path. ``tables``
+    (default: :data:`RECIPE_TABLES` per recipe) limits the tables of every recipe."""
     if scale not in SCALES:
         raise ValueError(f"--scale: expected one of {sorted(SCALES)}, got {scale!r}")
+    unknown = [r for r in recipes if r not in RECIPE_TABLES]
+    if unknown:
+        raise ValueError(f"--recipe: expected one of {', '.join(RECIPE_TABLES)}, got {unknown}")
     seeds = tuple(seeds or SCALES[scale]["seeds"])
-    configs = protocol_configs(base_cfg, scale, protocols, progress)
-    train_missing(plan_runs(configs, tables, seeds), jobs=jobs, progress=progress)
+    plans = {}
+    for recipe in recipes:
+        chosen = tuple(t for t in RECIPE_TABLES[recipe] if tables is None or t in tables)
+        if chosen:
+            plans[recipe] = (protocol_configs(base_cfg, scale, protocols, progress, recipe=recipe), chosen)
+    runs_to_train = [run for configs, chosen in plans.values() for run in plan_runs(configs, chosen, seeds)]
+    train_missing(list({r.run_dir: r for r in runs_to_train}.values()), jobs=jobs, progress=progress)
     frames = []
-    for cfg in configs.values():
-        for table in tables:
-            run_sweep(cfg, table, seeds=seeds, variants=claim_variants(table), progress=progress)
-            per_run = pd.read_csv(sweep_dir(cfg, table) / f"table{table}-runs.csv")
-            per_run.insert(0, "protocol", cfg.data.protocol)
-            per_run.insert(0, "table", table)
-            frames.append(per_run)
+    for recipe, (configs, chosen) in plans.items():
+        for cfg in configs.values():
+            for table in chosen:
+                run_sweep(cfg, table, seeds=seeds, variants=claim_variants(table), progress=progress)
+                per_run = pd.read_csv(sweep_dir(cfg, table) / f"table{table}-runs.csv")
+                per_run.insert(0, "protocol", cfg.data.protocol)
+                per_run.insert(0, "recipe", recipe)
+                per_run.insert(0, "table", table)
+                frames.append(per_run)
     runs = pd.concat(frames, ignore_index=True)
     claims = evaluate_claims(runs)
-    reports_dir = resolve(cfg.reports_dir)
+    first = next(iter(plans.values()))[0]
+    reports_dir = resolve(next(iter(first.values())).reports_dir)
     out = Path(out) if out else reports_dir / ("evidence.md" if scale == "full" else f"evidence-{scale}.md")
-    write_evidence(out, claims, runs, scale, seeds, protocols, diagnostics=diagnostics(configs, runs),
-                   notes=_read_notes(out))
+    write_evidence(out, claims, runs, scale, seeds, protocols, diagnostics=diagnostics(first, runs),
+                   notes=_read_notes(out), recipes=list(plans))
     return out
 
 
@@ -390,12 +410,14 @@ def part_mask_iou(runs: pd.DataFrame) -> pd.DataFrame:
     for rec in runs.itertuples(index=False):
         path = resolve(rec.run) / "metrics" / "train.json"
         iou = json.loads(path.read_text()).get("mask_iou_truth", {}) if path.is_file() else {}
-        rows.append({"protocol": rec.protocol, "table": rec.table, "variant": rec.variant, **iou})
+        rows.append({"recipe": getattr(rec, "recipe", "workbook"), "protocol": rec.protocol, "table": rec.table,
+                     "variant": rec.variant, **iou})
     frame = pd.DataFrame(rows)
     parts = [c for c in ("head", "upper", "legs") if c in frame.columns]
     if not parts:
         return pd.DataFrame()
-    return frame.groupby(["protocol", "table", "variant"], sort=False)[parts].mean().round(3).reset_index()
+    return (frame.groupby(["recipe", "protocol", "table", "variant"], sort=False)[parts].mean().round(3)
+            .reset_index())
 
 
 def clip_zero_shot(checkpoint: str | Path | None) -> pd.DataFrame:
@@ -414,8 +436,10 @@ def clip_zero_shot(checkpoint: str | Path | None) -> pd.DataFrame:
 
 
 def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: str, seeds, protocols,
-                   diagnostics: dict[str, pd.DataFrame] | None = None, notes: str | None = None) -> None:
-    summary = (runs.groupby(["protocol", "table", "variant"], sort=False)[["mAP", "Rank-1", "mask IoU"]]
+                   diagnostics: dict[str, pd.DataFrame] | None = None, notes: str | None = None,
+                   recipes: Sequence[str] = ("workbook",)) -> None:
+    runs = runs if "recipe" in runs.columns else runs.assign(recipe="workbook")
+    summary = (runs.groupby(["recipe", "protocol", "table", "variant"], sort=False)[["mAP", "Rank-1", "mask IoU"]]
                .agg(["mean", "std"]).round(2))
     summary.columns = [f"{a} {b}" for a, b in summary.columns]
     held = claims[claims["metric"] == "mAP"]["verdict"].value_counts().to_dict() if len(claims) else {}
@@ -438,6 +462,10 @@ def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: 
         "A direction *holds* when the difference of the two variants' means exceeds twice its standard error "
         "(Welch), *reversed* when it is below minus twice, else it is *within seed noise*. The paper columns give "
         "the paper's difference (better minus worse, in points) on MA->MS and MS->MA.",
+        "",
+        "Training recipes (`recipe:`, README 'Choices'): "
+        + "; ".join(f"`{r}` for Tables {', '.join(map(str, RECIPE_TABLES[r]))}" for r in recipes)
+        + ". Each claim is judged per recipe and protocol.",
         "",
         f"mAP verdicts: {', '.join(f'{k} {v}' for k, v in held.items()) or 'none'}.",
         "",

@@ -56,7 +56,9 @@ def variant_slug(name: str) -> str:
 
 
 def sweep_dir(cfg: RunConfig, table: int) -> Path:
-    return resolve(cfg.reports_dir) / protocol_slug(get_protocol(cfg.data.protocol).name) / f"sweep-table{table}"
+    """``reports/<protocol>/sweep-table<N>`` (``sweep-table<N>-<recipe>`` under a recipe other than workbook)."""
+    suffix = "" if cfg.recipe == "workbook" else f"-{cfg.recipe}"
+    return resolve(cfg.reports_dir) / protocol_slug(get_protocol(cfg.data.protocol).name) / f"sweep-table{table}{suffix}"
 
 
 def variant_config(cfg: RunConfig, table: int, variant: str, seed: int) -> RunConfig:
