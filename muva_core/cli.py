@@ -194,6 +194,8 @@ def cmd_eval(args) -> int:
     overrides = parse_overrides(args.param)
     if args.protocol:
         overrides["protocol"] = args.protocol
+    if args.rerank:
+        overrides["rerank"] = args.rerank
     cfg = RunConfig.from_yaml(run / "config.yaml", overrides)
     check_datasets_present(cfg)
     data = load_protocol(cfg, progress=not args.quiet)
@@ -210,6 +212,9 @@ def cmd_eval(args) -> int:
         raise ValueError(f"{ckpt}: the checkpoint does not record num_classes (not a final model.safetensors)")
     model = load_trained(cfg, ckpt, num_classes, device)
     metrics, iou = evaluate_model(cfg, model, data, device, progress=not args.quiet)
+    if cfg.eval.rerank != "none":
+        print(f"({cfg.eval.rerank} re-ranking: k1={cfg.eval.k1}, k2={cfg.eval.k2}, lambda={cfg.eval.lambda_value}; "
+              "the paper reports no re-ranking)")
     print(_metrics_line(data.protocol.name, metrics, iou))
     if args.json:
         print(json.dumps({"metrics": metrics, "mask_iou_truth": iou}))
@@ -502,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder holding config.yaml and model.safetensors")
     p.add_argument("--protocol", help="evaluate on this protocol's target instead")
     p.add_argument("--checkpoint", help="model file (default: <run>/model.safetensors)")
+    p.add_argument("--rerank", choices=["none", "k-reciprocal"], default=None,
+                   help="k-reciprocal re-ranking (Zhong et al. 2017) before the metrics; = -p rerank=...")
     p.add_argument("-p", "--param", action="append", metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     p.add_argument("--quiet", action="store_true")

@@ -26,6 +26,9 @@ def test_choices_mirror_the_registries():
     assert set(CHOICES["backend"]) == set(available_backends())
     assert set(CHOICES["backbone"]) == set(NAMED_CONFIGS)
     assert set(CHOICES["metric"]) == set(METRICS)
+    from muva_core.eval import RERANK_METHODS
+
+    assert set(CHOICES["rerank"]) == set(RERANK_METHODS)
     assert set(CHOICES["mask_mode"]) <= set(MASK_MODES)
     flat = RunConfig().to_flat()
     for key, values in CHOICES.items():

@@ -254,6 +254,15 @@ def test_eval_command_on_a_run_folder_from_another_working_directory(trained_tin
     assert result["metrics"] == recorded["metrics"]
 
 
+def test_eval_with_k_reciprocal_re_ranking(trained_tiny, capsys):
+    assert main(["eval", "--run", str(trained_tiny), "--rerank", "k-reciprocal", "--json", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "k-reciprocal re-ranking: k1=20, k2=6, lambda=0.3" in out
+    reranked = json.loads(out.strip().splitlines()[-1])["metrics"]
+    plain = json.loads((trained_tiny / "metrics" / "train.json").read_text())["metrics"]
+    assert reranked["num_valid_queries"] == plain["num_valid_queries"] and reranked != plain
+
+
 def test_a_missing_run_folder_is_named_as_such(tmp_path, capsys):
     assert main(["eval", "--run", str(tmp_path / "nope")]) == 2
     assert "run folder not found" in capsys.readouterr().err

@@ -32,6 +32,7 @@ README_COMMANDS = {
     "muva run --protocol 'D+MS+C3->MA' -p backend=florence2": "test_real_layout_commands",
     "muva train --protocol synth:B2C -p stage2_epochs=8": "test_synthetic_workbook_commands",
     "muva eval --run reports/synth_A2B/run-XXXX --protocol synth:A2D": "test_synthetic_workbook_commands",
+    "muva eval --run reports/synth_A2B/run-XXXX --rerank k-reciprocal": "test_synthetic_workbook_commands",
     "muva export-onnx --run reports/synth_A2B/run-XXXX --out muva.onnx": "test_synthetic_workbook_commands",
     "muva sweep --table 8 --protocol synth:A2B --seeds 0,1,2": "test_synthetic_workbook_commands",
     "muva pretrain-clip --out data/clip --backbone small --seed 0": "test_synthetic_workbook_commands",
@@ -142,6 +143,8 @@ def test_synthetic_workbook_commands(small_synth_root, tmp_path, capsys, monkeyp
 
     out = _run(f"muva eval --run {demo} --protocol synth:A2D", capsys=capsys)
     assert out.startswith("synth:A2D: mAP") or "\nsynth:A2D: mAP" in out
+    out = _run(f"muva eval --run {demo} --rerank k-reciprocal", capsys=capsys)
+    assert "k-reciprocal re-ranking" in out and "synth:A2B: mAP" in out
     out = _run(f"muva export-onnx --run {demo} --out {tmp_path / 'muva.onnx'}", capsys=capsys)
     assert "ONNX Runtime vs PyTorch max abs difference" in out and (tmp_path / "muva.onnx").is_file()
 
