@@ -153,16 +153,22 @@ def _squared_norms(x: torch.Tensor, block: int = 8192) -> torch.Tensor:
     return torch.cat([b.pow(2).sum(dim=1) for b in x.split(block)]) if len(x) else x.new_empty(0)
 
 
-def _prepare(qf: Any, gf: Any, metric: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validated float32 features and the per-row terms of the distance (computed once)."""
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+def _feature_pair(qf: Any, gf: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and gallery features as float32 tensors on one device, of the same width, the gallery not empty."""
     g = _as_features(gf, "gf")
     q = _as_features(qf, "qf", device=g.device)
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"feature dims differ: qf has {q.shape[1]}, gf has {g.shape[1]}")
     if g.shape[0] == 0:
         raise ValueError("gf is empty: the gallery needs at least one item")
+    return q, g
+
+
+def _prepare(qf: Any, gf: Any, metric: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validated float32 features and the per-row terms of the distance (computed once)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    q, g = _feature_pair(qf, gf)
     if metric == "euclidean":
         q_aux = _squared_norms(q)
         g_aux = _squared_norms(g)

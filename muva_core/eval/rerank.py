@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from muva_core.eval.metrics import (
     DEFAULT_CHUNK_SIZE,
     METRICS,
-    _as_features,
+    _feature_pair,
     _available_cores,
     _check_chunk_size,
     _ragged_arange,
@@ -90,12 +90,7 @@ class KReciprocal:
         self.metric = metric
         self.chunk_size = _check_chunk_size(chunk_size)
         self.progress = progress
-        g = _as_features(gf, "gf")
-        q = _as_features(qf, "qf", device=g.device)
-        if q.shape[1] != g.shape[1]:
-            raise ValueError(f"feature dims differ: qf has {q.shape[1]}, gf has {g.shape[1]}")
-        if g.shape[0] == 0:
-            raise ValueError("gf is empty: the gallery needs at least one item")
+        q, g = _feature_pair(qf, gf)
         for name, x in (("qf", q), ("gf", g)):
             if not bool(torch.isfinite(x).all()):
                 raise ValueError(f"{name} contains NaN or inf: re-ranking needs finite features")
