@@ -149,12 +149,12 @@ def preflight(cfg: RunConfig, progress: bool = True):
     batches can be formed, and every image of the splits it reads can be decoded. Returns the protocol's data."""
     cfg.validate()
     check_datasets_present(cfg)
-    ensure_pretrained_clip(cfg, progress=progress)
     check_checkpoint(cfg)
     data = load_protocol(cfg, progress=progress)
     check_batch_plan(cfg, data)
     check_images_readable(cfg, [*data.train, *data.query, *data.gallery], progress=progress,
                           what=f"images of {data.protocol.name} (train, query, gallery)")
+    ensure_pretrained_clip(cfg, progress=progress)  # work (minutes when missing): after every check
     return data
 
 
