@@ -56,6 +56,9 @@ def test_run_executes_every_notebook_then_skips_unchanged_steps(small_synth_root
     from muva_core.report.runner import results_table, update_readme_results
 
     table = results_table(tmp_path / "reports")
+    rr = summary["metrics_reranked"]   # notebook 06's k-reciprocal re-ranked metrics beside the paper's protocol
+    assert rr["num_valid_queries"] == summary["metrics"]["num_valid_queries"]
+    assert f"| {rr['mAP']:.1f} / {rr['Rank-1']:.1f} |" in table
     assert f"| synth:A2B | tiny CLIP (random init), G+H+U+L, predicted masks | {summary['metrics']['mAP']:.1f} |" in table
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nrest\n")
