@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -248,7 +249,7 @@ def cmd_run(args) -> int:
 
     cfg = _resolved(args)
     t0 = time.perf_counter()
-    command = getattr(args, "command_line", None) or "muva " + " ".join(sys.argv[1:])
+    command = getattr(args, "command_line", None) or "muva " + shlex.join(getattr(args, "argv", sys.argv[1:]))
     folder = run_notebooks(cfg, parse_steps(args.steps), run_id=args.run_id, force=args.force,
                            progress=not args.quiet, command=command)
     import json
@@ -580,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]   # the command line as typed (run records)
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
