@@ -159,6 +159,16 @@ def record_lrs(optimizer) -> list[float]:
     return lrs
 
 
+def workbook_stage1_lrs(cfg, num_ids: int = 50) -> list[float]:
+    """The learning rate of every optimiser step of stage 1 on fake prompts against random centroids."""
+    prompts = FakePrompts(num_ids)
+    optimizer, scheduler = build_stage1_optimizer(prompts, cfg)
+    lrs = record_lrs(optimizer)
+    train_stage1(prompts, F.normalize(torch.randn(num_ids, 32), dim=1), cfg, torch.device("cpu"), logit_scale=100.0,
+                 optimizer=optimizer, scheduler=scheduler, progress=False)
+    return lrs
+
+
 def uneven_labels(n_ids: int, low: int, high: int, seed: int = 0) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     labels = [p for p in range(n_ids) for _ in range(int(rng.integers(low, high + 1)))]
@@ -284,11 +294,7 @@ def test_item3_a_stage1_epoch_on_n_images_takes_about_n_over_64_steps(low, high)
 
 def test_item3_workbook_stage1_steps_over_distinct_identities():
     cfg = workbook_cfg(stage1_epochs=1, stage1_warmup_epochs=0, stage1_batch_ids=16)
-    prompts = FakePrompts(50)
-    optimizer, scheduler = build_stage1_optimizer(prompts, cfg)
-    lrs = record_lrs(optimizer)
-    train_stage1(prompts, F.normalize(torch.randn(50, 32), dim=1), cfg, torch.device("cpu"), logit_scale=100.0,
-                 optimizer=optimizer, scheduler=scheduler, progress=False)
+    lrs = workbook_stage1_lrs(cfg)
     assert len(lrs) == math.ceil(50 / 16)
 
 
@@ -468,11 +474,7 @@ def test_item8_stage1_runs_each_epoch_at_the_reference_lr_and_resumes_there():
 
 def test_item8_workbook_stage1_schedule_is_unchanged():
     cfg = workbook_cfg(stage1_epochs=8, stage1_warmup_epochs=2, stage1_batch_ids=50)
-    prompts = FakePrompts(50)
-    optimizer, scheduler = build_stage1_optimizer(prompts, cfg)
-    lrs = record_lrs(optimizer)
-    train_stage1(prompts, F.normalize(torch.randn(50, 32), dim=1), cfg, torch.device("cpu"), logit_scale=100.0,
-                 optimizer=optimizer, scheduler=scheduler, progress=False)
+    lrs = workbook_stage1_lrs(cfg)
     shifted = [1e-5 + (3.5e-4 - 1e-5) * e / 2 if e < 2 else
                1e-6 + 0.5 * (3.5e-4 - 1e-6) * (1 + math.cos(math.pi * (e - 2) / 6)) for e in range(8)]
     assert lrs == pytest.approx(shifted, rel=1e-12)
