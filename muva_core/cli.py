@@ -345,6 +345,12 @@ def cmd_pretrain_clip(args) -> int:
             print(f"  {attr:14s} " + "   ".join(cells)
                   + f"   (chance {ref['balanced_chance']:.2f}, majority {ref['majority']:.2f})")
     print(f"checkpoint: {path}")
+    from .paths import resolve
+    from .pretrain import CONFIG_CLIP_SEED, checkpoint_file
+
+    if path.resolve() == checkpoint_file(resolve("data") / "clip", args.backbone, CONFIG_CLIP_SEED,
+                                         _image_size(args.image_size)).resolve():
+        print(f"configs with `pretrained: pretrain-clip` and backbone {args.backbone} (the synthetic ones) start from it")
     print(f"use it: muva train -p checkpoint_path={path} -p backbone={args.backbone} -p pretrained=none ...")
     return 0
 
@@ -561,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", default="256x128", help="HEIGHTxWIDTH of the input (MUVA: 256x128; the Re-ID "
                    "configs' height/width must match, the 16-pixel patch grid is not resized)")
     p.add_argument("--keep-tokens", type=int, default=None, help="patch tokens kept per training image "
-                   "(default 64 of the 128 at 256x128; all when at least the grid size)")
+                   "(default 32 of the 128 at 256x128; all when at least the grid size)")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint made with other settings")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_pretrain_clip)

@@ -123,7 +123,7 @@ class TrainConfig:
     mask_dice: str = "soft"            # soft | elementwise (eq. 8 as printed)
     mask_dice_smooth: float = 1.0      # smoothing of the soft Dice (reference: 1e-3)
     lr_schedule: str = "workbook"      # workbook (stepped after each epoch, from 0) | reference (at the start, from 1)
-    augment: str = "flip"              # flip (the paper) | flip+crop+erase (Table 11)
+    augment: str = "flip"              # flip (the paper) | flip+crop+erase (Table 11) | ...+color (photometric jitter)
     amp: bool = True                   # autocast on GPU (ignored on CPU: fp32)
     amp_dtype: str = "bfloat16"        # bfloat16 | float16 (with a GradScaler, the reference); recipe key
     log_every: int = 20                # steps between progress-bar loss updates
@@ -328,7 +328,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "backbone": ("vit-b-16", "small", "tiny"),                             # model.backbone.NAMED_CONFIGS
     "mask_mode": ("predicted", "stripe"),
     "mask_dice": ("soft", "elementwise"),
-    "augment": ("flip", "flip+crop+erase"),
+    "augment": ("flip", "flip+crop+erase", "flip+color", "flip+crop+erase+color"),   # +color: photometric jitter
     "metric": ("euclidean", "cosine"),                                     # eval.metrics.METRICS
     "rerank": ("none", "k-reciprocal"),
     "prompt_template": ("paper", "reference"),                             # model.prompts.TEMPLATE_SETS

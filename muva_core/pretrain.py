@@ -12,7 +12,7 @@ start from random weights, so this module pretrains one on data no Re-ID protoco
   images) trains; images of the other identities (never seen in training) measure zero-shot
   retrieval.
 * **Pairs.** Each training image is paired with one random caption of its identity
-  (:mod:`muva_core.data.captions`): a global caption with probability ``p_global`` (0.5),
+  (:mod:`muva_core.data.captions`): a global caption with probability ``p_global`` (0.2),
   else a part caption (head / upper body / legs, one of the parts at least half visible).
   Captions are drawn afresh at every step (new phrasing and attribute subset).
   A part caption is paired with the *whole* image in which everything outside the part's
@@ -25,8 +25,8 @@ start from random weights, so this module pretrains one on data no Re-ID protoco
   step (:class:`~muva_core.train.schedulers.WarmupCosineLR`), 256x128 input, so the positional
   grid is MUVA's 16x8 and ``BackboneConfig(checkpoint_path=...)`` loads it without a resize.
   The patch embedding is trained here (MUVA freezes it later). FLIP-style token dropping: each
-  training image keeps ``keep_tokens`` (64) of its 128 patch tokens (a part caption keeps the
-  part's tokens first), which halves the cost; evaluation and MUVA see every token.
+  training image keeps ``keep_tokens`` (32) of its 128 patch tokens (a part caption keeps the
+  part's tokens first); evaluation and MUVA see every token. Three epochs for ``small``.
 * **Output.** ``<out_dir>/clip-<backbone>-seed<seed>.safetensors``: the plain CLIP state dict
   (the keys of :func:`~muva_core.model.backbone.build_clip`'s model), written atomically, with
   metadata (settings, architecture, epochs, accuracies); a JSON report beside it (zero-shot
@@ -107,7 +107,7 @@ PRETRAIN_FORMAT_VERSION = 1
 CAPTIONS_VERSION = "1"
 """Bumped whenever :mod:`muva_core.data.captions` changes what it writes (part of the reuse key)."""
 
-DEFAULT_EPOCHS: dict[str, int] = {"tiny": 10, "small": 5, "vit-b-16": 5}
+DEFAULT_EPOCHS: dict[str, int] = {"tiny": 10, "small": 3, "vit-b-16": 5}
 """Epochs over the ``pretrain`` train split (~4.3k images, ~67 steps of 64) when ``epochs`` is not given."""
 
 
@@ -123,12 +123,14 @@ class PretrainConfig:
     p_global:   probability of a global caption (else a part caption with the part masked in)
     min_part_visible: a part is captioned only when at least this fraction is visible
     part_pad:   pixels added around a part box before masking
-    keep_tokens: patch tokens kept per training image (FLIP-style token dropping, ~2x cheaper at 64 of
-                128): for a part caption the tokens on the part first, then random ones; for a global
+    keep_tokens: patch tokens kept per training image (FLIP-style token dropping; 32 of 128, ~3x cheaper than
+                all): for a part caption the tokens on the part first, then random ones; for a global
                 caption random ones; 0 = all. Evaluation and later use always see every token.
     scale / data_seed: the pretraining synthetic set (``SCALES[scale]``, domains P, Q, R)
     eval_images: held-out images for the zero-shot report (0 = skip the report)
     image_size: (H, W) of the input; 256x128 = MUVA's grid
+    color_jitter: the photometric jitter of :func:`muva_core.data.transforms.photometric_jitter` on every
+                training image (lighting and camera changes; in the reuse key only when on)
     """
 
     backbone: str = "small"
@@ -138,14 +140,15 @@ class PretrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_frac: float = 0.1
-    p_global: float = 0.5
+    p_global: float = 0.2
     min_part_visible: float = 0.5
     part_pad: int = 4
-    keep_tokens: int = 64
+    keep_tokens: int = 32
     scale: str = "pretrain"
     data_seed: int = 0
-    eval_images: int = 400
+    eval_images: int = 200
     image_size: tuple[int, int] = (256, 128)
+    color_jitter: bool = False
 
     def __post_init__(self) -> None:
         from .data.synthetic import SCALES
@@ -167,6 +170,8 @@ class PretrainConfig:
 
         d = dataclasses.asdict(self)
         d["image_size"] = list(self.image_size)
+        if not d["color_jitter"]:   # added later: in the key only when on, so earlier checkpoints keep theirs
+            del d["color_jitter"]
         d.update(generator_version=GENERATOR_VERSION, captions_version=CAPTIONS_VERSION,
                  format_version=PRETRAIN_FORMAT_VERSION)
         return d
@@ -334,10 +339,13 @@ def load_pretrain_images(root: str | os.PathLike, split: str = "train", domains:
                           domains=[r[0] for r in rows], relpaths=[r[1] for r in rows])
 
 
-def _normalise(images: torch.Tensor) -> torch.Tensor:
-    from .data.transforms import CLIP_MEAN, CLIP_STD
+def _normalise(images: torch.Tensor, jitter: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` -> CLIP-normalised floats; with ``jitter``, each image photometrically jittered first."""
+    from .data.transforms import CLIP_MEAN, CLIP_STD, photometric_jitter
 
     x = images.float().div_(255.0)
+    if jitter is not None:
+        x = torch.stack([photometric_jitter(im, jitter) for im in x])
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -390,7 +398,8 @@ def make_batch(data: PretrainImages, index: Sequence[int], rng: np.random.Genera
     With ``cfg.keep_tokens`` > 0: ``keep_tokens`` random patches, those on the captioned part first.
     """
     index = [int(i) for i in index]
-    x = _normalise(data.images[index])
+    jitter = torch.Generator().manual_seed(int(rng.integers(2**31))) if cfg.color_jitter else None
+    x = _normalise(data.images[index], jitter)
     h, w = x.shape[-2:]
     grid = (h // patch, w // patch)
     n_tok = grid[0] * grid[1]

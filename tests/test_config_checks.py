@@ -45,7 +45,7 @@ def test_choices_mirror_the_registries():
     ("device", "gpu", "key 'device' must be auto, cpu, cuda or cuda:N"),
     ("granularity", "G+L+H", "key 'granularity' must be G followed by any of +H, +U, +L in that order"),
     ("lr_milestones", [0, 10], "key 'lr_milestones' must be a list of epochs >= 1"),
-    ("augment", "flip+crop", "key 'augment' must be one of flip, flip+crop+erase, got 'flip+crop'"),
+    ("augment", "flip+crop", "key 'augment' must be one of flip, flip+crop+erase, flip+color, flip+crop+erase+color, got 'flip+crop'"),
 ])
 def test_out_of_range_values_name_the_key(key, value, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")

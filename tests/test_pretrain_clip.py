@@ -96,6 +96,19 @@ def test_make_batch_pairs_part_captions_with_the_part_and_its_tokens(train_data)
     assert b1.keep is None and float((b1.images == 0).all(dim=1).float().mean()) < 0.01
 
 
+def test_color_jitter_changes_the_images_not_the_captions_and_enters_the_key_only_when_on(train_data):
+    idx = list(range(8))
+    plain = PretrainConfig(backbone="tiny", p_global=1.0, keep_tokens=0)
+    jitter = PretrainConfig(backbone="tiny", p_global=1.0, keep_tokens=0, color_jitter=True)
+    a = make_batch(train_data, idx, np.random.default_rng(3), plain)
+    b = make_batch(train_data, idx, np.random.default_rng(3), jitter)
+    c = make_batch(train_data, idx, np.random.default_rng(3), jitter)
+    assert torch.equal(b.images, c.images) and b.texts == c.texts          # seeded by the batch's rng
+    changed = [not torch.allclose(a.images[i], b.images[i]) for i in idx]
+    assert 3 <= sum(changed) <= 8                                           # p = 0.8 per image
+    assert "color_jitter" not in plain.settings() and jitter.settings()["color_jitter"] is True
+
+
 def test_pretraining_loss_decreases_over_a_few_steps(train_data):
     cfg = PretrainConfig(backbone="tiny", lr=2e-3, weight_decay=0.0)
     torch.manual_seed(0)

@@ -20,7 +20,9 @@ from muva_core.data.transforms import (
     ReIDTransform,
     build_test_transform,
     build_train_transform,
+    PHOTOMETRIC_RANGES,
     flip_patch_mask,
+    photometric_jitter,
     shift_patch_mask,
 )
 
@@ -259,6 +261,49 @@ def test_random_erasing_changes_pixels_not_mask():
     changed = (out != ref).any(dim=0).float().mean()
     assert 0.01 < changed < 0.5
     assert torch.equal(m, mask)
+
+
+def test_photometric_jitter_factors_in_order():
+    """Each factor alone, on a known image, gives the hand-computed result; a draw outside p changes nothing."""
+    x = torch.tensor([0.2, 0.5, 0.8])[:, None, None].expand(3, 2, 2).clone()
+    fixed = lambda **kw: {k: kw.get(k, (1.0, 1.0)) for k in PHOTOMETRIC_RANGES} | {"noise": (0.0, 0.0)}
+    g = torch.Generator().manual_seed(0)
+    assert torch.allclose(photometric_jitter(x, g, ranges=fixed()), x)
+    assert torch.allclose(photometric_jitter(x, g, ranges=fixed(brightness=(0.5, 0.5))), x * 0.5)
+    assert torch.allclose(photometric_jitter(x, g, ranges=fixed(gamma=(2.0, 2.0))), x ** 2)
+    grey = 0.299 * 0.2 + 0.587 * 0.5 + 0.114 * 0.8
+    assert torch.allclose(photometric_jitter(x, g, ranges=fixed(contrast=(0.5, 0.5))), grey + 0.5 * (x - grey))
+    assert torch.allclose(photometric_jitter(x, g, ranges=fixed(saturation=(0.0, 0.0))),
+                          torch.full_like(x, grey))
+    assert torch.equal(photometric_jitter(x, g, p=0.0), x)
+    y = photometric_jitter(x, torch.Generator().manual_seed(1), p=1.0)
+    assert y.min() >= 0 and y.max() <= 1 and not torch.allclose(y, x)
+    assert torch.equal(y, photometric_jitter(x, torch.Generator().manual_seed(1), p=1.0))   # seeded
+
+
+def test_color_jitter_augment_keeps_the_mask_and_is_train_only():
+    img, mask = half_image(), left_mask()
+    t = build_train_transform(flip_prob=0.0, color_jitter=True)
+    outs = [t(img, mask, generator=torch.Generator().manual_seed(s)) for s in range(6)]
+    ref, _ = build_test_transform()(img, mask)
+    assert sum(not torch.allclose(o, ref) for o, _ in outs) >= 3
+    assert all(torch.equal(m, mask) for _, m in outs)
+    assert not build_train_transform().color_jitter
+    assert not ReIDTransform(train=False, color_jitter=True).color_jitter
+
+
+def test_augment_key_builds_the_named_steps():
+    from muva_core.config import resolve_config
+    from muva_core.train.stage2 import train_loader
+
+    samples = [Sample("x.jpg", pid, 0, "synth_A", f"{pid}_{i}.jpg") for pid in range(4) for i in range(4)]
+    for augment, steps in [("flip", set()), ("flip+color", {"color"}), ("flip+crop+erase", {"crop", "erase"}),
+                           ("flip+crop+erase+color", {"crop", "erase", "color"})]:
+        cfg = resolve_config("synth:A2B", overrides={"augment": augment, "batch_size": 8, "num_instances": 2,
+                                                     "num_workers": 0})
+        t = train_loader(samples, None, cfg)[0].dataset.transform
+        assert {k for k, on in [("crop", t.random_crop), ("erase", t.random_erasing),
+                                ("color", t.color_jitter)] if on} == steps, augment
 
 
 # ---------------------------------------------------------------- torch dataset

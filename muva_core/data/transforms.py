@@ -5,8 +5,10 @@ input* (256x128 with 16-pixel patches -> Gh x Gw = 16 x 8 = 128), flattened row-
 the image therefore leaves the mask as it is; a horizontal flip flips the columns of the grid.
 
 Train pipeline (reference order): resize -> horizontal flip (image and mask together) ->
-[pad + random crop] -> to-tensor -> normalise -> [random erasing]. Random crop and random
-erasing are off by default (the paper's Table 11 ablation switches them on).
+[pad + random crop] -> to-tensor -> [photometric jitter] -> normalise -> [random erasing]. Random
+crop and random erasing are off by default (the paper's Table 11 ablation switches them on); so is
+the photometric jitter (``augment: ...+color``, see :func:`photometric_jitter`), which the paper does
+not use and the synthetic demo does (its target domain is a dark, warm-lit night street).
 
 Random crop with a mask: the image is shifted by (dy, dx) pixels, |dy|, |dx| <= padding; the
 mask is shifted by ``round(dy / patch), round(dx / patch)`` grid cells, vacated cells set to 0.
@@ -34,6 +36,8 @@ __all__ = [
     "NORMALIZATIONS",
     "flip_patch_mask",
     "shift_patch_mask",
+    "PHOTOMETRIC_RANGES",
+    "photometric_jitter",
     "ReIDTransform",
     "build_train_transform",
     "build_test_transform",
@@ -98,6 +102,42 @@ def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
     return int(torch.randint(low, high + 1, (1,), generator=generator))
 
 
+PHOTOMETRIC_RANGES: dict[str, tuple[float, float]] = {
+    "gain": (0.9, 1.1),          # per colour channel (a colour cast)
+    "brightness": (0.45, 1.3),   # multiplies every channel
+    "gamma": (0.7, 1.5),         # x ** gamma
+    "contrast": (0.65, 1.35),    # blend with the image's mean grey
+    "saturation": (0.8, 1.2),    # blend with the image's grey version
+    "noise": (0.0, 0.04),        # std of additive Gaussian noise (image in [0, 1])
+}
+"""Uniform ranges of :func:`photometric_jitter`'s factors: wide enough to cover lighting and camera changes
+from a bright indoor hall to a dim, warm-lit street (the synthetic domains' styles span gain 0.68-1.2,
+brightness 0.72-1.04, gamma 0.88-1.25, contrast 0.82-1.6, saturation 0.72-1.3)."""
+
+
+def photometric_jitter(image: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.8,
+                       ranges: Mapping[str, tuple[float, float]] = PHOTOMETRIC_RANGES) -> torch.Tensor:
+    """With probability ``p``, a random colour cast, brightness, gamma, contrast, saturation and sensor noise
+    (in that order) on ``image [3, H, W]`` in [0, 1]; returns a new tensor in [0, 1]. Geometry is unchanged, so
+    the part mask is too. Every factor is drawn from ``ranges`` with ``generator``."""
+    if _rand(generator) >= p:
+        return image
+
+    def draw(name: str) -> float:
+        low, high = ranges[name]
+        return low + (high - low) * _rand(generator)
+
+    gain = torch.tensor([draw("gain") for _ in range(3)], dtype=image.dtype)[:, None, None]
+    x = (image * gain * draw("brightness")).clamp(0.0, 1.0) ** draw("gamma")
+    grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+    x = grey.mean() + draw("contrast") * (x - grey.mean())
+    x = grey + draw("saturation") * (x - grey)
+    sigma = draw("noise")
+    if sigma > 0:
+        x = x + sigma * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    return x.clamp(0.0, 1.0)
+
+
 class ReIDTransform:
     """Transform an image and (optionally) its part mask together.
 
@@ -123,6 +163,7 @@ class ReIDTransform:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         interpolation: str = "bicubic",
+        color_jitter: bool = False,
     ) -> None:
         h, w = size
         if h % patch_size or w % patch_size:
@@ -138,6 +179,7 @@ class ReIDTransform:
         self.crop_padding = crop_padding
         self.random_erasing = random_erasing and train
         self.erasing_prob = erasing_prob
+        self.color_jitter = color_jitter and train
         self.mean = tuple(float(m) for m in (mean if mean is not None else NORMALIZATIONS[norm][0]))
         self.std = tuple(float(s) for s in (std if std is not None else NORMALIZATIONS[norm][1]))
         self.interpolation = InterpolationMode(interpolation)
@@ -164,7 +206,10 @@ class ReIDTransform:
                 dy = round((p - top) / self.patch_size)
                 dx = round((p - left) / self.patch_size)
                 mask = shift_patch_mask(mask, self.grid_hw, dy, dx)
-        tensor = TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        tensor = TF.to_tensor(image)
+        if self.color_jitter:
+            tensor = photometric_jitter(tensor, generator)
+        tensor = TF.normalize(tensor, self.mean, self.std)
         if self.random_erasing and _rand(generator) < self.erasing_prob:
             tensor = self._erase(tensor, generator)
         return tensor, mask
@@ -189,7 +234,8 @@ class ReIDTransform:
     def __repr__(self) -> str:
         parts = [f"size={self.size}", f"train={self.train}"]
         if self.train:
-            parts += [f"flip_prob={self.flip_prob}", f"random_crop={self.random_crop}", f"random_erasing={self.random_erasing}"]
+            parts += [f"flip_prob={self.flip_prob}", f"random_crop={self.random_crop}",
+                      f"random_erasing={self.random_erasing}", f"color_jitter={self.color_jitter}"]
         parts += [f"mean={self.mean}", f"std={self.std}"]
         return f"ReIDTransform({', '.join(parts)})"
 
@@ -206,10 +252,11 @@ def build_train_transform(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     interpolation: str = "bicubic",
+    color_jitter: bool = False,
 ) -> ReIDTransform:
-    """Train transform: resize, flip (image + mask), optional crop / erasing, to-tensor, normalise."""
+    """Train transform: resize, flip (image + mask), optional crop / jitter / erasing, to-tensor, normalise."""
     return ReIDTransform(size, patch_size, True, flip_prob, random_crop, crop_padding, random_erasing,
-                         erasing_prob, norm, mean, std, interpolation)
+                         erasing_prob, norm, mean, std, interpolation, color_jitter)
 
 
 def build_test_transform(

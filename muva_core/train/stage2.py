@@ -48,11 +48,14 @@ RMP_PATTERN = r"\brmp\b|\.rmp\."
 
 def train_loader(samples: Sequence[Sample], masks, cfg, rank: int = 0, world_size: int = 1):
     """P x K loader; flip (and, for Table 11, crop + erasing) moves the part mask with the image."""
-    extra = cfg.train.augment == "flip+crop+erase"
-    if cfg.train.augment not in ("flip", "flip+crop+erase"):
-        raise ValueError(f"augment: expected 'flip' or 'flip+crop+erase', got {cfg.train.augment!r}")
+    from ..config import CHOICES
+
+    if cfg.train.augment not in CHOICES["augment"]:
+        raise ValueError(f"augment: expected one of {', '.join(CHOICES['augment'])}, got {cfg.train.augment!r}")
+    steps = set(cfg.train.augment.split("+"))
     transform = build_train_transform((cfg.data.height, cfg.data.width), cfg.grounding.patch_size,
-                                      random_crop=extra, random_erasing=extra, norm=cfg.data.norm)
+                                      random_crop="crop" in steps, random_erasing="erase" in steps,
+                                      norm=cfg.data.norm, color_jitter="color" in steps)
     sampler = RandomIdentitySampler(samples, num_instances=cfg.data.num_instances,
                                     batch_size=cfg.data.batch_size // world_size, seed=cfg.seed,
                                     rank=rank, world_size=world_size)
