@@ -345,11 +345,12 @@ def cmd_pretrain_clip(args) -> int:
             print(f"  {attr:14s} " + "   ".join(cells)
                   + f"   (chance {ref['balanced_chance']:.2f}, majority {ref['majority']:.2f})")
     print(f"checkpoint: {path}")
-    from .paths import resolve
-    from .pretrain import CONFIG_CLIP_SEED, checkpoint_file
+    from .config import RunConfig
+    from .pretrain import config_clip_path
 
-    if path.resolve() == checkpoint_file(resolve("data") / "clip", args.backbone, CONFIG_CLIP_SEED,
-                                         _image_size(args.image_size)).resolve():
+    h, w = _image_size(args.image_size)
+    if path.resolve() == config_clip_path(RunConfig().update({"backbone": args.backbone, "height": h,
+                                                               "width": w})).resolve():
         print(f"configs with `pretrained: pretrain-clip` and backbone {args.backbone} (the synthetic ones) start from it")
     print(f"use it: muva train -p checkpoint_path={path} -p backbone={args.backbone} -p pretrained=none ...")
     return 0

@@ -123,8 +123,7 @@ class PretrainConfig:
     p_global:   probability of a global caption (else a part caption with the part masked in)
     min_part_visible: a part is captioned only when at least this fraction is visible
     part_pad:   pixels added around a part box before masking
-    keep_tokens: patch tokens kept per training image (FLIP-style token dropping; 32 of 128, ~3x cheaper than
-                all): for a part caption the tokens on the part first, then random ones; for a global
+    keep_tokens: patch tokens kept per training image (FLIP-style token dropping; 32 of 128 by default): for a part caption the tokens on the part first, then random ones; for a global
                 caption random ones; 0 = all. Evaluation and later use always see every token.
     scale / data_seed: the pretraining synthetic set (``SCALES[scale]``, domains P, Q, R)
     eval_images: held-out images for the zero-shot report (0 = skip the report)
