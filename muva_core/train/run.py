@@ -34,10 +34,12 @@ from ..notebook import record
 from ..paths import check_run_folder, claim_run_folder, run_folder
 from ..progress import epoch_line, report
 from ..seeding import seed_everything
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
 from .distributed import DistInfo, barrier, init_distributed, shutdown
 from .memory import PrototypeMemory, all_gather_variable
-from .stage1 import build_stage1_optimizer, stage1_centroids, text_prototypes, train_stage1, visual_centroids
+from .precision import precision_plan
+from .stage1 import (build_stage1_optimizer, grad_scaler, stage1_centroids, text_prototypes, train_stage1,
+                     visual_centroids)
 from .stage2 import build_optimizer, train_stage2
 
 
@@ -79,6 +81,19 @@ def _id_domains(data) -> torch.Tensor:
     return out
 
 
+def _resume_scaler(path: Path, scaler, echo: bool) -> None:
+    """Restore ``scaler`` (a float16 GradScaler) from the checkpoint it was saved in; a checkpoint written
+    without one (another precision, or an older version) leaves the new scaler at its initial scale, said."""
+    if scaler is None:
+        return
+    if "scaler" in read_checkpoint_info(path)["sections"]:
+        load_checkpoint(path, scaler=scaler, restore_rng=False)
+        report(f"loss scale {scaler.get_scale():g} restored from {path.name}", echo=echo)
+    else:
+        report(f"{path.name} holds no loss-scaler state: the float16 loss scale starts afresh at "
+               f"{scaler.get_scale():g}", echo=echo)
+
+
 def _sharded_centroids(model: MUVAReID, train, masks, cfg, device, info: DistInfo, progress: bool) -> torch.Tensor:
     """VPM-1 (:func:`~muva_core.train.stage1.stage1_centroids` of the raw pre-BN features); under torchrun
     each rank encodes its share of the images and the features are gathered."""
@@ -110,10 +125,12 @@ def run_stage1(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
     else:
         optimizer = scheduler = None
         start = 0
+        scaler = grad_scaler(device, cfg)
         if cfg.train.resume and last.is_file():
             optimizer, scheduler = build_stage1_optimizer(prompts, cfg)
             start = load_checkpoint(last, prompts=prompts, optimizer=optimizer, scheduler=scheduler)["epoch"]
             report(f"resuming stage 1 from epoch {start} ({last})", echo=progress and info.main)
+            _resume_scaler(last, scaler, progress and info.main)
         centroids = _sharded_centroids(model, train, masks, cfg, device, info, progress)
         previous = [_read_history(hist_path, start)]
 
@@ -121,12 +138,12 @@ def run_stage1(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
             previous[0] = _write_history(hist_path, previous[0], row) if info.main else previous[0]
             if info.main:
                 report(epoch_line("stage 1", epoch, cfg.train.stage1_epochs, row), echo=False)
-                save_checkpoint(last, prompts=prompts, optimizer=opt, scheduler=sched, epoch=epoch, config=flat,
-                                extra={"stage": 1})
+                save_checkpoint(last, prompts=prompts, optimizer=opt, scheduler=sched, scaler=scaler, epoch=epoch,
+                                config=flat, extra={"stage": 1})
 
         train_stage1(prompts, centroids, cfg, device, logit_scale=float(model.clip_logit_scale), start_epoch=start,
                      optimizer=optimizer, scheduler=scheduler, on_epoch_end=on_epoch_end, progress=progress and info.main,
-                     labels=torch.tensor([s.pid for s in train]))
+                     labels=torch.tensor([s.pid for s in train]), scaler=scaler)
         if info.main:
             save_checkpoint(final, prompts=prompts, epoch=cfg.train.stage1_epochs, config=flat, extra={"stage": 1},
                             rng=False)
@@ -144,6 +161,7 @@ def run_stage2(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
     memory = PrototypeMemory(model.classifier.out_features, model.encoder.feat_dim, momentum=t.memory_momentum,
                              temperature=t.imp_temperature).to(device)
     optimizer, scheduler = build_optimizer(model, cfg)
+    scaler = grad_scaler(device, cfg)
     start = 0
     if t.resume and ckpt.is_file():
         start = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, memory=memory)["epoch"]
@@ -151,6 +169,7 @@ def run_stage2(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
             report(f"stage 2 finished earlier ({start} epochs): model loaded from {ckpt}", echo=progress and info.main)
         else:
             report(f"resuming stage 2 from epoch {start} ({ckpt})", echo=progress and info.main)
+            _resume_scaler(ckpt, scaler, progress and info.main)
     ddp = None
     if info.enabled:
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -164,12 +183,12 @@ def run_stage2(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
         if info.main:
             report(epoch_line("stage 2", epoch, t.stage2_epochs, row), echo=progress)
             previous[0] = _write_history(hist_path, previous[0], row)
-            save_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, memory=memory, epoch=epoch,
-                            config=flat, extra={"stage": 2})
+            save_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, memory=memory, scaler=scaler,
+                            epoch=epoch, config=flat, extra={"stage": 2})
 
     train_stage2(model, memory, train, masks, cfg, device, optimizer=optimizer, scheduler=scheduler,
                  start_epoch=start, ddp_model=ddp, rank=info.rank, world_size=info.world_size, monitor=monitor,
-                 on_epoch_end=on_epoch_end, progress=progress)
+                 on_epoch_end=on_epoch_end, progress=progress, scaler=scaler)
     return previous[0] if previous[0] is not None else pd.DataFrame()
 
 
@@ -217,7 +236,7 @@ def prepare_run(cfg: RunConfig, progress: bool = True) -> RunContext:
 
     Everything that can be checked is checked before work starts: the configuration, the run folder
     (made with the same settings, or refused), the datasets, the batch plan."""
-    from ..grounding.steps import grounding_paths, load_protocol_masks, prepare_masks
+    from ..grounding.steps import prepare_masks, run_masks
     from ..pipeline import preflight, source_datasets
 
     info = init_distributed(cfg.device)
@@ -229,9 +248,11 @@ def prepare_run(cfg: RunConfig, progress: bool = True) -> RunContext:
     data = preflight(cfg, progress=progress and info.main)
     if info.main:
         claim_run_folder(cfg, folder)
-        prepare_masks(cfg, source_datasets(data), progress=progress)
+        report(f"precision: {precision_plan(device, cfg).note}", echo=progress)
+        if not cfg.grounding.masks_file:
+            prepare_masks(cfg, source_datasets(data), progress=progress)
     barrier(info)
-    masks = load_protocol_masks({d.name: grounding_paths(cfg, d.name).masks for d in source_datasets(data)})
+    masks = run_masks(cfg, source_datasets(data))
     masks.require([s.key for s in data.train])
     built = build_muva(cfg, data.num_classes, _id_domains(data))
     built.model.to(device)
