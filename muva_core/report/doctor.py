@@ -128,6 +128,11 @@ def _list_lines(path: Path) -> int:
 
 def dataset_report(name: str, root: Path, role: str, parsed=None) -> dict:
     """One dataset: found (every folder tried), layout version, per split counts against :data:`PUBLISHED`."""
+    return _inspect_dataset(name, root, role, parsed)[0]
+
+
+def _inspect_dataset(name: str, root: Path, role: str, parsed=None) -> tuple[dict, object]:
+    """(:func:`dataset_report`, the parsed dataset or None)."""
     from ..data.datasets import DatasetError, get_dataset_class, load_dataset
     from ..pipeline import folders_tried
 
@@ -135,12 +140,12 @@ def dataset_report(name: str, root: Path, role: str, parsed=None) -> dict:
     tried = folders_tried(get_dataset_class(name), root)
     if tried:
         out["tried"] = [t.strip() for t in tried]
-        return out
+        return out, None
     try:
         ds = parsed if parsed is not None else load_dataset(name, root)
     except DatasetError as err:
         out.update(found=True, error=str(err))
-        return out
+        return out, None
     version, notes = _layout(ds)
     out.update(found=True, dir=str(ds.dataset_dir), version=version, notes=notes, splits={})
     published = PUBLISHED.get(name)
@@ -151,7 +156,7 @@ def dataset_report(name: str, root: Path, role: str, parsed=None) -> dict:
             row.update(published_images=pi, published_ids=pid, match=(counts["images"], counts["ids"]) == (pi, pid))
         out["splits"][split] = row
     out["match"] = all(r.get("match", False) for r in out["splits"].values()) if published else None
-    return out
+    return out, ds
 
 
 # ---- masks --------------------------------------------------------------------------------------------
@@ -200,10 +205,10 @@ def masks_report(cfg: RunConfig, datasets: dict) -> dict:
 # ---- checkpoint ---------------------------------------------------------------------------------------
 def checkpoint_report(cfg: RunConfig) -> dict:
     """The CLIP weights the run starts from: recognised, to be downloaded, random, or missing."""
-    from ..model.backbone import BackboneConfig, _build_architecture, is_torchscript_archive, read_clip_state_dict
-
     m = cfg.model
     if m.checkpoint_path:
+        from ..model.backbone import BackboneConfig, _build_architecture, is_torchscript_archive, read_clip_state_dict
+
         path = resolve(m.checkpoint_path)
         if not path.is_file():
             return {"status": "missing", "path": str(path), "note": "checkpoint_path names no file"}
@@ -333,13 +338,7 @@ def _protocol_datasets(cfg: RunConfig, data=None) -> tuple[dict, dict]:
         if name == proto.target and name in proto.sources:
             role = "source and target"
         given = data.datasets.get(name) if data is not None else None
-        reports[name] = dataset_report(name, root, role, parsed=given)
-        ok = reports[name]["found"] and "error" not in reports[name]
-        if ok and given is None:
-            from ..data.datasets import load_dataset
-
-            given = load_dataset(name, root)
-        parsed[name] = given if ok else None
+        reports[name], parsed[name] = _inspect_dataset(name, root, role, parsed=given)
     return reports, parsed
 
 
