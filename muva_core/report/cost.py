@@ -24,7 +24,7 @@ from ..train.stage2 import build_loss, build_optimizer
 
 
 @contextmanager
-def _peak_memory(device: torch.device, out: dict):
+def peak_memory(device: torch.device, out: dict):
     """Peak memory (GB) of the block: CUDA allocator peak, or sampled RSS growth on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -56,7 +56,7 @@ def _peak_memory(device: torch.device, out: dict):
         out["GB"] = max(peak[0] - base, 0) / 2**30
 
 
-def _median_ms(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 1) -> float:
+def median_ms(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -151,8 +151,8 @@ def measure_variant(cfg: RunConfig, device: torch.device, batch_size: int, num_c
         if fn is None:
             continue
         mem: dict = {}
-        with _peak_memory(device, mem):
-            row[f"latency_{key}_ms"] = _median_ms(fn, device, repeats, warmup)
+        with peak_memory(device, mem):
+            row[f"latency_{key}_ms"] = median_ms(fn, device, repeats, warmup)
         row[f"memory_{key}_GB"] = mem["GB"]
     return row
 

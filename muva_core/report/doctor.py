@@ -24,8 +24,6 @@ import importlib.metadata
 import math
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -287,7 +285,7 @@ def estimate(cfg: RunConfig, counts: dict, steps: int = 3) -> dict:
     weights and inputs, the run's precision) on its device, and extrapolate the whole run from ``counts``
     (``train``, ``ids``, ``test`` images)."""
     from ..eval.features import resolve_device
-    from .cost import _peak_memory, training_steps
+    from .cost import median_ms, peak_memory, training_steps
 
     device = resolve_device(cfg.device)
     timing = copy.deepcopy(cfg)
@@ -302,17 +300,8 @@ def estimate(cfg: RunConfig, counts: dict, steps: int = 3) -> dict:
         if fn is None:
             continue
         mem: dict = {}
-        times = []
-        with _peak_memory(device, mem):
-            for _ in range(steps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - t0)
-        out[f"{key}_seconds"] = statistics.median(times)
+        with peak_memory(device, mem):
+            out[f"{key}_seconds"] = median_ms(fn, device, steps, warmup=0) / 1000
         out[f"{key}_peak_GB"] = round(mem["GB"], 2)
     n, ids = counts["train"], counts["ids"]
     batches = math.ceil(n / b)
