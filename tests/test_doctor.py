@@ -113,6 +113,14 @@ def test_checkpoint_masks_and_config_against_the_paper(tmp_path, monkeypatch):
 
     report = doctor_report(resolve_config("MS2MA", overrides={**base, "checkpoint_path": str(good)}), run_estimate=False)
     assert report["checkpoint"]["status"] == "recognised" and "a state dict of the tiny CLIP" in report["checkpoint"]["note"]
+    from test_model import _openai_torchscript_archive
+
+    archive = tmp_path / "ViT-tiny.pt"                     # laid out as OpenAI's ViT-B-16.pt (a 224 x 224 grid)
+    _openai_torchscript_archive(build_clip(BackboneConfig(name="tiny", pretrained=None, image_size=(224, 224)))[0]
+                                .state_dict(), archive)
+    report = doctor_report(resolve_config("MS2MA", overrides={**base, "checkpoint_path": str(archive)}),
+                           run_estimate=False)
+    assert report["checkpoint"]["status"] == "recognised" and report["checkpoint"]["kind"] == "OpenAI's TorchScript archive"
     report = doctor_report(resolve_config("MS2MA", overrides={**base, "checkpoint_path": str(bad)}), run_estimate=False)
     assert report["checkpoint"]["status"] == "not recognised"
     report = doctor_report(resolve_config("MS2MA", overrides={**base, "checkpoint_path": str(tmp_path / "x.pt")}),

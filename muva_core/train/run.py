@@ -81,13 +81,17 @@ def _id_domains(data) -> torch.Tensor:
     return out
 
 
-def _resume_scaler(path: Path, scaler, echo: bool) -> None:
-    """Restore ``scaler`` (a float16 GradScaler) from the checkpoint it was saved in; a checkpoint written
-    without one (another precision, or an older version) leaves the new scaler at its initial scale, said."""
+def _saved_scaler(path: Path, scaler):
+    """``scaler`` when the checkpoint at ``path`` holds a loss-scaler state to restore into it, else None."""
+    return scaler if scaler is not None and "scaler" in read_checkpoint_info(path)["sections"] else None
+
+
+def _report_scaler(path: Path, scaler, restored, echo: bool) -> None:
+    """Say whether a resumed float16 run continues from the saved loss scale or starts afresh (a checkpoint written
+    without one: another precision, or an older version)."""
     if scaler is None:
         return
-    if "scaler" in read_checkpoint_info(path)["sections"]:
-        load_checkpoint(path, scaler=scaler, restore_rng=False)
+    if restored is not None:
         report(f"loss scale {scaler.get_scale():g} restored from {path.name}", echo=echo)
     else:
         report(f"{path.name} holds no loss-scaler state: the float16 loss scale starts afresh at "
@@ -128,9 +132,11 @@ def run_stage1(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
         scaler = grad_scaler(device, cfg)
         if cfg.train.resume and last.is_file():
             optimizer, scheduler = build_stage1_optimizer(prompts, cfg)
-            start = load_checkpoint(last, prompts=prompts, optimizer=optimizer, scheduler=scheduler)["epoch"]
+            saved = _saved_scaler(last, scaler)
+            start = load_checkpoint(last, prompts=prompts, optimizer=optimizer, scheduler=scheduler,
+                                    scaler=saved)["epoch"]
             report(f"resuming stage 1 from epoch {start} ({last})", echo=progress and info.main)
-            _resume_scaler(last, scaler, progress and info.main)
+            _report_scaler(last, scaler, saved, progress and info.main)
         centroids = _sharded_centroids(model, train, masks, cfg, device, info, progress)
         previous = [_read_history(hist_path, start)]
 
@@ -164,12 +170,14 @@ def run_stage2(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
     scaler = grad_scaler(device, cfg)
     start = 0
     if t.resume and ckpt.is_file():
-        start = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, memory=memory)["epoch"]
+        saved = _saved_scaler(ckpt, scaler)
+        start = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, memory=memory,
+                                scaler=saved)["epoch"]
         if start >= t.stage2_epochs:
             report(f"stage 2 finished earlier ({start} epochs): model loaded from {ckpt}", echo=progress and info.main)
         else:
             report(f"resuming stage 2 from epoch {start} ({ckpt})", echo=progress and info.main)
-            _resume_scaler(ckpt, scaler, progress and info.main)
+            _report_scaler(ckpt, scaler, saved, progress and info.main)
     ddp = None
     if info.enabled:
         ddp = torch.nn.parallel.DistributedDataParallel(
