@@ -194,4 +194,8 @@ def test_a_run_with_masks_file_checks_it_and_skips_grounding(tmp_path, capsys):
     note = skipped_note(cfg)
     assert "grounding (cogvlm), calibration and voting do not run" in note and str(full.resolve()) in note
     assert not any((tmp_path / "cache").glob("msmt17/*")), "no grounding output may be written"
+    from muva_core.viz.explorer import PartMaskExplorer
+
+    explorer = PartMaskExplorer.from_masks(cfg)              # notebook 08 shows the imported masks too
+    assert explorer.masks.path == tmp_path / "full.safetensors" and len(explorer.masks) == 16
     assert RunConfig().grounding.masks_file == ""
