@@ -49,22 +49,20 @@ errors in a notebook still reach the runner as execution errors."""
 
 def run_notebooks(cfg: RunConfig, steps: Sequence[str] = PIPELINE, run_id: str | None = None,
                   force: bool = False, progress: bool = True, kernel_name: str = "python3",
-                  command: str | None = None) -> Path:
+                  command: str | None = None, wait: bool = False) -> Path:
     """Execute ``steps`` in order into the run folder; returns the folder.
 
     Before any kernel starts: the steps exist, the configuration is checked, the run folder holds the same
     configuration (or is refused, see :func:`muva_core.paths.claim_run_folder`), the datasets are there
     and the batches can be formed; a failed check leaves no folder behind. Each notebook runs with its
     kernel in ``notebooks/``, as JupyterLab starts it; its progress lines (epochs, resumes) are printed
-    here while it runs. ``command`` is the command line that reproduces the run (in ``metrics.json``)."""
-    import os
-
-    import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
-
-    from ..paths import check_run_folder, claim_run_folder, run_folder
+    here while it runs. ``command`` is the command line that reproduces the run (in ``metrics.json``).
+    The run folder is locked while the notebooks run (their kernels inherit the lock, see
+    :mod:`muva_core.locks`): another process's live lock raises :class:`~muva_core.locks.LockHeld` naming its
+    holder, or is waited for with ``wait``."""
+    from ..locks import hold, shared_data
+    from ..paths import check_run_folder, run_folder
     from ..pipeline import preflight
-    from ..progress import ENV, ProgressTail
 
     if not steps:
         raise ValueError("no notebooks to run (--steps matched none)")
@@ -79,7 +77,23 @@ def run_notebooks(cfg: RunConfig, steps: Sequence[str] = PIPELINE, run_id: str |
             raise ConfigError(f"{source}: parameters that are not config keys: {unknown}")
     folder = run_folder(cfg, run_id)
     check_run_folder(cfg, folder)
-    preflight(cfg, progress=progress)
+    with shared_data(cfg):
+        preflight(cfg, progress=progress)
+    with hold(folder, wait=wait):
+        return _execute(cfg, folder, sources, force, progress, kernel_name, command)
+
+
+def _execute(cfg: RunConfig, folder: Path, sources: dict[str, Path], force: bool, progress: bool, kernel_name: str,
+             command: str | None) -> Path:
+    """The notebooks of :func:`run_notebooks`, run in the locked, checked run folder."""
+    import os
+
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    from ..paths import claim_run_folder
+    from ..progress import ENV, ProgressTail
+
     fresh = not cfg.train.resume
     claim_run_folder(cfg, folder)
     if fresh:  # started afresh once, here; the notebooks then continue in the fresh folder
