@@ -103,8 +103,11 @@ def _set_inherited(tokens: set[str]) -> None:
 
 
 def _command() -> str:
-    argv = [os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]]
-    text = " ".join(argv)
+    """This process's command line, shortened (``python -m pkg.mod`` shows as ``pkg.mod``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    program = spec.name.removesuffix(".__main__") if spec is not None and spec.name else \
+        os.path.basename(sys.argv[0] or "python")
+    text = " ".join([program, *sys.argv[1:]])
     return text if len(text) <= 100 else text[:97] + "..."
 
 
