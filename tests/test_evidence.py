@@ -116,7 +116,6 @@ def test_small_scale_study_produces_every_table(small_synth_root, tmp_path, caps
     out = run_evidence(base, scale="small", protocols=["synth:A2B"], seeds=[0], progress=False, jobs=2)
     text = out.read_text()
     assert text == by_shards
-    assert main([*args, "--collect"]) == 0 and out.read_text() == by_shards
     assert out.name == "evidence-small.md"
     for claim in CLAIMS:
         assert claim.text in text

@@ -123,24 +123,22 @@ def shard_runs(runs: Sequence[RunConfig], shard: tuple[int, int] | None) -> list
 
 
 def prepare_shared(runs: Sequence[RunConfig], progress: bool = True) -> None:
-    """Check and make what the runs share, once per distinct data, grounding and starting CLIP, one process at
-    a time (:func:`muva_core.locks.shared_data`): the data (generated when synthetic), the image scan, the
-    pretrained CLIP, the pseudo labels and masks. Parallel trainings then find them made."""
+    """Generate the data and the pseudo-label masks once per distinct data + grounding settings, one process at a
+    time (:func:`muva_core.locks.shared_data`), before trainings that would otherwise make the same caches side
+    by side; the others wait, then find them made."""
     import dataclasses
 
     from ..grounding.steps import prepare_masks
     from ..locks import shared_data
-    from ..pipeline import preflight, source_datasets
+    from ..pipeline import load_protocol, source_datasets
 
     seen = set()
     for run in runs:
-        m = run.model
-        key = json.dumps([dataclasses.asdict(run.data), dataclasses.asdict(run.grounding), m.backbone, m.pretrained,
-                          m.checkpoint_path], sort_keys=True, default=str)
+        key = json.dumps([dataclasses.asdict(run.data), dataclasses.asdict(run.grounding)], sort_keys=True, default=str)
         if key not in seen:
             seen.add(key)
             with shared_data(run):
-                prepare_masks(run, source_datasets(preflight(run, progress=progress)), progress=progress)
+                prepare_masks(run, source_datasets(load_protocol(run, progress=progress)), progress=progress)
 
 
 def train_run(run: RunConfig, wait: bool = False, progress: bool = True) -> tuple[str, str | None]:
