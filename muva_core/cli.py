@@ -619,6 +619,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]   # the command line as typed (run records)
     try:
+        if hasattr(args, "wait"):  # a command that locks run folders: a bad $MUVA_LOCK_TIMEOUT before any work
+            from .locks import lock_timeout
+
+            lock_timeout()
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
         # every library error carries the path and the reason; show it without a traceback

@@ -185,14 +185,18 @@ class FolderLock:
                            "heartbeat": time.time(), "timeout": self.timeout, "command": _command(),
                            "token": self.token}, indent=1).encode()
 
-    def _write_temp(self) -> Path:
-        tmp = self.folder / f"{LOCK_NAME}.{self.token}.{uuid.uuid4().hex[:8]}.tmp"
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    def _write_new(self, path: Path) -> None:
+        """Create ``path`` (``O_CREAT|O_EXCL``: :class:`FileExistsError` when it exists) holding the lock's content."""
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         try:
             os.write(fd, self._content())
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def _write_temp(self) -> Path:
+        tmp = self.folder / f"{LOCK_NAME}.{self.token}.{uuid.uuid4().hex[:8]}.tmp"
+        self._write_new(tmp)
         return tmp
 
     # ---- acquiring ----------------------------------------------------------------------------
@@ -240,14 +244,9 @@ class FolderLock:
     def _create_exclusive(self) -> bool:
         """``O_CREAT|O_EXCL`` where the file system has no hard links."""
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            self._write_new(self.path)
         except FileExistsError:
             return False
-        try:
-            os.write(fd, self._content())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         return True
 
     def acquire(self, wait: bool = False, poll: float | None = None, on_wait=None) -> bool:

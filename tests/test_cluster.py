@@ -78,6 +78,18 @@ def test_every_command_of_the_cluster_page_is_run_or_a_template_the_cli_parses()
     assert "(docs/cluster.md)" in readme
 
 
+def test_bad_sharing_options_are_named_before_any_work(tmp_path, capsys, monkeypatch):
+    sweep = ["sweep", "--table", "8", "--protocol", "synth:A2B", "-p", f"reports_dir={tmp_path / 'reports'}"]
+    assert main([*sweep, "--shard", "2/2"]) == 2
+    assert "muva sweep: error: bad shard 2/2: need 0 <= i < n" in capsys.readouterr().err
+    assert main(["evidence", "--scale", "small", "--shard", "half"]) == 2
+    assert "muva evidence: error: bad shard 'half': expected 'i/n', e.g. '0/4'" in capsys.readouterr().err
+    monkeypatch.setenv(ENV_TIMEOUT, "3 minutes")
+    assert main([*sweep, "--shard", "0/2"]) == 2
+    assert "muva sweep: error: MUVA_LOCK_TIMEOUT='3 minutes': expected a number of seconds" in capsys.readouterr().err
+    assert not (tmp_path / "reports").exists()
+
+
 def _env(**extra) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
     env.pop(ENV_HELD, None)
