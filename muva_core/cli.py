@@ -350,7 +350,7 @@ def cmd_pretrain_clip(args) -> int:
     options = {} if args.keep_tokens is None else {"keep_tokens": args.keep_tokens}
     path = pretrain_clip(args.out, backbone=args.backbone, seed=args.seed, epochs=args.epochs, scale=args.scale,
                          synth_root=args.synth_root, overwrite=args.overwrite, progress=not args.quiet,
-                         image_size=_image_size(args.image_size), **options)
+                         image_size=_image_size(args.image_size), reid_root=args.reid_root, **options)
     report = json.loads(report_file(path).read_text()) if report_file(path).is_file() else {}
     zs = report.get("zero_shot", {})
     if zs.get("pretrained"):
@@ -368,6 +368,10 @@ def cmd_pretrain_clip(args) -> int:
             ref = row("pretrained", modes[0], attr)
             print(f"  {attr:14s} " + "   ".join(cells)
                   + f"   (chance {ref['balanced_chance']:.2f}, majority {ref['majority']:.2f})")
+    for d, res in (zs.get("reid_domains") or {}).items():   # each domain, then their mean
+        print(f"  Re-ID domain {d:4s} balanced accuracy " + "   ".join(
+            f"{m} {(res['mean'] if d != 'mean' else res)[m]['balanced_accuracy']:.2f}"
+            for m in (res["mean"] if d != "mean" else res)))
     print(f"checkpoint: {path}")
     from .config import RunConfig
     from .pretrain import config_clip_path
@@ -464,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="generate the synthetic multi-domain person dataset")
     p.add_argument("--out", required=True, help="output folder (holds synth_A/ ... synth_D/ and manifest.json)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", choices=["small", "default", "evidence", "large"], default="default",
+    p.add_argument("--scale", choices=["small", "default", "evidence", "large", "reid"], default="default",
                    help="see muva_core.data.synthetic.SCALES")
     p.add_argument("--overwrite", action="store_true", help="replace an existing set made with other settings")
     p.set_defaults(func=cmd_synth)
@@ -588,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain-clip", help="pretrain a small CLIP on captioned synthetic people (domains P, Q, R)")
     p.add_argument("--out", required=True, help="folder of clip-<backbone>-seed<seed>.safetensors and its .json report")
-    p.add_argument("--backbone", choices=["tiny", "small"], default="small")
+    p.add_argument("--backbone", choices=["tiny", "mini", "small"], default="small")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="default: muva_core.pretrain.DEFAULT_EPOCHS")
     p.add_argument("--scale", choices=["pretrain", "small"], default="pretrain", help="size of the pretraining set")
@@ -597,6 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "configs' height/width must match, the 16-pixel patch grid is not resized)")
     p.add_argument("--keep-tokens", type=int, default=None, help="patch tokens kept per training image "
                    "(default 32 of the 128 at 256x128; all when at least the grid size)")
+    p.add_argument("--reid-root", default=None, help="a generated synthetic Re-ID set (e.g. data/synthetic): the "
+                   "report adds zero-shot accuracy on the test images of its domains A-D")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint made with other settings")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_pretrain_clip)

@@ -38,7 +38,7 @@ class DataConfig:
     protocol: str = "synth:A2B"
     data_root: str = "data"            # real datasets: folder holding Market-1501-v15.09.15/, MSMT17_V1/, ...
     synth_root: str = "data/synthetic"  # where `muva synth` writes (and the synthetic protocols read)
-    synth_scale: str = "default"       # small | default | evidence | large (data.synthetic.SCALES)
+    synth_scale: str = "default"       # small | default | evidence | large | reid (data.synthetic.SCALES)
     synth_seed: int = 0                # seed of the synthetic data and of the simulated expert (fixed across run seeds)
     height: int = 256
     width: int = 128
@@ -71,7 +71,7 @@ class GroundingConfig:
 class ModelConfig:
     """The MUVA model (paper 3.1, 3.2, 4.2) and every ablation switch of Tables 5-8, 10, 12."""
 
-    backbone: str = "vit-b-16"         # vit-b-16 (the paper) | small | tiny (random weights, CPU tests/demos)
+    backbone: str = "vit-b-16"         # vit-b-16 (the paper) | small | mini | tiny (random weights, CPU tests/demos)
     pretrained: str = "auto"           # open_clip tag (openai); auto = openai for vit-b-16, random for small/tiny; none;
                                        # pretrain-clip = the CLIP of `muva pretrain-clip`, made when missing (pretrain.py)
     checkpoint_path: str = ""          # local CLIP weights (.safetensors / .pt); wins over pretrained
@@ -124,10 +124,15 @@ class TrainConfig:
     mask_dice_smooth: float = 1.0      # smoothing of the soft Dice (reference: 1e-3)
     lr_schedule: str = "workbook"      # workbook (stepped after each epoch, from 0) | reference (at the start, from 1)
     augment: str = "flip"              # flip (the paper) | flip+crop+erase (Table 11) | ...+color (photometric jitter)
-    amp: bool = True                   # autocast on GPU (ignored on CPU: fp32)
+    amp: bool = True                   # autocast: on GPU in amp_dtype; on CPU per cpu_amp (muva_core.precision)
+    cpu_amp: str = "auto"              # auto (bfloat16 where the CPU has it natively, else fp32) | on | off
     amp_dtype: str = "bfloat16"        # bfloat16 | float16 (with a GradScaler, the reference); recipe key
     log_every: int = 20                # steps between progress-bar loss updates
     resume: bool = True                # continue from the run's checkpoints when they exist
+    memory_rebuild: str = "full"       # VPM-2 each epoch: full (a feature pass over the training set, the paper) |
+                                       # train_pass (the features the epoch's training steps computed; no extra pass)
+    eval_every: int = 0                # every N stage-2 epochs evaluate the target and the source's held-out split
+                                       # into the history (a diagnostic: nothing is chosen on it); 0 = off
 
 
 @dataclass
@@ -318,14 +323,14 @@ RECIPE_KEYS: frozenset[str] = frozenset(RECIPES["workbook"])
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "recipe": tuple(RECIPES),
-    "synth_scale": ("small", "default", "evidence", "large"),             # data.synthetic.SCALES
+    "synth_scale": ("small", "default", "evidence", "large", "reid"),           # data.synthetic.SCALES
     "norm": ("clip", "half"),
     "test_resize": ("bicubic", "bilinear"),
     "backend": ("synthetic", "cogvlm", "florence2", "owlv2", "grounding_dino", "vitpose"),  # grounding.BACKENDS
     "calib_method": ("robust_z", "quantile"),
     "calib_windows": ("stripes", "data"),
     "vote_rule": ("center", "coverage"),
-    "backbone": ("vit-b-16", "small", "tiny"),                             # model.backbone.NAMED_CONFIGS
+    "backbone": ("vit-b-16", "small", "mini", "tiny"),                             # model.backbone.NAMED_CONFIGS
     "mask_mode": ("predicted", "stripe"),
     "mask_dice": ("soft", "elementwise"),
     "augment": ("flip", "flip+crop+erase", "flip+color", "flip+crop+erase+color"),   # +color: photometric jitter
@@ -341,6 +346,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "i2tce_similarity": ("cosine", "dot"),
     "lr_schedule": ("workbook", "reference"),
     "amp_dtype": ("bfloat16", "float16"),
+    "cpu_amp": ("auto", "on", "off"),                                      # precision.autocast_settings
+    "memory_rebuild": ("full", "train_pass"),
 }
 """Keys with a fixed set of values (tests tie each list to the registry it mirrors)."""
 
@@ -363,7 +370,7 @@ RANGES: dict[str, tuple] = {
     "rmp_lr_scale": _POSITIVE, "warmup_epochs": _INT_AT_LEAST_0, "warmup_factor": (0.0, 1.0, False, True),
     "lr_gamma": (0.0, 1.0, False, True), "id_epsilon": (0.0, 1.0, True, False), "imp_temperature": _POSITIVE,
     "memory_momentum": (0.0, 1.0, True, True), "i2tce_logit_scale": _NON_NEGATIVE,
-    "mask_loss_weight": _NON_NEGATIVE, "log_every": _INT_AT_LEAST_1,
+    "mask_loss_weight": _NON_NEGATIVE, "log_every": _INT_AT_LEAST_1, "eval_every": _INT_AT_LEAST_0,
     "rmp_weight_decay": (-1.0, None, True, True), "mask_dice_smooth": _POSITIVE,
     "max_rank": _INT_AT_LEAST_1, "eval_chunk_size": _INT_AT_LEAST_1,
     "k1": _INT_AT_LEAST_1, "k2": _INT_AT_LEAST_1, "lambda_value": (0.0, 1.0, True, True),
@@ -413,6 +420,11 @@ def _coerce(obj: Any, key: str, value: Any, source: str) -> Any:
     origin = typing.get_origin(expected)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if expected in (int, float, str, bool):
         if isinstance(value, bool) and expected is not bool:
             raise ConfigError(f"{source}: key {key!r} expects {expected.__name__}, got {value!r}")

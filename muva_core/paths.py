@@ -29,8 +29,13 @@ PATH_KEYS = ("data_root", "synth_root", "cache_dir", "reports_dir", "run_dir", "
 
 OPERATIONAL_KEYS = frozenset({
     "run_dir", "reports_dir", "resume", "device", "num_workers", "log_every", "num_examples", "ground_batch_size",
+    "eval_every",
 })
 """Keys that say how a run is carried out, not what it trains."""
+
+LATER_KEYS = {"memory_rebuild": "full", "cpu_amp": "auto"}
+"""Keys added after run folders were recorded, with the value every older run had: in a run's identity only when
+they differ from it, so the older folders keep their hash."""
 
 EVAL_SECTION = "eval"
 """Evaluation keys do not change the trained model either: a resumed run re-evaluates with the new ones."""
@@ -110,7 +115,8 @@ def portable_flat(cfg: "RunConfig", root: Path | None = None) -> dict[str, Any]:
 def identity(cfg: "RunConfig") -> dict[str, Any]:
     """The keys that decide what a run trains (all but the operational and evaluation keys), paths portable."""
     return {k: v for k, v in portable_flat(cfg).items()
-            if k not in OPERATIONAL_KEYS and cfg.section_of(k) != EVAL_SECTION}
+            if k not in OPERATIONAL_KEYS and cfg.section_of(k) != EVAL_SECTION
+            and not (k in LATER_KEYS and v == LATER_KEYS[k])}
 
 
 def config_hash(cfg: "RunConfig") -> str:

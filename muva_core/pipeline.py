@@ -15,11 +15,16 @@ BASELINE_FEATURES = {"hist-global": 1, "hist-3stripes": 3}
 
 
 def ensure_synthetic(cfg: RunConfig, progress: bool = True) -> Path:
-    """Generate the synthetic set at ``cfg.data.synth_root`` unless the same one is there already."""
+    """Generate the synthetic domains of the protocol at ``cfg.data.synth_root`` unless they are there already
+    (the other domains are added when a protocol needs them)."""
+    from .data.protocols import get_protocol
     from .data.synthetic import generate_synthetic
 
+    proto = get_protocol(cfg.data.protocol)
+    domains = [d.removeprefix("synth_") for d in dict.fromkeys((*proto.sources, proto.target))
+               if d.startswith("synth_")]
     return generate_synthetic(resolve(cfg.data.synth_root), seed=cfg.data.synth_seed, scale=cfg.data.synth_scale,
-                              progress=progress)
+                              domains=domains, progress=progress)
 
 
 def protocol_roots(cfg: RunConfig) -> dict[str, Path]:

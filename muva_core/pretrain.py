@@ -85,6 +85,8 @@ __all__ = [
     "make_optimizer",
     "make_batch",
     "contrastive_step",
+    "encode_text",
+    "evaluate_zero_shot_domains",
     "zero_shot_accuracy",
     "evaluate_zero_shot",
     "pretrain_clip",
@@ -107,7 +109,7 @@ PRETRAIN_FORMAT_VERSION = 1
 CAPTIONS_VERSION = "1"
 """Bumped whenever :mod:`muva_core.data.captions` changes what it writes (part of the reuse key)."""
 
-DEFAULT_EPOCHS: dict[str, int] = {"tiny": 10, "small": 3, "vit-b-16": 5}
+DEFAULT_EPOCHS: dict[str, int] = {"tiny": 10, "mini": 3, "small": 3, "vit-b-16": 5}
 """Epochs over the ``pretrain`` train split (~4.3k images, ~67 steps of 64) when ``epochs`` is not given."""
 
 
@@ -228,7 +230,8 @@ def config_clip_spec(cfg) -> dict[str, Any]:
     from .paths import resolve
 
     return {"out_dir": resolve(cfg.data.data_root) / "clip", "backbone": cfg.model.backbone, "seed": CONFIG_CLIP_SEED,
-            "image_size": (int(cfg.data.height), int(cfg.data.width)), **CONFIG_CLIP_OPTIONS}
+            "image_size": (int(cfg.data.height), int(cfg.data.width)), "reid_root": resolve(cfg.data.synth_root),
+            **CONFIG_CLIP_OPTIONS}
 
 
 def config_clip_path(cfg) -> Path:
@@ -470,6 +473,23 @@ def make_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimiz
                              fused=True)  # fused: ~10x faster than the per-tensor loop on CPU
 
 
+def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text(tokens)`` (open_clip, argmax pooling at the EOT token) over the positions up to the batch's
+    last EOT only: the text attention is causal, so the padding after it never changes what the EOT reads, and a
+    caption of ~20 tokens costs a quarter of the 77-token context."""
+    n = int(tokens.argmax(dim=-1).max()) + 1
+    if n >= tokens.shape[1] or getattr(model, "text_pool_type", "argmax") != "argmax":
+        return model.encode_text(tokens)
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens[:, :n]).to(cast) + model.positional_embedding[:n].to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+    x = x[torch.arange(x.shape[0], device=x.device), tokens[:, :n].argmax(dim=-1)]
+    proj = model.text_projection
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+
 def contrastive_step(model: nn.Module, tokenizer, images: torch.Tensor, texts: Sequence[str],
                      optimizer: torch.optim.Optimizer | None, loss_fn: nn.Module | None = None,
                      keep: torch.Tensor | None = None) -> float:
@@ -488,8 +508,9 @@ def contrastive_step(model: nn.Module, tokenizer, images: torch.Tensor, texts: S
         if keep is not None:
             selector.index = keep
         with torch.set_grad_enabled(optimizer is not None):
-            img_f, txt_f, logit_scale = model(images, tokens)[:3]
-            loss = loss_fn(img_f, txt_f, logit_scale)
+            img_f = nn.functional.normalize(model.encode_image(images), dim=-1)
+            txt_f = nn.functional.normalize(encode_text(model, tokens), dim=-1)
+            loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
     finally:
         if isinstance(selector, TokenSelect):
             selector.index = None
@@ -563,7 +584,7 @@ def evaluate_zero_shot(model, tokenizer, data: PretrainImages, attributes: Seque
             spec = ZERO_SHOT_ATTRIBUTES[a]
             prompts = zero_shot_prompts(a, mode)
             values = list(prompts)
-            txt = model.encode_text(tokenizer([prompts[v] for v in values]))
+            txt = encode_text(model, tokenizer([prompts[v] for v in values]))
             labels = torch.tensor([values.index(v) if (v := spec.value_of(at)) is not None else -1
                                    for at in data.attrs])
             img = feats["global" if mode == "global" else spec.part]
@@ -577,6 +598,23 @@ def evaluate_zero_shot(model, tokenizer, data: PretrainImages, attributes: Seque
     keys = ("accuracy", "chance", "majority", "balanced_accuracy", "balanced_chance")
     out["mean"] = {m: {k: float(np.nanmean([r[k] for r in out[m].values()])) for k in keys} for m in modes}
     model.train(was_training)
+    return out
+
+
+def evaluate_zero_shot_domains(model, tokenizer, root: str | os.PathLike, domains: Sequence[str], limit: int,
+                               image_size: Sequence[int], part_pad: int = 4, seed: int = 0,
+                               progress: bool = False) -> dict[str, Any]:
+    """:func:`evaluate_zero_shot` on the test images (query + gallery) of generated Re-ID domains (``synth_A`` ..
+    ``synth_D``: other people, cameras and lighting than the pretraining domains), ``limit`` images of each:
+    ``{domain: {"global": ..., "part": ..., "mean": ...}, "mean": {mode: {...}}}`` (the mean over the domains)."""
+    out: dict[str, Any] = {}
+    for d in domains:
+        data = load_pretrain_images(root, "test", domains=[d], limit=limit, seed=seed).resized(image_size)
+        out[d] = evaluate_zero_shot(model, tokenizer, data, part_pad=part_pad, progress=progress)
+    if out:
+        modes = list(next(iter(out.values()))["mean"])
+        out["mean"] = {m: {k: float(np.mean([out[d]["mean"][m][k] for d in domains])) for k in out[domains[0]]["mean"][m]}
+                       for m in modes}
     return out
 
 
@@ -662,9 +700,19 @@ def _progress_line(line: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # the entry point
 
+def _reid_domains(root: str | os.PathLike | None) -> list[str]:
+    """The synthetic Re-ID domains (A-D) generated under ``root``."""
+    if root is None:
+        return []
+    from .data.synthetic import read_manifest
+
+    manifest = read_manifest(Path(root)) or {}
+    return sorted(d for d in manifest.get("domains", {}) if d in "ABCD" and (Path(root) / f"synth_{d}").is_dir())
+
+
 def pretrain_clip(out_dir: str | os.PathLike, backbone: str = "small", seed: int = 0, epochs: int | None = None,
                   scale: str = "pretrain", synth_root: str | os.PathLike | None = None, overwrite: bool = False,
-                  progress: bool = True, **options: Any) -> Path:
+                  progress: bool = True, reid_root: str | os.PathLike | None = None, **options: Any) -> Path:
     """Pretrain a named CLIP config on captioned synthetic pedestrians; return the checkpoint path.
 
     out_dir:    folder of ``clip-<backbone>-seed<seed>.safetensors`` and its ``.json`` report
@@ -672,6 +720,8 @@ def pretrain_clip(out_dir: str | os.PathLike, backbone: str = "small", seed: int
     scale:      size of the pretraining set (``pretrain``; ``small`` for tests)
     synth_root: where the pretraining set is generated / reused (default :func:`pretrain_data_root`)
     overwrite:  replace a checkpoint made with other settings (otherwise :class:`CheckpointExistsError`)
+    reid_root:  a generated synthetic Re-ID set (``synth_A`` .. ``synth_D``): the report adds the zero-shot accuracy
+                on the test images of the domains it holds (``zero_shot["reid_domains"]``; not a setting)
     options:    other :class:`PretrainConfig` fields (batch_size, lr, eval_images, ...)
 
     Returns at once when the checkpoint exists with the same settings.
@@ -777,6 +827,11 @@ def pretrain_clip(out_dir: str | os.PathLike, backbone: str = "small", seed: int
         if held is not None:
             zero_shot["pretrained"] = evaluate_zero_shot(model, tokenizer, held, part_pad=cfg.part_pad,
                                                          progress=progress)
+            domains = _reid_domains(reid_root)
+            if domains:
+                zero_shot["reid_domains"] = evaluate_zero_shot_domains(
+                    model, tokenizer, reid_root, domains, cfg.eval_images, cfg.image_size, cfg.part_pad,
+                    seed=cfg.data_seed, progress=progress)
         timings["eval_pretrained"] = clock.lap()
     timings["total"] = total.lap()
 

@@ -6,6 +6,7 @@ dataset folder (its ``.parent`` is a valid parent root for every dataset of the 
 from __future__ import annotations
 
 import io
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
@@ -13,6 +14,11 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 import pytest
+
+# The suite's numbers are the same on every machine: float32 on CPU even where the CPU has native bfloat16 (the
+# default of `cpu_amp: auto`, muva_core.precision); tests of the bfloat16 path set it themselves. Subprocesses
+# (the CLI, papermill kernels) inherit it.
+os.environ.setdefault("MUVA_CPU_AMP", "0")
 
 
 @lru_cache(maxsize=None)

@@ -354,3 +354,17 @@ def test_train_ids_and_test_images_per_id_shape_the_splits(tmp_path, monkeypatch
     # a new description alone is not a new definition
     monkeypatch.setitem(SCALES, "split-test", {**spec, "description": "reworded"})
     assert generate_synthetic(out, seed=0, scale="split-test", domains=("B",), progress=False) == out
+
+
+def test_the_reid_scale_trains_on_reid_sized_sources_with_the_same_targets():
+    """Planned, not rendered: the Re-ID sized scale (issue 18) gives every domain >= 700 training identities
+    (Market-1501: 751) of 4-5 images, and its targets rank >= 300 valid queries as the default's do; the domains
+    keep their look (the same camera styles as at the default scale) and their pids stay apart."""
+    for d in DOMAINS:
+        plan = syn._plan_domain(0, d, "reid")
+        counts = syn._counts(plan)
+        assert 700 <= counts["train_ids"] <= 705 and 2800 <= counts["train_images"] <= 3600, (d, counts)
+        assert _valid_queries(plan) >= 300, (d, counts)
+        assert plan["cameras"] == syn._plan_domain(0, d, "default")["cameras"]
+        block = syn.SCALES["reid"]["pid_block"]
+        assert all(syn._DOMAIN_INDEX[d] * block < p < (syn._DOMAIN_INDEX[d] + 1) * block for p in plan["identities"])

@@ -94,6 +94,14 @@ SCALES: dict[str, dict[str, Any]] = {
         "ids_per_domain": 360, "train_ids": 50, "images_per_id": [8, 12], "test_images_per_id": [4, 7],
         "distractor_frac": 0.06, "junk_frac": 0.04, "min_distractors": 4, "min_junk": 4,
     },
+    "reid": {
+        "description": "Re-ID sized (issue 18; the demo and evidence scales once their schedule is chosen): per domain about 700 training ids (4-5 images each, ~3.1k "
+                       "images; Market-1501 has 751 ids) and 310 test ids (4-7 images each): >= 300 queries on "
+                       "every target (one per test id on the 2-camera domain B, 1-3 on the others) and ~4.5 gallery "
+                       "images per query (Market-1501: 4.7); ~4.9k images per domain",
+        "ids_per_domain": 1010, "train_ids": 700, "images_per_id": [4, 5], "test_images_per_id": [4, 7],
+        "distractor_frac": 0.06, "junk_frac": 0.04, "min_distractors": 4, "min_junk": 4, "pid_block": 10000,
+    },
     "large": {
         "description": "longer experiments: 500 ids per domain, 10-16 images each (~27k images in all)",
         "ids_per_domain": 500, "images_per_id": [10, 16],
@@ -108,6 +116,7 @@ SCALES: dict[str, dict[str, Any]] = {
 }
 """Dataset sizes. ``ids_per_domain`` is split half train, half test (by whole families), or ``train_frac`` train,
 or ``train_ids`` train (families are added to the training split until it holds at least that many ids).
+``pid_block`` (default 1000): domain i owns pids ``i * pid_block + 1 ..``; Re-ID sized scales need more than 999.
 ``images_per_id`` = [lo, hi] images of a training id (and of a test id unless ``test_images_per_id`` is given);
 a test id has at least one image in each of its cameras and one query per camera for 1-3 of them."""
 
@@ -205,7 +214,7 @@ PRETRAIN_DOMAINS: tuple[str, ...] = tuple(PRETRAIN_DOMAIN_STYLES)
 
 _ALL_STYLES: dict[str, dict[str, Any]] = {**DOMAIN_STYLES, **PRETRAIN_DOMAIN_STYLES}
 _DOMAIN_INDEX = {d: i for i, d in enumerate(sorted(_ALL_STYLES))}  # A-D keep 0-3
-_PID_BLOCK = 1000  # domain i owns pids i*1000+1 .. i*1000+999
+_PID_BLOCK = 1000  # default pid block: domain i owns pids i*1000+1 .. i*1000+999 (SCALES "pid_block")
 
 # seed roles: the second element of every spawn key
 _ROLE_IMAGE, _ROLE_DISTRACTOR, _ROLE_JUNK, _ROLE_CAMERA, _ROLE_IDENTITIES, _ROLE_PLAN, _ROLE_EXTRA = range(7)
@@ -440,8 +449,9 @@ def _plan_domain(seed: int, domain: str, scale: str) -> dict:
     di = _DOMAIN_INDEX[domain]
     n_cams = int(base["n_cams"])
     n_ids = int(spec["ids_per_domain"])
-    if not 2 <= n_ids < _PID_BLOCK:
-        raise ValueError(f"ids_per_domain must be in 2..{_PID_BLOCK - 1}, got {n_ids}")
+    block = int(spec.get("pid_block", _PID_BLOCK))
+    if not 2 <= n_ids < block:
+        raise ValueError(f"ids_per_domain must be in 2..{block - 1} (pid_block {block}), got {n_ids}")
 
     # families of 2-4 identities, all in one split
     rng = _rng(seed, di, _ROLE_IDENTITIES)
@@ -465,7 +475,7 @@ def _plan_domain(seed: int, domain: str, scale: str) -> dict:
         families.append({"family": f"{domain}-f{f:03d}", "varied_part": part, "varied_attr": group, "members": members})
 
     pr = _rng(seed, di, _ROLE_PLAN)
-    pid_pool = [int(p) for p in di * _PID_BLOCK + 1 + pr.permutation(n_ids)]
+    pid_pool = [int(p) for p in di * block + 1 + pr.permutation(n_ids)]
     fam_order = [int(i) for i in pr.permutation(len(families))]
     identities: dict[int, dict] = {}
     n_train = 0

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from ..data.samples import Sample
 from ..data.transforms import ReIDImageDataset, build_test_transform
+from ..precision import autocast_settings
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -42,11 +43,11 @@ def extract_features(encoder, samples: Sequence[Sample], cfg, device: torch.devi
     was_training = encoder.training
     encoder.eval()
     feats, probs = [], []
-    amp = device.type == "cuda" and cfg.train.amp
+    amp, amp_dtype = autocast_settings(device, cfg)
     for batch in tqdm(test_loader(samples, cfg, masks=masks), desc=desc, disable=not progress, leave=False):
         images = batch["image"].to(device, non_blocking=True)
         part_masks = batch["mask"].to(device) if mask_mode == "pseudo" else None
-        with torch.autocast(device.type, dtype=getattr(torch, cfg.train.amp_dtype), enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             out = encoder(images, part_masks=part_masks, mask_mode=mask_mode)
         f = (out.bn_features if which == "bn" else out.features).float()
         feats.append(torch.nn.functional.normalize(f, dim=-1) if normalize else f)

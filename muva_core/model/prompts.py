@@ -134,10 +134,15 @@ class TextEncoder(nn.Module):
         return self.token_embedding.embedding_dim
 
     def forward(self, prompts: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
-        """``[B, L, W]`` prompt embeddings, ``[B]`` EOT positions -> text features ``[B, E]``."""
+        """``[B, L, W]`` prompt embeddings, ``[B]`` EOT positions -> text features ``[B, E]``.
+
+        Only the positions up to the last EOT are encoded: the attention is causal, so what a position reads never
+        depends on the padding after it (a prompt of ~20 tokens costs a quarter of the 77-token context)."""
         dt = self.transformer.get_cast_dtype()
-        x = prompts.to(dt) + self.positional_embedding.to(dt)
-        x = self.transformer(x, attn_mask=self.attn_mask)
+        n = int(eot_index.max()) + 1 if eot_index.numel() else prompts.shape[1]
+        x = prompts[:, :n].to(dt) + self.positional_embedding[:n].to(dt)
+        mask = self.attn_mask[:n, :n] if self.attn_mask is not None else None
+        x = self.transformer(x, attn_mask=mask)
         x = self.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot_index]
         proj = self.text_projection

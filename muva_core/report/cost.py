@@ -18,6 +18,7 @@ import torch
 
 from ..config import RunConfig
 from ..model.factory import build_muva, part_indices
+from ..precision import autocast_settings
 from ..train.losses import cmp_loss, normalize_per_granularity
 from ..train.stage2 import build_loss, build_optimizer
 
@@ -83,10 +84,10 @@ def measure_variant(cfg: RunConfig, device: torch.device, batch_size: int, num_c
         "params_train_M": (sum(p.numel() for p in model.parameters() if p.requires_grad)
                            + (sum(p.numel() for p in built.prompts.learnable_parameters()) if built.prompts else 0)) / 1e6,
     }
-    amp = device.type == "cuda" and cfg.train.amp
+    amp, amp_dtype = autocast_settings(device, cfg)
 
     def infer():
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             enc.eval()(images)
 
     mem: dict = {}
@@ -100,7 +101,7 @@ def measure_variant(cfg: RunConfig, device: torch.device, batch_size: int, num_c
         opt1 = torch.optim.Adam(prompts.learnable_parameters(), lr=1e-4)
 
         def step1():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 text = prompts(pids)
             loss = cmp_loss(normalize_per_granularity(text.float(), G), centroids, pids)
             opt1.zero_grad()
@@ -121,7 +122,7 @@ def measure_variant(cfg: RunConfig, device: torch.device, batch_size: int, num_c
 
     def step2():
         model.train()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             out, logits = model(images)
         terms = criterion(pids, id_logits=logits.float(), features=normalize_per_granularity(out.features.float(), G),
                           bn_features=out.bn_features.float(), memory=memory,

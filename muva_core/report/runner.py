@@ -175,7 +175,37 @@ def summarise_run(folder: Path, cfg: RunConfig, state: dict) -> dict:
     cal = metrics_dir / "02_calibration.json"
     if cal.is_file():
         summary["calibration_iou"] = json.loads(cal.read_text()).get("iou")
+    summary.update(training_summary(folder, cfg))
     return summary
+
+
+def training_summary(folder: Path, cfg: RunConfig) -> dict:
+    """What tells whether the run trained to the end and how far it generalises: the training identities and
+    images, the last epoch's training-identity accuracy, each source's held-out split (never trained on), the
+    per-epoch diagnostics (``eval_every``: held-out and target mAP by epoch), and the zero-shot accuracy of the
+    language-pretrained CLIP it started from."""
+    out: dict = {}
+    train = folder / "metrics" / "train.json"
+    if train.is_file():
+        rec = json.loads(train.read_text())
+        out.update({k: rec[k] for k in ("num_classes", "train_images", "heldout_source", "autocast") if k in rec})
+    hist = folder / "history_stage2.csv"
+    if hist.is_file():
+        import pandas as pd
+
+        h = pd.read_csv(hist)
+        if "train_id_acc" in h and len(h):
+            out["train_id_acc_last"] = float(h["train_id_acc"].iloc[-1])
+        cols = [c for c in h.columns if c.startswith(("heldout_mAP", "target_mAP"))]
+        if cols:
+            rows = h[["epoch", *cols]].dropna(how="all", subset=cols)
+            out["by_epoch"] = {c: {int(e): round(float(v), 2) for e, v in zip(rows["epoch"], rows[c]) if v == v}
+                               for c in cols}
+    from ..pretrain import config_clip_path, read_pretrain_info, uses_pretrain_clip
+
+    if uses_pretrain_clip(cfg) and config_clip_path(cfg).is_file():
+        out["clip_zero_shot"] = read_pretrain_info(config_clip_path(cfg)).get("zero_shot")
+    return out
 
 
 def write_reports_index(reports_dir: Path) -> Path:

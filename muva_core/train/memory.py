@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from muva_core.train.losses import imp_loss
 
-__all__ = ["PrototypeMemory", "all_gather_variable"]
+__all__ = ["PrototypeMemory", "all_gather_variable", "all_reduce_sum"]
 
 
 def _distributed() -> bool:
@@ -54,6 +54,15 @@ def all_gather_variable(tensor: Tensor) -> Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """The sum of ``tensor`` over all ranks (a new tensor); ``tensor`` itself without ``torch.distributed``."""
+    if not _distributed():
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out)
+    return out
 
 
 def _refresh_built_flag(module: nn.Module, incompatible_keys) -> None:
@@ -86,7 +95,14 @@ class PrototypeMemory(nn.Module):
         self.register_buffer("built", torch.tensor(False))
         # python mirror of the ``built`` buffer (reading a CUDA buffer would sync every step)
         self._is_built = False
+        self._sums: Tensor | None = None     # an epoch's feature sums and counts per identity (accumulate)
+        self._counts: Tensor | None = None
         self.register_load_state_dict_post_hook(_refresh_built_flag)
+
+    @property
+    def is_built(self) -> bool:
+        """Whether the centroids were built (or loaded from a built memory)."""
+        return self._is_built
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, dim={self.dim}, momentum={self.momentum}, temperature={self.temperature}"
@@ -141,6 +157,32 @@ class PrototypeMemory(nn.Module):
         self.centroids.copy_(F.normalize(sums / counts.unsqueeze(1).to(sums.dtype), dim=1))
         self.built.fill_(True)
         self._is_built = True
+        return self
+
+    # ---- the rebuild from an epoch's own training features (memory_rebuild: train_pass) ---------------
+    @torch.no_grad()
+    def accumulate(self, features: Tensor, labels: Tensor) -> None:
+        """Add the normalised ``features`` of a training batch to the per-identity sums of this epoch."""
+        features, labels = self._check(features, labels, "accumulate")
+        if self._sums is None:
+            self._sums = torch.zeros_like(self.centroids)
+            self._counts = torch.zeros(self.num_classes, device=self.centroids.device)
+        labels = labels.to(self._sums.device)
+        self._sums.index_add_(0, labels, F.normalize(features.detach().to(self._sums), dim=1))
+        self._counts.index_add_(0, labels, torch.ones(labels.shape[0], device=labels.device))
+
+    @torch.no_grad()
+    def rebuild_from_accumulated(self, gather: bool = True) -> "PrototypeMemory":
+        """Eq. 2's centroids from the features :meth:`accumulate` collected (then cleared): each identity seen gets
+        the normalised mean of its normalised features, as :meth:`build` would from a pass over the same images;
+        an identity no batch held keeps its centroid. Under DDP the sums of all ranks are added first."""
+        self._require_built("rebuild_from_accumulated")
+        if self._sums is None:
+            return self
+        sums, counts = (all_reduce_sum(self._sums), all_reduce_sum(self._counts)) if gather else (self._sums, self._counts)
+        seen = counts > 0
+        self.centroids[seen] = F.normalize(sums[seen] / counts[seen].unsqueeze(1), dim=1)
+        self._sums = self._counts = None
         return self
 
     @torch.no_grad()

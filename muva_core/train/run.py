@@ -23,6 +23,7 @@ import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -37,6 +38,7 @@ from ..locks import LockHeld, check_held, hold, shared_data
 from ..model.factory import BuiltModel, MUVAReID, build_muva, part_indices
 from ..notebook import record
 from ..paths import check_run_folder, claim_run_folder, run_folder
+from ..precision import describe
 from ..progress import epoch_line, report
 from ..seeding import seed_everything
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -143,7 +145,7 @@ def run_stage1(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
 
 
 def run_stage2(cfg: RunConfig, built: BuiltModel, train, masks, device, info: DistInfo, folder: Path,
-               progress: bool = True) -> pd.DataFrame:
+               progress: bool = True, evaluate: Callable | None = None) -> pd.DataFrame:
     model = built.model
     ckpt = folder / "checkpoints" / "stage2-last.safetensors"
     hist_path = folder / "history_stage2.csv"
@@ -177,19 +179,19 @@ def run_stage2(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
 
     train_stage2(model, memory, train, masks, cfg, device, optimizer=optimizer, scheduler=scheduler,
                  start_epoch=start, ddp_model=ddp, rank=info.rank, world_size=info.world_size, monitor=monitor,
-                 on_epoch_end=on_epoch_end, progress=progress)
+                 on_epoch_end=on_epoch_end, evaluate=evaluate, progress=progress)
     return previous[0] if previous[0] is not None else pd.DataFrame()
 
 
-def evaluate_model(cfg: RunConfig, model: MUVAReID, data, device, progress: bool = True) -> tuple[dict, dict]:
-    """Re-ID metrics on the target's query/gallery, and predicted-mask IoU against ground-truth boxes
-    when the target has them (synthetic domains)."""
-    enc = model.encoder
-    samples = list(data.query) + list(data.gallery)
-    feats, probs = extract_features(enc, samples, cfg, device, return_masks=True, progress=progress, desc="test features")
-    nq = len(data.query)
-    qp, qc = sample_arrays(data.query)
-    gp, gc = sample_arrays(data.gallery)
+def evaluate_split(cfg: RunConfig, model: MUVAReID, query, gallery, dataset, device,
+                   progress: bool = True, desc: str = "test features") -> tuple[dict, dict]:
+    """Re-ID metrics of ``query`` against ``gallery``, and predicted-mask IoU against the ground-truth boxes of
+    ``dataset`` when it has them (synthetic domains)."""
+    samples = list(query) + list(gallery)
+    feats, probs = extract_features(model.encoder, samples, cfg, device, return_masks=True, progress=progress, desc=desc)
+    nq = len(query)
+    qp, qc = sample_arrays(query)
+    gp, gc = sample_arrays(gallery)
     metrics = evaluate_features(feats[:nq], feats[nq:], qp, gp, qc, gc, metric=cfg.eval.metric,
                                 max_rank=cfg.eval.max_rank, chunk_size=cfg.eval.eval_chunk_size,
                                 rerank=cfg.eval.rerank, k1=cfg.eval.k1, k2=cfg.eval.k2,
@@ -197,13 +199,59 @@ def evaluate_model(cfg: RunConfig, model: MUVAReID, data, device, progress: bool
     iou = {}
     from ..grounding.simulated import dataset_truth
 
-    truth = dataset_truth(data.datasets.get(data.protocol.target)) if probs is not None else None
+    truth = dataset_truth(dataset) if probs is not None and dataset is not None else None
     if truth is not None:
         truth = truth_patch_masks(truth, [s.key for s in samples], (cfg.data.height, cfg.data.width),
                                   cfg.grounding.patch_size)
         values = mask_iou(probs, torch.as_tensor(truth)[:, part_indices(model.parts)], cfg.model.mask_threshold)
         iou = {p: float(v) for p, v in zip(model.parts, values)}
     return metrics.as_dict(), iou
+
+
+def evaluate_model(cfg: RunConfig, model: MUVAReID, data, device, progress: bool = True) -> tuple[dict, dict]:
+    """Re-ID metrics on the target's query/gallery, and predicted-mask IoU against ground-truth boxes
+    when the target has them (synthetic domains)."""
+    return evaluate_split(cfg, model, data.query, data.gallery, data.datasets.get(data.protocol.target), device,
+                          progress)
+
+
+def heldout_sources(data) -> dict[str, object]:
+    """The source datasets with a query/gallery split of their own (identities never trained on): the held-out
+    split a run's settings are chosen on."""
+    out = {}
+    for name in data.protocol.sources:
+        ds = data.datasets.get(name)
+        if ds is not None and len(getattr(ds, "query", ())) and len(getattr(ds, "gallery", ())):
+            out[name] = ds
+    return out
+
+
+def evaluate_heldout(cfg: RunConfig, model: MUVAReID, data, device, progress: bool = True) -> dict[str, dict]:
+    """``{source: {"metrics": ..., "mask_iou_truth": ...}}`` on each source's own held-out query/gallery."""
+    out = {}
+    for name, ds in heldout_sources(data).items():
+        metrics, iou = evaluate_split(cfg, model, ds.query, ds.gallery, ds, device, progress,
+                                      desc=f"held-out {name} features")
+        out[name] = {"metrics": metrics, "mask_iou_truth": iou}
+    return out
+
+
+def diagnostics(cfg: RunConfig, data, device) -> Callable[[MUVAReID], dict]:
+    """The ``evaluate`` hook of :func:`~muva_core.train.stage2.train_stage2` (``eval_every``): target mAP / Rank-1 /
+    mask IoU and each source's held-out mAP / Rank-1 as history columns. A diagnostic: nothing is chosen on the
+    target; the held-out columns are what a schedule is chosen on."""
+    def evaluate(model: MUVAReID) -> dict:
+        metrics, iou = evaluate_model(cfg, model, data, device, progress=False)
+        row = {"target_mAP": metrics["mAP"], "target_rank1": metrics["Rank-1"],
+               **{f"target_mask_iou_{p}": v for p, v in iou.items()}}
+        held = evaluate_heldout(cfg, model, data, device, progress=False)
+        for name, res in held.items():
+            suffix = "" if len(held) == 1 else f"_{name}"
+            row[f"heldout_mAP{suffix}"] = res["metrics"]["mAP"]
+            row[f"heldout_rank1{suffix}"] = res["metrics"]["Rank-1"]
+        return row
+
+    return evaluate
 
 
 @dataclass
@@ -293,7 +341,8 @@ def stage1(ctx: RunContext, progress: bool = True) -> pd.DataFrame:
 
 def stage2(ctx: RunContext, progress: bool = True) -> pd.DataFrame:
     with ctx.locked():
-        return run_stage2(ctx.cfg, ctx.built, ctx.data.train, ctx.masks, ctx.device, ctx.info, ctx.folder, progress)
+        return run_stage2(ctx.cfg, ctx.built, ctx.data.train, ctx.masks, ctx.device, ctx.info, ctx.folder, progress,
+                          evaluate=diagnostics(ctx.cfg, ctx.data, ctx.device) if ctx.cfg.train.eval_every else None)
 
 
 def finish_run(ctx: RunContext, progress: bool = True) -> tuple[dict, dict]:
@@ -308,7 +357,9 @@ def finish_run(ctx: RunContext, progress: bool = True) -> tuple[dict, dict]:
                             config=cfg.to_flat(), extra={"stage": "final", "num_classes": ctx.data.num_classes},
                             rng=False)
             metrics, iou = evaluate_model(cfg, ctx.built.model, ctx.data, ctx.device, progress)
+            heldout = evaluate_heldout(cfg, ctx.built.model, ctx.data, ctx.device, progress)
             record(cfg, "train", {"protocol": ctx.data.protocol.name, "metrics": metrics, "mask_iou_truth": iou,
+                                  "heldout_source": heldout, "autocast": describe(ctx.device, cfg),
                                   "seconds": round(time.perf_counter() - ctx.started, 2),
                                   "num_classes": ctx.data.num_classes, "train_images": len(ctx.data.train),
                                   "trained_by": {"host": socket.gethostname(), "pid": os.getpid()}})

@@ -36,6 +36,7 @@ from ..data.sampler import RandomIdentitySampler
 from ..data.samples import Sample
 from ..eval.features import extract_features
 from ..model.muva import parts_from_code
+from ..precision import autocast_settings
 from .losses import cmp_loss, normalize_per_granularity
 from .memory import PrototypeMemory
 from .schedulers import WarmupCosineLR, step_after_epoch, step_before_epoch
@@ -52,9 +53,9 @@ STAGE1_EPOCH_OFFSET = 10_000
 
 # ---- shared with stage 2 -------------------------------------------------------------------
 def amp_settings(device: torch.device, cfg) -> tuple[bool, torch.dtype]:
-    """``(autocast on, its dtype)``: on GPU with ``amp``, ``amp_dtype`` (bfloat16 | float16); fp32 on CPU."""
-    on = torch.device(device).type == "cuda" and bool(cfg.train.amp)
-    return on, (torch.float16 if cfg.train.amp_dtype == "float16" else torch.bfloat16)
+    """``(autocast on, its dtype)``: :func:`muva_core.precision.autocast_settings` (GPU: ``amp`` in ``amp_dtype``;
+    CPU: bfloat16 where the CPU has it natively, per ``cpu_amp``)."""
+    return autocast_settings(device, cfg)
 
 
 def grad_scaler(device: torch.device, cfg):

@@ -38,7 +38,7 @@ from ..eval.features import extract_features
 from ..eval.masks import mask_iou
 from ..model.factory import part_indices
 from .losses import MUVALoss, normalize_per_granularity
-from .memory import PrototypeMemory
+from .memory import PrototypeMemory, all_reduce_sum
 from .schedulers import WarmupMultiStepLR, make_param_groups, step_after_epoch, step_before_epoch
 from .stage1 import amp_settings, backward_step, grad_scaler
 
@@ -157,12 +157,17 @@ def rebuild_memory(model, memory: PrototypeMemory, samples, masks, cfg, device, 
 def train_stage2(model, memory: PrototypeMemory, samples: Sequence[Sample], masks, cfg, device, *,
                  optimizer=None, scheduler=None, start_epoch: int = 0, ddp_model=None, rank: int = 0,
                  world_size: int = 1, monitor: Sequence[Sample] = (), on_epoch_end: Callable | None = None,
-                 progress: bool = True) -> pd.DataFrame:
+                 evaluate: Callable | None = None, progress: bool = True) -> pd.DataFrame:
     """Run stage-2 epochs ``start_epoch..stage2_epochs``; returns the per-epoch history.
 
-    monitor: a few training images whose predicted masks are scored against their pseudo labels
-    after each epoch (``mask_iou_<part>`` columns). ``ddp_model`` is the DDP-wrapped ``model``
-    under torchrun (gradients all-reduced; VPM-2 updates gathered from every rank).
+    Each row: the mean loss terms, ``train_id_acc`` (the share of the epoch's training images whose identity the
+    classifier got right, as they were trained on: augmented, in training mode), ``lr``, ``seconds`` and
+    ``rebuild_seconds`` (the VPM-2 rebuild's share). monitor: a few training images whose predicted masks are
+    scored against their pseudo labels after each epoch (``mask_iou_<part>`` columns). evaluate: called every
+    ``eval_every`` epochs and after the last (rank 0) with the model, returning columns for the row (the target and
+    held-out diagnostics of :func:`muva_core.train.run.run_stage2`); it runs with the random state saved and
+    restored, so the training is the same with it or without. ``ddp_model`` is the DDP-wrapped ``model`` under
+    torchrun (gradients all-reduced; VPM-2 updates gathered from every rank).
     """
     t = cfg.train
     net = ddp_model or model
@@ -175,16 +180,19 @@ def train_stage2(model, memory: PrototypeMemory, samples: Sequence[Sample], mask
     has_mask = model.encoder.rmp is not None
     amp, amp_dtype = amp_settings(device, cfg)
     scaler = grad_scaler(device, cfg)
+    train_pass = t.memory_rebuild == "train_pass"
     rows = []
     main = rank == 0
     for epoch in range(start_epoch, t.stage2_epochs):
         t0 = time.perf_counter()
         step_before_epoch(scheduler, t.lr_schedule)
-        rebuild_memory(model, memory, samples, masks, cfg, device, progress and main)
+        if not (train_pass and memory.is_built):
+            rebuild_memory(model, memory, samples, masks, cfg, device, progress and main)
+        rebuild_s = time.perf_counter() - t0
         sampler.set_epoch(epoch)
         net.train()
         sums: dict[str, float] = {}
-        steps = 0
+        steps = correct = seen = 0
         bar = tqdm(loader, desc=f"stage 2 epoch {epoch + 1}/{t.stage2_epochs}", disable=not (progress and main),
                    leave=False)
         for batch in bar:
@@ -197,19 +205,34 @@ def train_stage2(model, memory: PrototypeMemory, samples: Sequence[Sample], mask
             optimizer.zero_grad(set_to_none=True)
             backward_step(terms["total"], optimizer, scaler)
             memory.update(out.bn_features.detach().float(), pids, gather=world_size > 1)
+            if train_pass:
+                memory.accumulate(out.bn_features.detach().float(), pids)
+            correct += int((logits.detach().argmax(dim=1) == pids).sum())
+            seen += int(pids.numel())
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
             steps += 1
             if steps % max(1, t.log_every) == 0:
-                bar.set_postfix(loss=f"{sums['total'] / steps:.3f}")
+                bar.set_postfix(loss=f"{sums['total'] / steps:.3f}", acc=f"{correct / max(seen, 1):.2f}")
+        if train_pass:
+            r0 = time.perf_counter()
+            memory.rebuild_from_accumulated(gather=world_size > 1)
+            rebuild_s += time.perf_counter() - r0
         step_after_epoch(scheduler, t.lr_schedule)
+        if world_size > 1:
+            correct, seen = (int(v) for v in all_reduce_sum(torch.tensor([correct, seen], device=device)).tolist())
         row = {"epoch": epoch + 1, **{f"loss_{k}": v / max(steps, 1) for k, v in sums.items()},
-               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+               "train_id_acc": correct / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
+               "seconds": time.perf_counter() - t0, "rebuild_seconds": rebuild_s}
         if monitor and model.encoder.rmp is not None and main:
             _, probs = extract_features(model.encoder, monitor, cfg, device, return_masks=True, progress=False)
             target = torch.as_tensor(np.stack([masks.get(s.key) for s in monitor]))[:, idx]
             for part, v in zip(model.parts, mask_iou(probs, target, cfg.model.mask_threshold).tolist()):
                 row[f"mask_iou_{part}"] = v
+        last = epoch + 1 == t.stage2_epochs
+        if evaluate is not None and main and t.eval_every > 0 and ((epoch + 1) % t.eval_every == 0 or last):
+            with torch.random.fork_rng(devices=[]):
+                row.update(evaluate(model))
         rows.append(row)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, row, optimizer, scheduler)

@@ -244,6 +244,35 @@ def plot_curves(history: pd.DataFrame, x: str, ys: Sequence[str], title: str = "
     return fig
 
 
+def plot_training_progress(history: pd.DataFrame) -> plt.Figure:
+    """Stage 2 per epoch: training-identity accuracy (left axis, 0-1) and, where the history has them
+    (``eval_every``), the held-out source and target mAP (right axis, %; the diagnostics' epochs only)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if "train_id_acc" in history:
+        ax.plot(history["epoch"], history["train_id_acc"], marker=".", color="black", label="train-ID accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training-identity accuracy")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    handles, labels = ax.get_legend_handles_labels()
+    maps = [c for c in history.columns if c.startswith(("heldout_mAP", "target_mAP"))]
+    if maps:
+        ax2 = ax.twinx()
+        for c in maps:
+            rows = history[["epoch", c]].dropna()
+            style = "--" if c.startswith("target") else "-"
+            ax2.plot(rows["epoch"], rows[c], style, marker="o", label=c.replace("_", " "))
+        ax2.set_ylabel("mAP (%)")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    if handles:
+        ax.legend(handles, labels, fontsize=8, loc="lower right")
+    ax.set_title("stage 2: training identities and held-out mAP")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def plot_cmc(cmc, max_rank: int = 20, title: str = "CMC") -> plt.Figure:
     """A CMC curve: matching rate (%) at ranks 1..``max_rank`` (``cmc[k-1]`` = rate at rank k, in [0, 1]);
     integer rank ticks."""
