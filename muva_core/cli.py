@@ -7,12 +7,13 @@
     muva vote      --boxes calibrated.parquet --out masks.safetensors
     muva import-masks --authors FILE.pkl --dataset NAME [--dataset NAME ...] --root DATA_ROOT --out MASKS
     muva doctor    --protocol NAME [--data-root DIR] [--json]   (can this run reproduce the paper?)
-    muva train     --protocol NAME [--config FILE] [-p key=value ...]
+    muva train     --protocol NAME [--config FILE] [-p key=value ...] [--wait]
     muva eval      --run DIR [--protocol NAME]
-    muva run       --protocol NAME [--config FILE] [--steps 01-06] [-p key=value ...]
+    muva run       --protocol NAME [--config FILE] [--steps 01-06] [-p key=value ...] [--wait]
     muva export-onnx --run DIR --out model.onnx
-    muva sweep     --table 5..12 --protocol NAME [--seeds 0,1,2]
-    muva evidence  [--scale small|full] [--jobs N] (Tables 5, 6, 8, 9 on 3 synthetic protocols -> reports/evidence.md)
+    muva sweep     --table 5..12 --protocol NAME [--seeds 0,1,2] [--shard i/n] [--wait] [--collect]
+    muva evidence  [--scale small|full] [--jobs N] [--shard i/n] [--wait] [--collect]
+                   (Tables 5, 6, 8, 9 on 3 synthetic protocols -> reports/evidence.md)
     muva pretrain-clip --out DIR [--backbone small] [--image-size 256x128]   (language-pretrained small CLIP)
     muva report    [--reports-dir DIR]             (reports/README.md index + the README results table)
     muva datasets  NAME --root DIR                 (summary of a dataset's splits)
@@ -46,6 +47,21 @@ def _add_config_args(p: argparse.ArgumentParser, protocol: bool = True) -> None:
         p.add_argument("--protocol", help="protocol name, e.g. synth:A2B, MA2MS, 'D+MS+C3->MA'")
     p.add_argument("--config", help="YAML config file (configs/<protocol>.yaml)")
     p.add_argument("-p", "--param", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+
+
+def _add_wait_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true",
+                   help="when another process holds a run folder's lock, wait for it (default: say who holds it and "
+                        "move on); a lock without a heartbeat for $MUVA_LOCK_TIMEOUT s (180) is broken")
+
+
+def _add_sharing_args(p: argparse.ArgumentParser, what: str) -> None:
+    """The options that share a sweep or the evidence study between processes (docs/cluster.md)."""
+    p.add_argument("--shard", metavar="i/n", help="train only every n-th run from the i-th (sorted by config hash); "
+                   "without it, every process takes the runs that are neither done nor locked")
+    _add_wait_arg(p)
+    p.add_argument("--collect", action="store_true", help=f"train nothing: write the {what} from the finished runs, "
+                   "or fail naming the runs missing or still locked")
 
 
 def cmd_synth(args) -> int:
@@ -204,7 +220,7 @@ def cmd_train(args) -> int:
     from .train.run import train_protocol
 
     cfg = _resolved(args)
-    result = train_protocol(cfg, progress=not args.quiet)
+    result = train_protocol(cfg, progress=not args.quiet, wait=args.wait)
     if result.metrics:
         print(_metrics_line(cfg.data.protocol, result.metrics, result.mask_iou_truth))
         print(f"run folder: {result.run_dir} ({result.seconds:.0f} s)")
@@ -279,7 +295,7 @@ def cmd_run(args) -> int:
     t0 = time.perf_counter()
     command = getattr(args, "command_line", None) or "muva " + shlex.join(getattr(args, "argv", sys.argv[1:]))
     folder = run_notebooks(cfg, parse_steps(args.steps), run_id=args.run_id, force=args.force,
-                           progress=not args.quiet, command=command)
+                           progress=not args.quiet, command=command, wait=args.wait)
     import json
 
     summary = json.loads((folder / "metrics.json").read_text())
@@ -292,26 +308,34 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from .grounding.labelling import parse_shard
     from .report.sweep import run_sweep, sweep_dir
 
+    shard = parse_shard(args.shard) if args.shard else None
     cfg = _resolved(args)
     seeds = [int(s) for s in args.seeds.replace(",", " ").split()]
-    summary = run_sweep(cfg, args.table, seeds=seeds, variants=args.variant, progress=not args.quiet)
-    print(summary.round(2).to_string())
-    print(f"wrote {sweep_dir(cfg, args.table)}/table{args.table}.md and .csv")
+    summary = run_sweep(cfg, args.table, seeds=seeds, variants=args.variant, progress=not args.quiet, shard=shard,
+                        wait=args.wait, collect=args.collect)
+    if summary is not None:
+        print(summary.round(2).to_string())
+        print(f"wrote {sweep_dir(cfg, args.table)}/table{args.table}.md and .csv")
     return 0
 
 
 def cmd_evidence(args) -> int:
+    from .grounding.labelling import parse_shard
     from .report.evidence import PROTOCOLS, run_evidence
 
+    shard = parse_shard(args.shard) if args.shard else None
     overrides = parse_overrides(args.param)
     protocols = args.protocol or list(PROTOCOLS)
     seeds = [int(s) for s in args.seeds.replace(",", " ").split()] if args.seeds else None
     recipes = [r for item in args.recipe for r in item.split(",")] if args.recipe else None
     out = run_evidence(overrides, scale=args.scale, protocols=protocols, seeds=seeds, progress=not args.quiet,
-                       jobs=args.jobs, **({"recipes": recipes} if recipes else {}))
-    print(f"wrote {out}")
+                       jobs=args.jobs, shard=shard, wait=args.wait, collect=args.collect,
+                       **({"recipes": recipes} if recipes else {}))
+    if out is not None:
+        print(f"wrote {out}")
     return 0
 
 
@@ -562,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="two-stage training + evaluation of a protocol (resumable; torchrun-aware)")
     _add_config_args(p)
+    _add_wait_arg(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -586,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", help="which notebooks, e.g. 01-03 or 01,04 (default: 01-07)")
     p.add_argument("--run-id", help="run folder name (default: run-<config hash>)")
     p.add_argument("--force", action="store_true", help="re-run steps even when unchanged")
+    _add_wait_arg(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
 
@@ -594,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--variant", action="append", help="only this variant (repeatable; the paper's row label)")
+    _add_sharing_args(p, "table")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sweep)
 
@@ -605,6 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", action="append", help="training recipes (default: workbook for Tables 5, 6, 8, 9 and "
                    "reference for Tables 6 and 9)")
     p.add_argument("-p", "--param", action="append", metavar="KEY=VALUE")
+    _add_sharing_args(p, "page")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evidence)
 
@@ -636,6 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help=f"the main job: `muva run` on the synthetic default {DEMO_PROTOCOL} (writes reports/)")
     _add_config_args(p)
+    _add_wait_arg(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -646,13 +675,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]   # the command line as typed (run records)
     try:
+        if hasattr(args, "wait"):  # a command that locks run folders: a bad $MUVA_LOCK_TIMEOUT before any work
+            from .locks import lock_timeout
+
+            lock_timeout()
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
         # every library error carries the path and the reason; show it without a traceback
         # (MUVA_DEBUG=1 shows the traceback too)
         if os.environ.get("MUVA_DEBUG"):
             raise
-        print(f"muva {args.command}: error: {err}", file=sys.stderr)
+        from .locks import LockHeld
+
+        hint = "; add --wait to wait for it" if isinstance(err, LockHeld) and hasattr(args, "wait") else ""
+        print(f"muva {args.command}: error: {err}{hint}", file=sys.stderr)
         return 2
 
 

@@ -73,14 +73,49 @@ def test_claims_from_hand_made_runs():
 
 
 @pytest.mark.slow
-def test_small_scale_study_produces_every_table(small_synth_root, tmp_path):
+def test_small_scale_study_produces_every_table(small_synth_root, tmp_path, capsys):
+    """`muva evidence --scale small` in two shards (one of them with --jobs 2) started at once; the page the last
+    one writes equals the page of one process over the same runs; --collect names the runs still missing."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from muva_core.cli import main
+    from muva_core.locks import ENV_HELD
+
     base = {"synth_root": str(small_synth_root), "cache_dir": str(tmp_path / "cache"),
             "reports_dir": str(tmp_path / "reports"), "device": "cpu", "stage1_epochs": 1, "stage2_epochs": 1,
             "lr_milestones": [1]}
     # one protocol and one seed keep CI short (the multi-source path is trained in tests/test_train.py)
-    # two trainings at once in spawned workers (the --jobs path), one thread each
+    args = ["evidence", "--scale", "small", "--protocol", "synth:A2B", "--seeds", "0", "--quiet"]
+    for key, value in base.items():
+        args += ["-p", f"{key}={value}"]
+    assert main([*args, "--collect"]) == 2        # nothing trained yet: every run named, nothing trained
+    err = capsys.readouterr().err
+    assert "evidence: 14 of 14 runs not done" in err and err.count("not started") == 14
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env.pop(ENV_HELD, None)
+    # shard 0 with two trainings at once in spawned workers (the --jobs path), shard 1 one at a time
+    shards = [subprocess.Popen([sys.executable, "-m", "muva_core.cli", *args, "--shard", shard, *jobs], cwd=root,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for shard, jobs in (("0/2", ["--jobs", "2"]), ("1/2", []))]
+    outputs = []
+    for proc in shards:
+        out, err = proc.communicate(timeout=1800)
+        assert proc.returncode == 0, err[-3000:]
+        outputs.append(out + err)
+    trained = [line for out in outputs for line in out.splitlines() if line.startswith("trained ")]
+    assert len(trained) == len(set(trained)) == 14
+    assert sum("wrote " in out for out in outputs) >= 1
+    out = tmp_path / "reports" / "evidence-small.md"
+    by_shards = out.read_text()
+    out.unlink()
+    # one process over the same runs (nothing left to train): the same page
     out = run_evidence(base, scale="small", protocols=["synth:A2B"], seeds=[0], progress=False, jobs=2)
     text = out.read_text()
+    assert text == by_shards
     assert out.name == "evidence-small.md"
     for claim in CLAIMS:
         assert claim.text in text

@@ -195,10 +195,11 @@ def shard_path(out_path: str | os.PathLike, index: int, count: int) -> Path:
     return out.with_name(f"{stem}.shard-{index}-of-{count}.parquet")
 
 
-def select_shard(samples: Sequence[Sample], index: int, count: int) -> list[Sample]:
-    """Shard ``index`` of ``count`` of the samples sorted by key: every ``count``-th one from ``index``."""
+def select_shard(samples: Sequence, index: int, count: int, key=lambda s: s.key) -> list:
+    """Shard ``index`` of ``count`` of the samples (or any items) sorted by ``key``: every ``count``-th one from
+    ``index``."""
     _check_shard(index, count)
-    ordered = sorted(samples, key=lambda s: s.key)
+    ordered = sorted(samples, key=key)
     return ordered[index::count]
 
 

@@ -15,6 +15,10 @@ identities), 3 seeds, short stage 2 (4 epochs single-source, 2 multi-source). ``
 that many trainings at once, each with ``cpu_count // jobs`` threads (2 x 1 thread is about
 1.2x faster than 1 x 2 threads on 2 cores; float sums then differ in the last bits from a
 2-thread run).
+
+Across machines the study is shared like a sweep (:func:`muva_core.report.sweep.train_runs`): through the run
+folders' locks, or by ``shard=(i, n)``; the page is written by the process that finds every run done, or by
+``collect=True``, which trains nothing and fails naming the runs missing.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import pandas as pd
 from ..paths import resolve
 from ..io import atomic_path
 from .paper import ABLATIONS
-from .sweep import VARIANTS, run_sweep, sweep_dir, variant_config
+from .sweep import VARIANTS, RunsIncomplete, pending_runs, run_sweep, sweep_dir, train_runs, variant_config
 
 TABLES = (5, 6, 8, 9)
 PROTOCOLS = ("synth:A2B", "synth:C2D", "synth:B+C+D->A")
@@ -149,18 +153,20 @@ def scale_overrides(scale: str, protocol: str, base: dict, progress: bool = True
 
 
 def protocol_configs(base_cfg: dict, scale: str, protocols: Sequence[str], progress: bool = True,
-                     recipe: str | None = None) -> dict:
+                     recipe: str | None = None, make_clip: bool = True) -> dict:
     """Each protocol's resolved configuration at ``scale`` (under ``recipe`` when given; the user's overrides
-    last); the pretrained CLIP a configuration starts from is made here, once, before any run
-    (:func:`muva_core.pipeline.ensure_pretrained_clip`)."""
+    last); the pretrained CLIP a configuration starts from is made here (with ``make_clip``), once, before any
+    run, by one process at a time (:func:`muva_core.pipeline.ensure_pretrained_clip`)."""
+    from ..locks import shared_data
     from ..pipeline import ensure_pretrained_clip
     from .runner import resolve_config
 
     extra = {"recipe": recipe} if recipe else {}
     configs = {p: resolve_config(p, overrides={**extra, **scale_overrides(scale, p, base_cfg, progress)})
                for p in protocols}
-    for cfg in configs.values():
-        ensure_pretrained_clip(cfg, progress=progress)
+    for cfg in configs.values() if make_clip else ():
+        with shared_data(cfg):
+            ensure_pretrained_clip(cfg, progress=progress)
     return configs
 
 
@@ -186,86 +192,15 @@ def plan_runs(configs: dict, tables: Sequence[int], seeds: Sequence[int]) -> lis
     return list(plan.values())
 
 
-def _train_in_worker(flat: dict, threads: int) -> str:
-    """One run in a pool process (``flat`` = its config, ``run_dir`` included)."""
-    import multiprocessing
-
-    import torch
-
-    # the pool's workers are spawned, and their children would be too: each data loader worker would import
-    # torch again (~4 s of CPU, and a run makes many loaders). Fork them, as a plain process would.
-    if "fork" in multiprocessing.get_all_start_methods():
-        multiprocessing.set_start_method("fork", force=True)
-
-    from ..config import RunConfig
-    from ..train.run import train_protocol
-
-    torch.set_num_threads(threads)
-    cfg = RunConfig().update(flat)
-    train_protocol(cfg, progress=False)
-    return cfg.run_dir
-
-
-def _prepare_shared(runs: Sequence, progress: bool) -> None:
-    """Generate data and pseudo-label masks once per distinct data + grounding settings, before workers
-    that would otherwise compute the same caches side by side."""
-    import dataclasses
-
-    from ..grounding.steps import prepare_masks
-    from ..pipeline import load_protocol, source_datasets
-
-    seen = set()
-    for run in runs:
-        key = json.dumps([dataclasses.asdict(run.data), dataclasses.asdict(run.grounding)], sort_keys=True, default=str)
-        if key not in seen:
-            seen.add(key)
-            prepare_masks(run, source_datasets(load_protocol(run, progress=progress)), progress=progress)
-
-
-def train_missing(runs: Sequence, jobs: int = 1, progress: bool = True) -> int:
-    """Train the runs without a ``metrics/train.json``; ``jobs`` at once. Returns how many were trained."""
-    import os
-    import time
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from multiprocessing import get_context
-
-    from tqdm.auto import tqdm
-
-    from ..train.run import train_protocol
-
-    todo = [r for r in runs if not (resolve(r.run_dir) / "metrics" / "train.json").is_file()]
-    if progress:
-        print(f"evidence: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to train ({jobs} at a time)")
-    if not todo:
-        return 0
-    _prepare_shared(todo, progress)
-    bar = tqdm(total=len(todo), desc="evidence runs", unit="run", disable=not progress)
-    t0 = time.perf_counter()
-    if jobs <= 1:
-        for run in todo:
-            train_protocol(run, progress=False)
-            bar.update(1)
-    else:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_train_in_worker, run.to_flat(), threads): run.run_dir for run in todo}
-            for fut in as_completed(futures):
-                try:
-                    fut.result()
-                except Exception as exc:
-                    pool.shutdown(wait=True, cancel_futures=True)  # stop at the first failure
-                    raise RuntimeError(f"evidence run {futures[fut]} failed: {exc}") from exc
-                bar.update(1)
-                bar.set_postfix(last=Path(futures[fut]).name, minutes=f"{(time.perf_counter() - t0) / 60:.0f}")
-    bar.close()
-    return len(todo)
-
-
 def run_evidence(base_cfg, scale: str = "full", protocols: Sequence[str] = PROTOCOLS,
                  tables: Sequence[int] | None = None, seeds: Sequence[int] | None = None, out: str | Path | None = None,
-                 progress: bool = True, jobs: int = 1, recipes: Sequence[str] = tuple(RECIPE_TABLES)) -> Path:
+                 progress: bool = True, jobs: int = 1, recipes: Sequence[str] = tuple(RECIPE_TABLES),
+                 shard: tuple[int, int] | None = None, wait: bool = False, collect: bool = False) -> Path | None:
     """Run every (recipe, protocol, table) sweep and write the evidence page; returns its path. ``tables``
-    (default: :data:`RECIPE_TABLES` per recipe) limits the tables of every recipe."""
+    (default: :data:`RECIPE_TABLES` per recipe) limits the tables of every recipe. ``jobs``, ``shard`` and
+    ``wait`` as in :func:`~muva_core.report.sweep.train_runs`; None when runs of other processes are not done
+    yet (they are listed). ``collect``: train nothing; :class:`~muva_core.report.sweep.RunsIncomplete` names the
+    runs missing."""
     if scale not in SCALES:
         raise ValueError(f"--scale: expected one of {sorted(SCALES)}, got {scale!r}")
     unknown = [r for r in recipes if r not in RECIPE_TABLES]
@@ -276,14 +211,24 @@ def run_evidence(base_cfg, scale: str = "full", protocols: Sequence[str] = PROTO
     for recipe in recipes:
         chosen = tuple(t for t in RECIPE_TABLES[recipe] if tables is None or t in tables)
         if chosen:
-            plans[recipe] = (protocol_configs(base_cfg, scale, protocols, progress, recipe=recipe), chosen)
-    runs_to_train = [run for configs, chosen in plans.values() for run in plan_runs(configs, chosen, seeds)]
-    train_missing(list({r.run_dir: r for r in runs_to_train}.values()), jobs=jobs, progress=progress)
+            plans[recipe] = (protocol_configs(base_cfg, scale, protocols, progress, recipe=recipe,
+                                              make_clip=not collect), chosen)
+    runs = {r.run_dir: r for configs, chosen in plans.values() for r in plan_runs(configs, chosen, seeds)}
+    if not collect:
+        train_runs(list(runs.values()), jobs=jobs, shard=shard, wait=wait, progress=progress, what="evidence")
+    missing = pending_runs((f"{r.data.protocol}, recipe {r.recipe}, seed {r.seed}", r) for r in runs.values())
+    if missing:
+        text = f"evidence: {len(missing)} of {len(runs)} runs not done:\n  " + "\n  ".join(missing)
+        if collect:
+            raise RunsIncomplete(text)
+        print(f"{text}\nthe page is written by the process that finishes the last run (or by the same command with "
+              "--collect once they are done)", flush=True)
+        return None
     frames = []
     for recipe, (configs, chosen) in plans.items():
         for cfg in configs.values():
             for table in chosen:
-                run_sweep(cfg, table, seeds=seeds, variants=claim_variants(table), progress=progress)
+                run_sweep(cfg, table, seeds=seeds, variants=claim_variants(table), progress=progress, collect=True)
                 per_run = pd.read_csv(sweep_dir(cfg, table) / f"table{table}-runs.csv")
                 per_run.insert(0, "protocol", cfg.data.protocol)
                 per_run.insert(0, "recipe", recipe)

@@ -49,7 +49,7 @@ errors in a notebook still reach the runner as execution errors."""
 
 def run_notebooks(cfg: RunConfig, steps: Sequence[str] = PIPELINE, run_id: str | None = None,
                   force: bool = False, progress: bool = True, kernel_name: str = "python3",
-                  command: str | None = None) -> Path:
+                  command: str | None = None, wait: bool = False) -> Path:
     """Execute ``steps`` in order into the run folder; returns the folder.
 
     Before any kernel starts: the steps exist, the configuration is checked, the run folder holds the same
@@ -57,15 +57,13 @@ def run_notebooks(cfg: RunConfig, steps: Sequence[str] = PIPELINE, run_id: str |
     and the batches can be formed; a failed check leaves no folder behind. Before a paper protocol the doctor's
     short form is printed (:func:`muva_core.report.doctor.short_report`). Each notebook runs with its
     kernel in ``notebooks/``, as JupyterLab starts it; its progress lines (epochs, resumes) are printed
-    here while it runs. ``command`` is the command line that reproduces the run (in ``metrics.json``)."""
-    import os
-
-    import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
-
-    from ..paths import check_run_folder, claim_run_folder, run_folder
+    here while it runs. ``command`` is the command line that reproduces the run (in ``metrics.json``).
+    The run folder is locked while the notebooks run (their kernels inherit the lock, see
+    :mod:`muva_core.locks`): another process's live lock raises :class:`~muva_core.locks.LockHeld` naming its
+    holder, or is waited for with ``wait``."""
+    from ..locks import hold, shared_data
+    from ..paths import check_run_folder, run_folder
     from ..pipeline import preflight
-    from ..progress import ENV, ProgressTail
 
     if not steps:
         raise ValueError("no notebooks to run (--steps matched none)")
@@ -80,11 +78,27 @@ def run_notebooks(cfg: RunConfig, steps: Sequence[str] = PIPELINE, run_id: str |
             raise ConfigError(f"{source}: parameters that are not config keys: {unknown}")
     folder = run_folder(cfg, run_id)
     check_run_folder(cfg, folder)
-    data = preflight(cfg, progress=progress)
+    with shared_data(cfg):
+        data = preflight(cfg, progress=progress)
     if progress and not data.protocol.synthetic:  # a paper protocol: what decides whether it can reproduce the paper
         from .doctor import short_report
 
         print(short_report(cfg, data), flush=True)
+    with hold(folder, wait=wait):
+        return _execute(cfg, folder, sources, force, progress, kernel_name, command)
+
+
+def _execute(cfg: RunConfig, folder: Path, sources: dict[str, Path], force: bool, progress: bool, kernel_name: str,
+             command: str | None) -> Path:
+    """The notebooks of :func:`run_notebooks`, run in the locked, checked run folder."""
+    import os
+
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    from ..paths import claim_run_folder
+    from ..progress import ENV, ProgressTail
+
     fresh = not cfg.train.resume
     claim_run_folder(cfg, folder)
     if fresh:  # started afresh once, here; the notebooks then continue in the fresh folder

@@ -6,6 +6,12 @@ Each variant is a set of config overrides; each (variant, seed) is one resumable
 configuration shared by several tables is trained once. The comparison table (mean and standard deviation
 over seeds of mAP, Rank-1 and the predicted-mask IoU against ground-truth boxes, beside the
 paper's numbers for MA->MS and MS->MA) is written as markdown and CSV.
+
+Several processes (machines, array tasks) share the runs through the run folders' locks
+(:mod:`muva_core.locks`, :func:`train_runs`): each trains the runs that are neither done nor locked by
+another process and skips the others, saying who holds them; ``shard=(i, n)`` restricts a process to every
+n-th run of the list sorted by configuration hash (the same list on every machine). The table is written by
+the process that finds every run done; ``collect=True`` trains nothing and fails naming the runs missing.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import copy
 import json
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -72,32 +78,201 @@ def variant_config(cfg: RunConfig, table: int, variant: str, seed: int) -> RunCo
     return run
 
 
-def run_variant(cfg: RunConfig, table: int, variant: str, seed: int, progress: bool = True) -> dict:
-    """One (variant, seed) run; returns its recorded ``metrics/train.json`` (training only when missing)."""
+def run_record(run: RunConfig) -> Path:
+    """A run's ``metrics/train.json``: there once the run is done."""
+    return resolve(run.run_dir) / "metrics" / "train.json"
+
+
+class RunsIncomplete(RuntimeError):
+    """Runs a table needs are not done; the message names each and its state."""
+
+
+def pending_runs(runs: Iterable[tuple[str, RunConfig]]) -> list[str]:
+    """For each run (``(label, config)``) that is not done: its folder, its label and its state (being trained by
+    whom, stopped, or not started)."""
+    from ..locks import describe, is_stale, read_lock
+
+    lines = []
+    for label, run in runs:
+        if run_record(run).is_file():
+            continue
+        folder = resolve(run.run_dir)
+        lock = read_lock(folder) if folder.is_dir() else None
+        if lock and not is_stale(*lock):
+            state = f"being trained by {describe(*lock)}"
+        elif lock:
+            state = f"stopped: its holder died ({describe(*lock)}); run the command again to resume it"
+        elif (folder / "config.yaml").is_file():
+            state = "started, not finished: run the command again to resume it"
+        else:
+            state = "not started"
+        lines.append(f"{portable(folder)} ({label}): {state}")
+    return lines
+
+
+def _run_key(run: RunConfig) -> tuple[str, str]:
+    return Path(run.run_dir).name, run.run_dir
+
+
+def shard_runs(runs: Sequence[RunConfig], shard: tuple[int, int] | None) -> list[RunConfig]:
+    """Shard ``(i, n)`` of ``runs``: every n-th run from the i-th, in the order of their folders' configuration
+    hashes (so every machine computes the same shards from the same command); all runs when ``shard`` is None."""
+    from ..grounding.labelling import select_shard
+
+    return list(runs) if shard is None else select_shard(list(runs), *shard, key=_run_key)
+
+
+def prepare_shared(runs: Sequence[RunConfig], progress: bool = True) -> None:
+    """Generate the data and the pseudo-label masks once per distinct data + grounding settings, one process at a
+    time (:func:`muva_core.locks.shared_data`), before trainings that would otherwise make the same caches side
+    by side; the others wait, then find them made."""
+    import dataclasses
+
+    from ..grounding.steps import prepare_masks
+    from ..locks import shared_data
+    from ..pipeline import load_protocol, source_datasets
+
+    seen = set()
+    for run in runs:
+        key = json.dumps([dataclasses.asdict(run.data), dataclasses.asdict(run.grounding)], sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            with shared_data(run):
+                prepare_masks(run, source_datasets(load_protocol(run, progress=progress)), progress=progress)
+
+
+def train_run(run: RunConfig, wait: bool = False, progress: bool = True) -> tuple[str, str | None]:
+    """Train one run unless it is done or another process holds its lock: ``("trained" | "done" | "held", who
+    holds it)``. With ``wait`` a held run is waited for (then trained, unless its holder finished it)."""
+    from ..locks import LockHeld, hold
     from ..train.run import train_protocol
 
-    run = variant_config(cfg, table, variant, seed)
-    record = resolve(run.run_dir) / "metrics" / "train.json"
-    if not record.is_file():
-        train_protocol(run, progress=progress)
-    return json.loads(record.read_text())
+    if run_record(run).is_file():
+        return "done", None
+    try:
+        with hold(resolve(run.run_dir), wait=wait):
+            if run_record(run).is_file():  # finished by another process since the first look
+                return "done", None
+            train_protocol(run, progress=progress)
+    except LockHeld as err:
+        from ..locks import describe
+
+        return "held", describe(err.holder, err.age)
+    return "trained", None
 
 
-def run_sweep(cfg: RunConfig, table: int, seeds: Sequence[int] = (0,), variants: Sequence[str] | None = None,
-              progress: bool = True) -> pd.DataFrame:
-    """Every variant x seed of ``table``; writes ``table<N>.md`` / ``.csv`` and returns the summary frame."""
+def _train_in_worker(flat: dict, threads: int, wait: bool) -> tuple[str, str | None]:
+    """:func:`train_run` in a pool process (``flat`` = its config, ``run_dir`` included)."""
+    import multiprocessing
+
+    import torch
+
+    # the pool's workers are spawned, and their children would be too: each data loader worker would import
+    # torch again (~4 s of CPU, and a run makes many loaders). Fork them, as a plain process would.
+    if "fork" in multiprocessing.get_all_start_methods():
+        multiprocessing.set_start_method("fork", force=True)
+    torch.set_num_threads(threads)
+    return train_run(RunConfig().update(flat), wait=wait, progress=False)
+
+
+def _train_each(runs: Sequence[RunConfig], jobs: int, wait: bool, progress: bool):
+    """``(run, (status, holder))`` for each run as it finishes; ``jobs`` at once in spawned processes."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    if jobs <= 1:
+        for run in runs:
+            yield run, train_run(run, wait=wait, progress=progress)
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(_train_in_worker, run.to_flat(), threads, wait): run for run in runs}
+        for fut in as_completed(futures):
+            try:
+                outcome = fut.result()
+            except Exception as exc:
+                pool.shutdown(wait=True, cancel_futures=True)  # stop at the first failure
+                raise RuntimeError(f"run {futures[fut].run_dir} failed: {exc}") from exc
+            yield futures[fut], outcome
+
+
+def train_runs(runs: Sequence[RunConfig], jobs: int = 1, shard: tuple[int, int] | None = None, wait: bool = False,
+               progress: bool = True, what: str = "sweep") -> dict[str, list]:
+    """Train the runs (of ``shard``) that are not done, ``jobs`` at once, sharing them with any other process
+    doing the same through the run folders' locks: a run another process holds is skipped (saying who holds it);
+    with ``wait`` the skipped ones are waited for at the end (and trained when their holder died). Returns
+    ``{"trained": [run_dir, ...], "skipped": [line, ...]}``; one line per trained or skipped run is printed."""
+    from tqdm.auto import tqdm
+
+    mine = shard_runs(runs, shard)
+    todo = [r for r in mine if not run_record(r).is_file()]
+    share = f", shard {shard[0]}/{shard[1]}: {len(mine)}" if shard else ""
+    print(f"{what}: {len(runs)} runs{share}, {len(mine) - len(todo)} done, {len(todo)} to train ({jobs} at a time)",
+          flush=True)
+    trained: list[str] = []
+    skipped: list[str] = []
+    if not todo:
+        return {"trained": trained, "skipped": skipped}
+    prepare_shared(todo, progress)
+    bar = tqdm(total=len(todo), desc=f"{what} runs", unit="run", disable=not progress)
+    for waiting in ((False, True) if wait else (False,)):
+        held = []
+        for run, (status, holder) in _train_each(todo, jobs, waiting, progress):
+            if status == "held":
+                held.append(run)
+                line = f"skipped {portable(run.run_dir)}: locked by {holder}"
+                skipped.append(line)
+                tqdm.write(line + (" (waited for at the end)" if wait and not waiting else ""))
+                continue
+            if status == "trained":
+                trained.append(run.run_dir)
+                tqdm.write(f"trained {portable(run.run_dir)}")
+            bar.update(1)
+        todo = held
+        if not todo:
+            break
+    bar.close()
+    return {"trained": trained, "skipped": skipped}
+
+
+def table_variants(table: int, variants: Sequence[str] | None = None) -> list[str]:
+    """The variants of ``table`` to run (all by default); an unknown table or variant is an error."""
     if table not in VARIANTS:
         raise ValueError(f"--table: ablation tables are {sorted(VARIANTS)}, got {table}")
     names = list(variants or VARIANTS[table])
     unknown = [v for v in names if v not in VARIANTS[table]]
     if unknown:
         raise ValueError(f"table {table} has no variant(s) {unknown}; variants: {list(VARIANTS[table])}")
+    return names
+
+
+def run_sweep(cfg: RunConfig, table: int, seeds: Sequence[int] = (0,), variants: Sequence[str] | None = None,
+              progress: bool = True, shard: tuple[int, int] | None = None, wait: bool = False,
+              collect: bool = False) -> pd.DataFrame | None:
+    """Every variant x seed of ``table``: trains what is missing (:func:`train_runs`), then, when every run is
+    done, writes ``table<N>.md`` / ``.csv`` and returns the summary frame; None when runs of other processes are
+    not done yet (they are listed). ``collect``: train nothing; :class:`RunsIncomplete` names the runs missing."""
+    names = table_variants(table, variants)
+    runs = {f"{name}, seed {seed}": variant_config(cfg, table, name, seed) for name in names for seed in seeds}
+    if not collect:
+        train_runs(list(runs.values()), shard=shard, wait=wait, progress=progress, what=f"table {table}")
+    missing = pending_runs(runs.items())
+    if missing:
+        text = f"table {table} on {cfg.data.protocol}: {len(missing)} of {len(runs)} runs not done:\n  " + \
+            "\n  ".join(missing)
+        if collect:
+            raise RunsIncomplete(text)
+        print(f"{text}\nthe table is written by the process that finishes the last run (or by the same command "
+              "with --collect once they are done)", flush=True)
+        return None
     rows = []
     for name in names:
         for seed in seeds:
-            rec = run_variant(cfg, table, name, seed, progress)
+            run = runs[f"{name}, seed {seed}"]
+            rec = json.loads(run_record(run).read_text())
             row = {"variant": name, "seed": seed, "mAP": rec["metrics"]["mAP"], "Rank-1": rec["metrics"]["Rank-1"],
-                   "seconds": rec.get("seconds"), "run": variant_config(cfg, table, name, seed).run_dir}
+                   "seconds": rec.get("seconds"), "run": run.run_dir}
             iou = rec.get("mask_iou_truth") or {}
             row["mask IoU"] = float(np.mean(list(iou.values()))) if iou else np.nan
             rows.append(row)

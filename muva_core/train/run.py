@@ -12,11 +12,15 @@ Layout of a run folder (``RunConfig.run_dir`` or ``reports/<protocol>/run-<confi
 
 Every step writes atomically; ``train.resume`` continues from the last finished epoch, and a
 resumed CPU run ends with the same metrics as an uninterrupted one. A folder made with other settings
-is refused (:func:`muva_core.paths.claim_run_folder`); ``resume=false`` starts it afresh.
+is refused (:func:`muva_core.paths.claim_run_folder`); ``resume=false`` starts it afresh. The folder is
+locked while the run works (:mod:`muva_core.locks`): a second process never trains it at the same time.
 """
 from __future__ import annotations
 
+import os
+import socket
 import time
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,6 +34,7 @@ from ..eval import evaluate_features
 from ..eval.features import extract_features, resolve_device, sample_arrays
 from ..eval.masks import mask_iou, truth_patch_masks
 from ..io import atomic_path
+from ..locks import LockHeld, check_held, hold, shared_data
 from ..model.factory import BuiltModel, MUVAReID, build_muva, part_indices
 from ..notebook import record
 from ..paths import check_run_folder, claim_run_folder, run_folder
@@ -37,7 +42,7 @@ from ..precision import precision_plan
 from ..progress import epoch_line, report
 from ..seeding import seed_everything
 from .checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
-from .distributed import DistInfo, barrier, init_distributed, shutdown
+from .distributed import DistInfo, barrier, broadcast_tensor, init_distributed, shutdown
 from .memory import PrototypeMemory, all_gather_variable
 from .stage1 import (build_stage1_optimizer, grad_scaler, stage1_centroids, text_prototypes, train_stage1,
                      visual_centroids)
@@ -142,6 +147,8 @@ def run_stage1(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
         previous = [_read_history(hist_path, start)]
 
         def on_epoch_end(epoch, row, opt, sched):
+            if info.main:
+                check_held(folder)  # stop before writing if another process took the run over
             previous[0] = _write_history(hist_path, previous[0], row) if info.main else previous[0]
             if info.main:
                 report(epoch_line("stage 1", epoch, cfg.train.stage1_epochs, row), echo=False)
@@ -190,6 +197,7 @@ def run_stage2(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
 
     def on_epoch_end(epoch, row, opt, sched):
         if info.main:
+            check_held(folder)  # stop before writing if another process took the run over
             report(epoch_line("stage 2", epoch, t.stage2_epochs, row), echo=progress)
             previous[0] = _write_history(hist_path, previous[0], row)
             save_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, memory=memory, scaler=scaler,
@@ -284,13 +292,40 @@ class RunContext:
     info: DistInfo
     folder: Path
     started: float = field(default_factory=time.perf_counter)
+    wait: bool = False
+    lock: ExitStack = field(default_factory=ExitStack)
+
+    def locked(self):
+        """The run folder's lock for one step (rank 0; re-entrant, so a no-op while the run holds it)."""
+        return hold(self.folder, wait=self.wait) if self.info.main else nullcontext()
 
 
-def prepare_run(cfg: RunConfig, progress: bool = True) -> RunContext:
+def _lock_run(folder: Path, info: DistInfo, device, wait: bool, stack: ExitStack) -> None:
+    """Rank 0 takes the run folder's lock into ``stack``; under torchrun every rank learns whether it did, and
+    all stop with the holder's name when it did not."""
+    held = None
+    if info.main:
+        try:
+            stack.enter_context(hold(folder, wait=wait))
+        except LockHeld as err:
+            held = err
+    if info.enabled:
+        flag = broadcast_tensor(torch.tensor([float(held is not None)], device=device), info)
+        if held is None and flag.item():
+            raise RuntimeError(f"rank 0 could not lock the run folder {folder} (another process holds it)")
+    if held is not None:
+        raise held
+
+
+def prepare_run(cfg: RunConfig, progress: bool = True, wait: bool = False, keep_lock: bool = False) -> RunContext:
     """Data, part masks (labelled / calibrated / voted when not cached), the model, the run folder.
 
     Everything that can be checked is checked before work starts: the configuration, the run folder
-    (made with the same settings, or refused), the datasets, the batch plan."""
+    (made with the same settings, or refused), the datasets, the batch plan. Then the run folder is locked
+    (:mod:`muva_core.locks`; another process's live lock raises :class:`~muva_core.locks.LockHeld`, or is
+    waited for with ``wait``). With ``keep_lock`` the returned context keeps holding it until
+    ``ctx.lock.close()`` (:func:`train_protocol`); otherwise each step takes it again while it works (a
+    notebook's kernel holds no lock between cells)."""
     from ..grounding.steps import prepare_masks, run_masks
     from ..pipeline import preflight, source_datasets
 
@@ -300,58 +335,78 @@ def prepare_run(cfg: RunConfig, progress: bool = True) -> RunContext:
     folder = run_folder(cfg)
     cfg.validate()
     check_run_folder(cfg, folder)
-    data = preflight(cfg, progress=progress and info.main)
-    if info.main:
-        claim_run_folder(cfg, folder)
-        report(f"precision: {precision_plan(device, cfg).note}", echo=progress)
-        if not cfg.grounding.masks_file:
-            prepare_masks(cfg, source_datasets(data), progress=progress)
-    barrier(info)
-    masks = run_masks(cfg, source_datasets(data))
-    masks.require([s.key for s in data.train])
-    built = build_muva(cfg, data.num_classes, _id_domains(data))
-    built.model.to(device)
-    return RunContext(cfg, data, masks, built, device, info, folder)
+    with shared_data(cfg):
+        data = preflight(cfg, progress=progress and info.main)
+    stack = ExitStack()
+    try:
+        _lock_run(folder, info, device, wait, stack)
+        if info.main:
+            claim_run_folder(cfg, folder)
+            report(f"precision: {precision_plan(device, cfg).note}", echo=progress)
+            if not cfg.grounding.masks_file:
+                with shared_data(cfg):
+                    prepare_masks(cfg, source_datasets(data), progress=progress)
+        barrier(info)
+        masks = run_masks(cfg, source_datasets(data))
+        masks.require([s.key for s in data.train])
+        built = build_muva(cfg, data.num_classes, _id_domains(data))
+        built.model.to(device)
+    except BaseException:
+        stack.close()
+        raise
+    if not keep_lock:
+        stack.close()
+    return RunContext(cfg, data, masks, built, device, info, folder, wait=wait, lock=stack)
 
 
 def stage1(ctx: RunContext, progress: bool = True) -> pd.DataFrame:
     """Stage 1 (skipped for vision-only models): returns its history."""
     if ctx.built.prompts is None:
         return pd.DataFrame()
-    return run_stage1(ctx.cfg, ctx.built, ctx.data.train, ctx.masks, ctx.device, ctx.info, ctx.folder, progress)
+    with ctx.locked():
+        return run_stage1(ctx.cfg, ctx.built, ctx.data.train, ctx.masks, ctx.device, ctx.info, ctx.folder, progress)
 
 
 def stage2(ctx: RunContext, progress: bool = True) -> pd.DataFrame:
-    return run_stage2(ctx.cfg, ctx.built, ctx.data.train, ctx.masks, ctx.device, ctx.info, ctx.folder, progress,
-                      evaluate=diagnostics(ctx.cfg, ctx.data, ctx.device) if ctx.cfg.train.eval_every else None)
+    with ctx.locked():
+        return run_stage2(ctx.cfg, ctx.built, ctx.data.train, ctx.masks, ctx.device, ctx.info, ctx.folder, progress,
+                          evaluate=diagnostics(ctx.cfg, ctx.data, ctx.device) if ctx.cfg.train.eval_every else None)
 
 
 def finish_run(ctx: RunContext, progress: bool = True) -> tuple[dict, dict]:
-    """Save the final model, evaluate on the target, record ``metrics/train.json`` (rank 0)."""
+    """Save the final model, evaluate on the target, record ``metrics/train.json`` (rank 0; with the host and
+    process that trained it)."""
     metrics, iou = {}, {}
     if ctx.info.main:
         cfg = ctx.cfg
-        save_checkpoint(ctx.folder / "model.safetensors", model=ctx.built.model, epoch=cfg.train.stage2_epochs,
-                        config=cfg.to_flat(), extra={"stage": "final", "num_classes": ctx.data.num_classes}, rng=False)
-        metrics, iou = evaluate_model(cfg, ctx.built.model, ctx.data, ctx.device, progress)
-        heldout = evaluate_heldout(cfg, ctx.built.model, ctx.data, ctx.device, progress)
-        record(cfg, "train", {"protocol": ctx.data.protocol.name, "metrics": metrics, "mask_iou_truth": iou,
-                              "heldout_source": heldout, "precision": precision_plan(ctx.device, cfg).note,
-                              "seconds": round(time.perf_counter() - ctx.started, 2),
-                              "num_classes": ctx.data.num_classes, "train_images": len(ctx.data.train)})
+        with ctx.locked():
+            check_held(ctx.folder)
+            save_checkpoint(ctx.folder / "model.safetensors", model=ctx.built.model, epoch=cfg.train.stage2_epochs,
+                            config=cfg.to_flat(), extra={"stage": "final", "num_classes": ctx.data.num_classes},
+                            rng=False)
+            metrics, iou = evaluate_model(cfg, ctx.built.model, ctx.data, ctx.device, progress)
+            heldout = evaluate_heldout(cfg, ctx.built.model, ctx.data, ctx.device, progress)
+            record(cfg, "train", {"protocol": ctx.data.protocol.name, "metrics": metrics, "mask_iou_truth": iou,
+                                  "heldout_source": heldout, "precision": precision_plan(ctx.device, cfg).note,
+                                  "seconds": round(time.perf_counter() - ctx.started, 2),
+                                  "num_classes": ctx.data.num_classes, "train_images": len(ctx.data.train),
+                                  "trained_by": {"host": socket.gethostname(), "pid": os.getpid()}})
     barrier(ctx.info)
     return metrics, iou
 
 
-def train_protocol(cfg: RunConfig, progress: bool = True) -> RunResult:
-    """The whole pipeline for ``cfg.data.protocol``; resumable; torchrun-aware (stage 2 under DDP)."""
-    ctx = prepare_run(cfg, progress)
+def train_protocol(cfg: RunConfig, progress: bool = True, wait: bool = False) -> RunResult:
+    """The whole pipeline for ``cfg.data.protocol``; resumable; torchrun-aware (stage 2 under DDP). The run
+    folder is locked throughout (another process's live lock raises
+    :class:`~muva_core.locks.LockHeld`, or is waited for with ``wait``)."""
+    ctx = prepare_run(cfg, progress, wait=wait, keep_lock=True)
     try:
         h1 = stage1(ctx, progress)
         h2 = stage2(ctx, progress)
         metrics, iou = finish_run(ctx, progress)
         return RunResult(ctx.folder, metrics, h1, h2, iou, time.perf_counter() - ctx.started)
     finally:
+        ctx.lock.close()
         shutdown(ctx.info)
 
 
