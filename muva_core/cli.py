@@ -5,6 +5,8 @@
     muva merge-shards --out boxes.parquet --count N
     muva calibrate --boxes boxes.parquet --out calibrated.parquet [--report report.json]
     muva vote      --boxes calibrated.parquet --out masks.safetensors
+    muva import-masks --authors FILE.pkl --dataset NAME [--dataset NAME ...] --root DATA_ROOT --out MASKS
+    muva doctor    --protocol NAME [--data-root DIR] [--json]   (can this run reproduce the paper?)
     muva train     --protocol NAME [--config FILE] [-p key=value ...] [--wait]
     muva eval      --run DIR [--protocol NAME]
     muva run       --protocol NAME [--config FILE] [--steps 01-06] [-p key=value ...] [--wait]
@@ -178,6 +180,32 @@ def cmd_vote(args) -> int:
         print(f"note: the table has no img_w/img_h columns: its boxes were taken to be in {args.height}x{args.width} "
               "input pixels; pass --img-size HxW (the labelled images' size) if they are not")
     print(f"wrote {len(store)} masks ({columns} boxes, grid {store.grid}) to {args.out}")
+    return 0
+
+
+def cmd_import_masks(args) -> int:
+    import json
+
+    from .grounding.authors import import_masks_file
+
+    cfg = _resolved(args) if (args.protocol or args.config or args.param) else RunConfig()
+    report = import_masks_file(_cli_path(args.authors), args.dataset, _cli_path(args.root), _cli_path(args.out),
+                               img_size=(cfg.data.height, cfg.data.width), patch=cfg.grounding.patch_size,
+                               convention=args.convention)
+    print(json.dumps(report.as_dict(), indent=1) if args.json else report)
+    print(f"wrote {report.keys_written} masks to {args.out}; train with them: -p masks_file={args.out}")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    import json
+
+    from .report.doctor import doctor_report, format_report
+
+    if args.data_root:
+        args.param = [*(args.param or []), f"data_root={_cli_path(args.data_root)}"]
+    report = doctor_report(_resolved(args), run_estimate=not args.no_estimate, steps=args.steps)
+    print(json.dumps(report, indent=1, default=str) if args.json else format_report(report))
     return 0
 
 
@@ -528,6 +556,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", metavar="HxW", help="size of the labelled images the boxes are in, e.g. 256x128 "
                    "(default: the table's img_w/img_h; without them the boxes are taken to be in --height x --width)")
     p.set_defaults(func=cmd_vote)
+
+    p = sub.add_parser("import-masks", help="the authors' released part masks (RikoLi/MUVA blobs/*.pkl) -> a mask "
+                       "file for masks_file (read without running any code of the pickle)")
+    p.add_argument("--authors", required=True, help="the authors' mask pickle: a dict from image file name to [3, L]")
+    p.add_argument("--dataset", action="append", required=True,
+                   help="dataset the file covers (repeat for the multi-source MA+D+MS+C3 file)")
+    p.add_argument("--root", required=True, help="data root holding the datasets (as data_root)")
+    p.add_argument("--out", required=True, help="mask file to write (.safetensors)")
+    p.add_argument("--convention", choices=["reference", "binary"], default="reference",
+                   help="reference: 0 marks the part's patches (the authors' additive 0/-inf masks); binary: nonzero")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_import_masks)
+
+    p = sub.add_parser("doctor", help="everything that decides whether a run can reproduce the paper: environment, "
+                       "datasets vs their published counts, masks, checkpoint, config vs section 4.2, a time estimate")
+    _add_config_args(p)
+    p.add_argument("--data-root", help="folder holding the datasets (= -p data_root=...)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--no-estimate", action="store_true", help="skip the measured training steps")
+    p.add_argument("--steps", type=int, default=3, help="training steps timed for the estimate (default 3)")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("baseline", help="evaluate colour-histogram baselines on a protocol's target domain")
     _add_config_args(p)

@@ -65,6 +65,8 @@ class GroundingConfig:
     vote_rule: str = "center"          # center | coverage
     vote_min_coverage: float = 0.5
     patch_size: int = 16
+    masks_file: str = ""               # part masks of every source training image made by `muva import-masks` (the
+                                       # authors' released masks): grounding, calibration and voting are skipped
 
 
 @dataclass
@@ -124,8 +126,9 @@ class TrainConfig:
     mask_dice_smooth: float = 1.0      # smoothing of the soft Dice (reference: 1e-3)
     lr_schedule: str = "workbook"      # workbook (stepped after each epoch, from 0) | reference (at the start, from 1)
     augment: str = "flip"              # flip (the paper) | flip+crop+erase (Table 11) | ...+color (photometric jitter)
-    amp: bool = True                   # autocast: on GPU in amp_dtype; on CPU per cpu_amp (muva_core.precision)
-    cpu_amp: str = "auto"              # auto (bfloat16 where the CPU has it natively, else fp32) | on | off
+    amp: bool = True                   # autocast on GPU; on CPU as cpu_amp says
+    cpu_amp: str = "native"            # CPU autocast: native (only where the CPU computes amp_dtype natively, else
+                                       # float32: see muva_core/precision.py) | always | never; how a run is carried out
     amp_dtype: str = "bfloat16"        # bfloat16 | float16 (with a GradScaler, the reference); recipe key
     log_every: int = 20                # steps between progress-bar loss updates
     resume: bool = True                # continue from the run's checkpoints when they exist
@@ -346,7 +349,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "i2tce_similarity": ("cosine", "dot"),
     "lr_schedule": ("workbook", "reference"),
     "amp_dtype": ("bfloat16", "float16"),
-    "cpu_amp": ("auto", "on", "off"),                                      # precision.autocast_settings
+    "cpu_amp": ("native", "always", "never"),                               # precision.CPU_AMP
     "memory_rebuild": ("full", "train_pass"),
 }
 """Keys with a fixed set of values (tests tie each list to the registry it mirrors)."""

@@ -24,18 +24,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .config import RunConfig
 
-PATH_KEYS = ("data_root", "synth_root", "cache_dir", "reports_dir", "run_dir", "checkpoint_path")
+PATH_KEYS = ("data_root", "synth_root", "cache_dir", "reports_dir", "run_dir", "checkpoint_path", "masks_file")
 """Config keys that hold file-system paths (relative ones are relative to the project root)."""
 
 OPERATIONAL_KEYS = frozenset({
     "run_dir", "reports_dir", "resume", "device", "num_workers", "log_every", "num_examples", "ground_batch_size",
-    "eval_every",
+    "cpu_amp", "eval_every",
 })
 """Keys that say how a run is carried out, not what it trains."""
 
-LATER_KEYS = {"memory_rebuild": "full", "cpu_amp": "auto"}
-"""Keys added after run folders were recorded, with the value every older run had: in a run's identity only when
-they differ from it, so the older folders keep their hash."""
+OMITTED_AT_DEFAULT = {"masks_file": "", "memory_rebuild": "full"}
+"""Keys left out of a configuration's identity while they hold this value: keys added after run folders were
+named, so that those folders keep their names."""
 
 EVAL_SECTION = "eval"
 """Evaluation keys do not change the trained model either: a resumed run re-evaluates with the new ones."""
@@ -116,7 +116,7 @@ def identity(cfg: "RunConfig") -> dict[str, Any]:
     """The keys that decide what a run trains (all but the operational and evaluation keys), paths portable."""
     return {k: v for k, v in portable_flat(cfg).items()
             if k not in OPERATIONAL_KEYS and cfg.section_of(k) != EVAL_SECTION
-            and not (k in LATER_KEYS and v == LATER_KEYS[k])}
+            and not (k in OMITTED_AT_DEFAULT and v == OMITTED_AT_DEFAULT[k])}
 
 
 def config_hash(cfg: "RunConfig") -> str:

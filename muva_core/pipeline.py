@@ -55,7 +55,7 @@ def check_datasets_present(cfg: RunConfig) -> None:
     for name in dict.fromkeys((*proto.sources, proto.target)):
         if name.startswith("synth_"):
             continue
-        tried = _folders_tried(get_dataset_class(name), root)
+        tried = folders_tried(get_dataset_class(name), root)
         if not tried:
             continue
         layout = DATASET_LAYOUTS.get(name, name)
@@ -67,7 +67,7 @@ def check_datasets_present(cfg: RunConfig) -> None:
                              "checks one)")
 
 
-def _folders_tried(cls, root: Path) -> list[str]:
+def folders_tried(cls, root: Path) -> list[str]:
     """``[]`` when the dataset class finds its folder under ``root``, else each folder tried and why not."""
     if not root.is_dir():
         return [f"  {root}  (does not exist)"]
@@ -148,7 +148,8 @@ def check_images_readable(cfg: RunConfig, samples, what: str, progress: bool = T
 
 
 def preflight(cfg: RunConfig, progress: bool = True):
-    """Everything a run can check before it starts working: the datasets are there, the checkpoint exists (the
+    """Everything a run can check before it starts working: the datasets are there, the checkpoint exists, the
+    imported masks of ``masks_file`` fit the patch grid and cover every training image (the
     language-pretrained CLIP of ``pretrained: pretrain-clip`` is made when missing, see
     :func:`ensure_pretrained_clip`), the protocol's data loads (the synthetic set is generated when missing), the
     batches can be formed, and every image of the splits it reads can be decoded. Returns the protocol's data."""
@@ -157,6 +158,10 @@ def preflight(cfg: RunConfig, progress: bool = True):
     check_checkpoint(cfg)
     data = load_protocol(cfg, progress=progress)
     check_batch_plan(cfg, data)
+    if cfg.grounding.masks_file:
+        from .grounding.steps import imported_masks
+
+        imported_masks(cfg, data.train)
     check_images_readable(cfg, [*data.train, *data.query, *data.gallery], progress=progress,
                           what=f"images of {data.protocol.name} (train, query, gallery)")
     ensure_pretrained_clip(cfg, progress=progress)  # work (minutes when missing): after every check

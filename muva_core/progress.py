@@ -31,7 +31,8 @@ def report(message: str, echo: bool = True) -> None:
 
 
 def epoch_line(stage: str, epoch: int, epochs: int, row: Mapping[str, float]) -> str:
-    """``stage 2 epoch 3/16: loss 2.314 (id 1.200, imp 0.610, ...), mask_iou_head 0.41, lr 3.0e-04, 13.2 s``."""
+    """``stage 2 epoch 3/16: loss 2.314 (id 1.200, imp 0.610, ...), mask_iou_head 0.41, lr 3.0e-04, 13.2 s``
+    (under float16 + GradScaler also ``loss scale 32768, 1 step skipped (float16 overflow)``)."""
     losses = {k[5:]: v for k, v in row.items() if k.startswith("loss_")}
     total = losses.pop("total", None)
     if total is None and len(losses) == 1:
@@ -43,6 +44,9 @@ def epoch_line(stage: str, epoch: int, epochs: int, row: Mapping[str, float]) ->
     fields += [f"{k} {row[k]:.2f}" for k in row if k.startswith(("mask_iou_", "text_to_centroid"))]
     if "lr" in row:
         fields.append(f"lr {row['lr']:.1e}")
+    if "grad_scale" in row:  # float16 + GradScaler: overflowed steps are skipped, and counted
+        n = int(row.get("overflow_skipped", 0))
+        fields.append(f"loss scale {row['grad_scale']:g}, {n} step{'s' if n != 1 else ''} skipped (float16 overflow)")
     fields.append(f"{row.get('seconds', 0.0):.1f} s")
     return f"{stage} epoch {epoch}/{epochs}: " + ", ".join(fields)
 

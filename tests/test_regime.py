@@ -107,7 +107,7 @@ def test_diagnostics_leave_the_training_alone_and_match_the_final_evaluation(sma
     held = rec["heldout_source"]["synth_A"]
     assert held["metrics"]["mAP"] == pytest.approx(h["heldout_mAP"].iloc[-1])
     assert set(held["mask_iou_truth"]) == {"head", "upper", "legs"}
-    assert rec["autocast"].startswith("float32")
+    assert rec["precision"].startswith("float32")
 
 
 def test_eval_every_is_not_part_of_the_run_identity():
@@ -121,26 +121,25 @@ def test_eval_every_is_not_part_of_the_run_identity():
 
 # ---- precision ---------------------------------------------------------------------------------------------
 
-def test_cpu_autocast_follows_cpu_amp_and_the_environment(monkeypatch):
+def test_cpu_precision_follows_cpu_amp_and_the_environment(monkeypatch):
     cfg = RunConfig()
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    caps = {"capability": "AVX512", "float16_native": False, "bfloat16_native": True, "float16_autocast": True}
+    monkeypatch.setattr(precision, "cpu_capabilities", lambda: caps)
     monkeypatch.delenv(precision.CPU_AMP_ENV, raising=False)
-    assert precision.autocast_settings("cpu", cfg) == (True, torch.bfloat16)
-    monkeypatch.setenv(precision.CPU_AMP_ENV, "0")
-    assert precision.autocast_settings("cpu", cfg)[0] is False
-    assert "MUVA_CPU_AMP=0" in precision.describe("cpu", cfg)
-    monkeypatch.delenv(precision.CPU_AMP_ENV)
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
-    assert precision.autocast_settings("cpu", cfg)[0] is False
-    assert precision.describe("cpu", cfg) == "float32 (this CPU has no native bfloat16)"
-    cfg.train.cpu_amp = "on"
-    assert precision.autocast_settings("cpu", cfg) == (True, torch.bfloat16)
-    cfg.train.amp = False
-    assert precision.autocast_settings("cpu", cfg)[0] is False
+    plan = precision.precision_plan("cpu", cfg)
+    assert (plan.autocast, plan.dtype) == (True, torch.bfloat16)
+    monkeypatch.setenv(precision.CPU_AMP_ENV, "0")                 # the test suite's setting
+    plan = precision.precision_plan("cpu", cfg)
+    assert (plan.autocast, plan.note) == (False, "float32 on the CPU (MUVA_CPU_AMP=0)")
+    cfg.train.cpu_amp = "always"                                    # an explicit choice wins over it
+    assert precision.precision_plan("cpu", cfg).autocast
     monkeypatch.setenv(precision.CPU_AMP_ENV, "yes")
-    cfg = RunConfig()
     with pytest.raises(ValueError, match="MUVA_CPU_AMP='yes'"):
-        precision.autocast_settings("cpu", cfg)
+        precision.precision_plan("cpu", RunConfig())
+    monkeypatch.delenv(precision.CPU_AMP_ENV)
+    caps["bfloat16_native"] = False
+    plan = precision.precision_plan("cpu", RunConfig())
+    assert not plan.autocast and "no native bfloat16" in plan.note
 
 
 def test_bad_cpu_amp_value_names_the_key():

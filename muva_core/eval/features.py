@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from ..data.samples import Sample
 from ..data.transforms import ReIDImageDataset, build_test_transform
-from ..precision import autocast_settings
+from ..precision import precision_plan
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -43,7 +43,8 @@ def extract_features(encoder, samples: Sequence[Sample], cfg, device: torch.devi
     was_training = encoder.training
     encoder.eval()
     feats, probs = [], []
-    amp, amp_dtype = autocast_settings(device, cfg)
+    plan = precision_plan(device, cfg)
+    amp, amp_dtype = plan.autocast, plan.dtype
     for batch in tqdm(test_loader(samples, cfg, masks=masks), desc=desc, disable=not progress, leave=False):
         images = batch["image"].to(device, non_blocking=True)
         part_masks = batch["mask"].to(device) if mask_mode == "pseudo" else None

@@ -8,6 +8,9 @@ a stale file:
     calibrated-<h>.parquet             + cal_x0..cal_y1, replaced, rule
     calibration-<h>.json               the CalibrationReport (thresholds, replacement counts)
     masks-<h>.safetensors              patch masks [N, 3, Npatch] keyed by dataset/relpath
+
+With ``masks_file`` set (the authors' masks, imported by ``muva import-masks``) none of these steps runs:
+:func:`run_masks` reads that file instead.
 """
 from __future__ import annotations
 
@@ -171,6 +174,75 @@ def prepare_masks(cfg: RunConfig, datasets: Sequence, progress: bool = True) -> 
                 calibrated, _ = run_calibration(cfg, ds.name, boxes)
             run_voting(cfg, ds.name, calibrated)
         out[ds.name] = paths.masks
+    return out
+
+
+def imported_masks(cfg: RunConfig, train: Sequence[Sample] | None = None) -> MaskStore:
+    """The mask store of ``masks_file`` (made by ``muva import-masks``), checked against the configuration's
+    patch grid and, given ``train``, against every training image (all problems in one error)."""
+    from .voting import grid_shape
+
+    path = resolve(cfg.grounding.masks_file)
+    where = f"masks_file={cfg.grounding.masks_file}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: no such file ({path}); make it with `muva import-masks --authors FILE.pkl "
+                                f"--dataset NAME --root DATA_ROOT --out {cfg.grounding.masks_file}`")
+    try:
+        store = load_masks(path)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    want = grid_shape((cfg.data.height, cfg.data.width), cfg.grounding.patch_size)
+    if store.grid != want or store.masks.shape[1] != 3:
+        raise ValueError(f"{where}: masks of grid {store.grid} with {store.masks.shape[1]} parts; this configuration "
+                         f"({cfg.data.height}x{cfg.data.width}, patch_size {cfg.grounding.patch_size}) needs grid "
+                         f"{want} with 3 parts: import the file again with these settings")
+    if train is not None:
+        missing = [s for s in train if s.key not in store]
+        if missing:
+            per: dict[str, int] = {}
+            for s in missing:
+                per[s.domain] = per.get(s.domain, 0) + 1
+            counts = ", ".join(f"{d} {n} of {sum(1 for s in train if s.domain == d)}" for d, n in per.items())
+            raise ValueError(f"{where}: {len(missing)} training images have no mask ({counts}), e.g. "
+                             f"{', '.join(s.key for s in missing[:3])}; import the masks of these datasets "
+                             "(muva import-masks --dataset NAME for each source) or run grounding instead "
+                             "(leave masks_file empty)")
+    return store
+
+
+def skipped_note(cfg: RunConfig) -> str | None:
+    """With ``masks_file`` set: the sentence notebooks 01-03 show (grounding, calibration and voting do not
+    run); None otherwise."""
+    if not cfg.grounding.masks_file:
+        return None
+    path = resolve(cfg.grounding.masks_file)
+    origin = ""
+    if path.is_file():
+        meta = load_masks(path).meta
+        if meta.get("authors_file"):
+            origin = f", imported from {meta['authors_file']} by muva import-masks"
+    return (f"masks_file is set ({cfg.grounding.masks_file}{origin}): the part masks come from that file, so "
+            f"grounding ({cfg.grounding.backend}), calibration and voting do not run in this run")
+
+
+def run_masks(cfg: RunConfig, datasets: Sequence) -> MaskStore:
+    """The part masks a run trains with: ``masks_file`` when set, else the voted masks of every source dataset
+    (made by :func:`prepare_masks`)."""
+    if cfg.grounding.masks_file:
+        return imported_masks(cfg)
+    return load_protocol_masks({d.name: grounding_paths(cfg, d.name).masks for d in datasets})
+
+
+def masks_by_dataset(cfg: RunConfig, datasets: Sequence, progress: bool = True) -> dict[str, MaskStore]:
+    """Each source dataset's part masks (notebook 03): the voted masks (labelled, calibrated and voted first when
+    not cached), or, with ``masks_file`` set, that file's masks of each dataset's images."""
+    if not cfg.grounding.masks_file:
+        return {name: load_masks(path) for name, path in prepare_masks(cfg, datasets, progress).items()}
+    store = imported_masks(cfg)
+    out = {}
+    for ds in datasets:
+        keys = [k for k in store.keys if k.startswith(f"{ds.name}/")]
+        out[ds.name] = MaskStore(keys, store.stack(keys), store.meta, store.path)
     return out
 
 

@@ -54,7 +54,8 @@ def run_notebooks(cfg: RunConfig, steps: Sequence[str] = PIPELINE, run_id: str |
 
     Before any kernel starts: the steps exist, the configuration is checked, the run folder holds the same
     configuration (or is refused, see :func:`muva_core.paths.claim_run_folder`), the datasets are there
-    and the batches can be formed; a failed check leaves no folder behind. Each notebook runs with its
+    and the batches can be formed; a failed check leaves no folder behind. Before a paper protocol the doctor's
+    short form is printed (:func:`muva_core.report.doctor.short_report`). Each notebook runs with its
     kernel in ``notebooks/``, as JupyterLab starts it; its progress lines (epochs, resumes) are printed
     here while it runs. ``command`` is the command line that reproduces the run (in ``metrics.json``).
     The run folder is locked while the notebooks run (their kernels inherit the lock, see
@@ -78,7 +79,11 @@ def run_notebooks(cfg: RunConfig, steps: Sequence[str] = PIPELINE, run_id: str |
     folder = run_folder(cfg, run_id)
     check_run_folder(cfg, folder)
     with shared_data(cfg):
-        preflight(cfg, progress=progress)
+        data = preflight(cfg, progress=progress)
+    if progress and not data.protocol.synthetic:  # a paper protocol: what decides whether it can reproduce the paper
+        from .doctor import short_report
+
+        print(short_report(cfg, data), flush=True)
     with hold(folder, wait=wait):
         return _execute(cfg, folder, sources, force, progress, kernel_name, command)
 
@@ -188,7 +193,7 @@ def training_summary(folder: Path, cfg: RunConfig) -> dict:
     train = folder / "metrics" / "train.json"
     if train.is_file():
         rec = json.loads(train.read_text())
-        out.update({k: rec[k] for k in ("num_classes", "train_images", "heldout_source", "autocast") if k in rec})
+        out.update({k: rec[k] for k in ("num_classes", "train_images", "heldout_source", "precision") if k in rec})
     hist = folder / "history_stage2.csv"
     if hist.is_file():
         import pandas as pd

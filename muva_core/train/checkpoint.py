@@ -10,7 +10,8 @@ Layout of a checkpoint file:
 * safetensors metadata (string -> string), JSON-encoded where structured:
   ``format`` / ``format_version``, ``epoch`` and ``step`` (epochs / steps completed when saved),
   ``config``, ``extra``, ``sections``, ``optimizer`` (class, ``param_groups`` and non-tensor
-  state values), ``scheduler`` (class and ``state_dict``), ``rng`` (Python and NumPy states),
+  state values), ``scheduler`` (class and ``state_dict``), ``scaler`` (a float16 GradScaler's
+  ``state_dict``: loss scale, growth tracker, factors), ``rng`` (Python and NumPy states),
   ``torch_version``.
 
 JSON keeps tuples, dicts with non-string keys and ``collections.Counter`` through small tags,
@@ -181,6 +182,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     memory: nn.Module | None = None,
+    scaler: Any = None,
     epoch: int,
     step: int = 0,
     config: Mapping[str, Any],
@@ -192,7 +194,8 @@ def save_checkpoint(
     epoch / step: epochs and optimiser steps completed. config: the run configuration (a
     JSON-compatible dict, e.g. ``RunConfig.to_flat()``, or a dataclass, stored as ``asdict``). extra: any JSON-compatible payload
     (metrics, stage name, ...). rng=True stores the Python, NumPy, torch CPU and CUDA generator
-    states, so a resumed run draws the same random numbers.
+    states, so a resumed run draws the same random numbers. scaler: a ``torch.amp.GradScaler`` whose
+    loss scale and growth tracker a resumed float16 run continues from.
     """
     path = Path(path)
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
@@ -233,6 +236,9 @@ def save_checkpoint(
             {"class": type(scheduler).__name__, "state": scheduler.state_dict()}, f"{path}: scheduler state"
         )
         sections.append("scheduler")
+    if scaler is not None:
+        meta["scaler"] = _dumps({"class": type(scaler).__name__, "state": scaler.state_dict()}, f"{path}: scaler state")
+        sections.append("scaler")
     if rng:
         state = rng_state()
         tensors["rng.torch"] = _cpu_copy(state["torch"])
@@ -334,6 +340,7 @@ def load_checkpoint(
     memory: nn.Module | None = None,
     strict: bool = True,
     restore_rng: bool = True,
+    scaler: Any = None,
 ) -> dict[str, Any]:
     """Restore the given objects from ``path``; return ``{epoch, step, config, extra, ...}``.
 
@@ -383,6 +390,11 @@ def load_checkpoint(
         if saved["class"] != type(scheduler).__name__:
             raise CheckpointError(f"{path}: scheduler state is for {saved['class']}, got {type(scheduler).__name__}")
         scheduler.load_state_dict(saved["state"])
+    if scaler is not None and not absent("scaler"):
+        saved = _from_json(json.loads(meta["scaler"]))
+        if saved["class"] != type(scaler).__name__:
+            raise CheckpointError(f"{path}: scaler state is for {saved['class']}, got {type(scaler).__name__}")
+        scaler.load_state_dict(saved["state"])
     if restore_rng and "rng" in present:
         saved = _from_json(json.loads(meta["rng"]))
         cuda = []

@@ -38,13 +38,14 @@ from ..locks import LockHeld, check_held, hold, shared_data
 from ..model.factory import BuiltModel, MUVAReID, build_muva, part_indices
 from ..notebook import record
 from ..paths import check_run_folder, claim_run_folder, run_folder
-from ..precision import describe
+from ..precision import precision_plan
 from ..progress import epoch_line, report
 from ..seeding import seed_everything
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
 from .distributed import DistInfo, barrier, broadcast_tensor, init_distributed, shutdown
 from .memory import PrototypeMemory, all_gather_variable
-from .stage1 import build_stage1_optimizer, stage1_centroids, text_prototypes, train_stage1, visual_centroids
+from .stage1 import (build_stage1_optimizer, grad_scaler, stage1_centroids, text_prototypes, train_stage1,
+                     visual_centroids)
 from .stage2 import build_optimizer, train_stage2
 
 
@@ -86,6 +87,23 @@ def _id_domains(data) -> torch.Tensor:
     return out
 
 
+def _saved_scaler(path: Path, scaler):
+    """``scaler`` when the checkpoint at ``path`` holds a loss-scaler state to restore into it, else None."""
+    return scaler if scaler is not None and "scaler" in read_checkpoint_info(path)["sections"] else None
+
+
+def _report_scaler(path: Path, scaler, restored, echo: bool) -> None:
+    """Say whether a resumed float16 run continues from the saved loss scale or starts afresh (a checkpoint written
+    without one: another precision, or an older version)."""
+    if scaler is None:
+        return
+    if restored is not None:
+        report(f"loss scale {scaler.get_scale():g} restored from {path.name}", echo=echo)
+    else:
+        report(f"{path.name} holds no loss-scaler state: the float16 loss scale starts afresh at "
+               f"{scaler.get_scale():g}", echo=echo)
+
+
 def _sharded_centroids(model: MUVAReID, train, masks, cfg, device, info: DistInfo, progress: bool) -> torch.Tensor:
     """VPM-1 (:func:`~muva_core.train.stage1.stage1_centroids` of the raw pre-BN features); under torchrun
     each rank encodes its share of the images and the features are gathered."""
@@ -117,10 +135,14 @@ def run_stage1(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
     else:
         optimizer = scheduler = None
         start = 0
+        scaler = grad_scaler(device, cfg)
         if cfg.train.resume and last.is_file():
             optimizer, scheduler = build_stage1_optimizer(prompts, cfg)
-            start = load_checkpoint(last, prompts=prompts, optimizer=optimizer, scheduler=scheduler)["epoch"]
+            saved = _saved_scaler(last, scaler)
+            start = load_checkpoint(last, prompts=prompts, optimizer=optimizer, scheduler=scheduler,
+                                    scaler=saved)["epoch"]
             report(f"resuming stage 1 from epoch {start} ({last})", echo=progress and info.main)
+            _report_scaler(last, scaler, saved, progress and info.main)
         centroids = _sharded_centroids(model, train, masks, cfg, device, info, progress)
         previous = [_read_history(hist_path, start)]
 
@@ -130,12 +152,12 @@ def run_stage1(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
             previous[0] = _write_history(hist_path, previous[0], row) if info.main else previous[0]
             if info.main:
                 report(epoch_line("stage 1", epoch, cfg.train.stage1_epochs, row), echo=False)
-                save_checkpoint(last, prompts=prompts, optimizer=opt, scheduler=sched, epoch=epoch, config=flat,
-                                extra={"stage": 1})
+                save_checkpoint(last, prompts=prompts, optimizer=opt, scheduler=sched, scaler=scaler, epoch=epoch,
+                                config=flat, extra={"stage": 1})
 
         train_stage1(prompts, centroids, cfg, device, logit_scale=float(model.clip_logit_scale), start_epoch=start,
                      optimizer=optimizer, scheduler=scheduler, on_epoch_end=on_epoch_end, progress=progress and info.main,
-                     labels=torch.tensor([s.pid for s in train]))
+                     labels=torch.tensor([s.pid for s in train]), scaler=scaler)
         if info.main:
             save_checkpoint(final, prompts=prompts, epoch=cfg.train.stage1_epochs, config=flat, extra={"stage": 1},
                             rng=False)
@@ -153,13 +175,17 @@ def run_stage2(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
     memory = PrototypeMemory(model.classifier.out_features, model.encoder.feat_dim, momentum=t.memory_momentum,
                              temperature=t.imp_temperature).to(device)
     optimizer, scheduler = build_optimizer(model, cfg)
+    scaler = grad_scaler(device, cfg)
     start = 0
     if t.resume and ckpt.is_file():
-        start = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, memory=memory)["epoch"]
+        saved = _saved_scaler(ckpt, scaler)
+        start = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, memory=memory,
+                                scaler=saved)["epoch"]
         if start >= t.stage2_epochs:
             report(f"stage 2 finished earlier ({start} epochs): model loaded from {ckpt}", echo=progress and info.main)
         else:
             report(f"resuming stage 2 from epoch {start} ({ckpt})", echo=progress and info.main)
+            _report_scaler(ckpt, scaler, saved, progress and info.main)
     ddp = None
     if info.enabled:
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -174,12 +200,12 @@ def run_stage2(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
             check_held(folder)  # stop before writing if another process took the run over
             report(epoch_line("stage 2", epoch, t.stage2_epochs, row), echo=progress)
             previous[0] = _write_history(hist_path, previous[0], row)
-            save_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, memory=memory, epoch=epoch,
-                            config=flat, extra={"stage": 2})
+            save_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, memory=memory, scaler=scaler,
+                            epoch=epoch, config=flat, extra={"stage": 2})
 
     train_stage2(model, memory, train, masks, cfg, device, optimizer=optimizer, scheduler=scheduler,
                  start_epoch=start, ddp_model=ddp, rank=info.rank, world_size=info.world_size, monitor=monitor,
-                 on_epoch_end=on_epoch_end, evaluate=evaluate, progress=progress)
+                 on_epoch_end=on_epoch_end, evaluate=evaluate, progress=progress, scaler=scaler)
     return previous[0] if previous[0] is not None else pd.DataFrame()
 
 
@@ -300,7 +326,7 @@ def prepare_run(cfg: RunConfig, progress: bool = True, wait: bool = False, keep_
     waited for with ``wait``). With ``keep_lock`` the returned context keeps holding it until
     ``ctx.lock.close()`` (:func:`train_protocol`); otherwise each step takes it again while it works (a
     notebook's kernel holds no lock between cells)."""
-    from ..grounding.steps import grounding_paths, load_protocol_masks, prepare_masks
+    from ..grounding.steps import prepare_masks, run_masks
     from ..pipeline import preflight, source_datasets
 
     info = init_distributed(cfg.device)
@@ -316,10 +342,12 @@ def prepare_run(cfg: RunConfig, progress: bool = True, wait: bool = False, keep_
         _lock_run(folder, info, device, wait, stack)
         if info.main:
             claim_run_folder(cfg, folder)
-            with shared_data(cfg):
-                prepare_masks(cfg, source_datasets(data), progress=progress)
+            report(f"precision: {precision_plan(device, cfg).note}", echo=progress)
+            if not cfg.grounding.masks_file:
+                with shared_data(cfg):
+                    prepare_masks(cfg, source_datasets(data), progress=progress)
         barrier(info)
-        masks = load_protocol_masks({d.name: grounding_paths(cfg, d.name).masks for d in source_datasets(data)})
+        masks = run_masks(cfg, source_datasets(data))
         masks.require([s.key for s in data.train])
         built = build_muva(cfg, data.num_classes, _id_domains(data))
         built.model.to(device)
@@ -359,7 +387,7 @@ def finish_run(ctx: RunContext, progress: bool = True) -> tuple[dict, dict]:
             metrics, iou = evaluate_model(cfg, ctx.built.model, ctx.data, ctx.device, progress)
             heldout = evaluate_heldout(cfg, ctx.built.model, ctx.data, ctx.device, progress)
             record(cfg, "train", {"protocol": ctx.data.protocol.name, "metrics": metrics, "mask_iou_truth": iou,
-                                  "heldout_source": heldout, "autocast": describe(ctx.device, cfg),
+                                  "heldout_source": heldout, "precision": precision_plan(ctx.device, cfg).note,
                                   "seconds": round(time.perf_counter() - ctx.started, 2),
                                   "num_classes": ctx.data.num_classes, "train_images": len(ctx.data.train),
                                   "trained_by": {"host": socket.gethostname(), "pid": os.getpid()}})

@@ -18,7 +18,7 @@ cmp_normalize     per granularity, / sqrt(G)                   the whole (1+R)*E
 cmp_temperature   0 = 1 / CLIP's logit scale                   1.0 (PCL.CLUSTER_NCE_TEMP)
 stage1_sampling   stage1_batch_ids distinct identities a step  P x K images (pk_sampling, ~N_images / 64)
 lr_schedule       stepped after each epoch, cosine after warm-up  stepped at the start (epochs from 1), timm cosine
-amp_dtype         bfloat16 autocast                           float16 autocast + GradScaler (GPU only)
+amp_dtype         bfloat16 autocast                           float16 autocast + GradScaler (CPU: muva_core/precision.py)
 ================  ==========================================  ===========================================
 """
 from __future__ import annotations
@@ -36,13 +36,13 @@ from ..data.sampler import RandomIdentitySampler
 from ..data.samples import Sample
 from ..eval.features import extract_features
 from ..model.muva import parts_from_code
-from ..precision import autocast_settings
+from ..precision import make_scaler, precision_plan, scaler_step
 from .losses import cmp_loss, normalize_per_granularity
 from .memory import PrototypeMemory
 from .schedulers import WarmupCosineLR, step_after_epoch, step_before_epoch
 
 __all__ = [
-    "amp_settings", "grad_scaler", "granularity_count", "stage1_centroids", "stage1_text", "stage1_loss",
+    "amp_settings", "grad_scaler", "scaler_fields", "granularity_count", "stage1_centroids", "stage1_text", "stage1_loss",
     "cmp_temperature", "visual_centroids", "build_stage1_optimizer", "stage1_batches", "train_stage1",
     "text_prototypes", "similarity_matrix",
 ]
@@ -53,26 +53,27 @@ STAGE1_EPOCH_OFFSET = 10_000
 
 # ---- shared with stage 2 -------------------------------------------------------------------
 def amp_settings(device: torch.device, cfg) -> tuple[bool, torch.dtype]:
-    """``(autocast on, its dtype)``: :func:`muva_core.precision.autocast_settings` (GPU: ``amp`` in ``amp_dtype``;
-    CPU: bfloat16 where the CPU has it natively, per ``cpu_amp``)."""
-    return autocast_settings(device, cfg)
+    """``(autocast on, its dtype)`` of :func:`muva_core.precision.precision_plan` (GPU: ``amp`` /
+    ``amp_dtype``; CPU: ``cpu_amp``)."""
+    plan = precision_plan(device, cfg)
+    return plan.autocast, plan.dtype
 
 
 def grad_scaler(device: torch.device, cfg):
     """A ``GradScaler`` when training runs under float16 autocast (the reference), else ``None``."""
-    on, dtype = amp_settings(device, cfg)
-    return torch.amp.GradScaler("cuda") if on and dtype == torch.float16 else None
+    return make_scaler(device, precision_plan(device, cfg))
 
 
-def backward_step(loss: torch.Tensor, optimizer, scaler) -> None:
-    """``loss.backward(); optimizer.step()``, through ``scaler`` when there is one."""
-    if scaler is None:
-        loss.backward()
-        optimizer.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+def backward_step(loss: torch.Tensor, optimizer, scaler) -> bool:
+    """``loss.backward(); optimizer.step()``, through ``scaler`` when there is one; False when the scaler
+    skipped the step (inf/NaN gradients: a float16 overflow)."""
+    return scaler_step(loss, optimizer, scaler)
+
+
+def scaler_fields(scaler, skipped: int) -> dict:
+    """The epoch row's ``grad_scale`` (the loss scale at the epoch's end) and ``overflow_skipped`` (steps the
+    scaler skipped on inf/NaN gradients) when a float16 GradScaler runs."""
+    return {} if scaler is None else {"grad_scale": float(scaler.get_scale()), "overflow_skipped": int(skipped)}
 
 
 def granularity_count(cfg) -> int:
@@ -197,11 +198,11 @@ def stage1_batches(cfg, epoch: int, num_ids: int, labels: torch.Tensor | None = 
 
 def train_stage1(prompts, centroids: torch.Tensor, cfg, device, *, logit_scale: float, start_epoch: int = 0,
                  optimizer=None, scheduler=None, on_epoch_end: Callable | None = None,
-                 progress: bool = True, labels: torch.Tensor | None = None) -> pd.DataFrame:
+                 progress: bool = True, labels: torch.Tensor | None = None, scaler=None) -> pd.DataFrame:
     """Optimise the prompt vectors with L_cmp; returns the per-epoch history.
 
     ``labels``: the identity of every training image (needed by ``stage1_sampling="images"``).
-    ``optimizer`` / ``scheduler`` / ``start_epoch`` come from a checkpoint when resuming.
+    ``optimizer`` / ``scheduler`` / ``start_epoch`` (and the float16 ``scaler``) come from a checkpoint when resuming.
     ``on_epoch_end(epoch, history_row, optimizer, scheduler)`` is called after each epoch (checkpointing).
     History: ``loss_cmp`` and ``text_to_centroid_acc`` averaged over the epoch's rows, ``lr`` in the
     optimiser when the epoch ends (workbook: the next epoch's, the scheduler steps after the epoch;
@@ -213,7 +214,7 @@ def train_stage1(prompts, centroids: torch.Tensor, cfg, device, *, logit_scale: 
     if optimizer is None:
         optimizer, scheduler = build_stage1_optimizer(prompts, cfg)
     amp, amp_dtype = amp_settings(device, cfg)
-    scaler = grad_scaler(device, cfg)
+    scaler = scaler if scaler is not None else grad_scaler(device, cfg)
     images = t.stage1_sampling == "images"
     rows = []
     bar = tqdm(range(start_epoch, t.stage1_epochs), desc="stage 1", disable=not progress)
@@ -221,7 +222,7 @@ def train_stage1(prompts, centroids: torch.Tensor, cfg, device, *, logit_scale: 
     for epoch in bar:
         t0 = time.perf_counter()
         step_before_epoch(scheduler, t.lr_schedule)
-        total, correct, seen = 0.0, 0, 0
+        total, correct, seen, skipped = 0.0, 0, 0, 0
         for pids, n in stage1_batches(cfg, epoch, num_ids, labels):
             pids = pids.to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
@@ -232,14 +233,15 @@ def train_stage1(prompts, centroids: torch.Tensor, cfg, device, *, logit_scale: 
                     text = prompts(pids)
             loss = stage1_loss(text, centroids, pids, cfg, logit_scale=logit_scale)
             optimizer.zero_grad(set_to_none=True)
-            backward_step(loss, optimizer, scaler)
+            skipped += not backward_step(loss, optimizer, scaler)
             total += loss.item() * n
             seen += n
             with torch.no_grad():
                 correct += int(((stage1_text(text, cfg) @ centroids.T).argmax(1) == pids).sum())
         step_after_epoch(scheduler, t.lr_schedule)
         row = {"epoch": epoch + 1, "loss_cmp": total / seen, "text_to_centroid_acc": correct / seen,
-               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
+               **scaler_fields(scaler, skipped)}
         rows.append(row)
         bar.set_postfix(loss=f"{row['loss_cmp']:.3f}", acc=f"{row['text_to_centroid_acc']:.2f}")
         if on_epoch_end is not None:

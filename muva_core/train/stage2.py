@@ -17,11 +17,17 @@ i2tce_logit_scale  0 = CLIP's logit scale (~100 for ViT-B/16)      1.0 (1 / I2TC
 mask_dice_smooth   1.0                                             1e-3 (losses/mask_loss.py: 1e-6 / scale 1000)
 rmp_weight_decay   -1 = weight_decay                               0 (engine/solvers/optimizers.py 114-115)
 lr_schedule        stepped after each epoch                        stepped at the start, epochs from 1
-amp_dtype          bfloat16 autocast                               float16 autocast + GradScaler (GPU only)
+amp_dtype          bfloat16 autocast                               float16 autocast + GradScaler (CPU: precision.py)
 =================  ==============================================  =========================================
+
+Under ``recipe: reference`` each step also calls the BN neck a second time on the same pre-BN feature, as
+the reference's stage-2 loop does (``proj_feat_bn = model.bnneck(proj_feat)`` for the memory loss after the
+model's own call, engine/coop_trainers.py): in training mode the output is the same, but the running mean and
+variance take two momentum updates a step (:func:`second_bn_neck_call`).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable, Sequence
 
@@ -40,7 +46,7 @@ from ..model.factory import part_indices
 from .losses import MUVALoss, normalize_per_granularity
 from .memory import PrototypeMemory, all_reduce_sum
 from .schedulers import WarmupMultiStepLR, make_param_groups, step_after_epoch, step_before_epoch
-from .stage1 import amp_settings, backward_step, grad_scaler
+from .stage1 import amp_settings, backward_step, grad_scaler, scaler_fields
 
 RMP_PATTERN = r"\brmp\b|\.rmp\."
 """Parameter names of the RMP (10x learning rate; ``rmp_weight_decay``)."""
@@ -145,6 +151,15 @@ def stage2_losses(output, id_logits: torch.Tensor, pids: torch.Tensor, memory, t
     )
 
 
+def second_bn_neck_call(model, output, cfg):
+    """Under ``recipe: reference``: ``output`` with ``bn_features`` from a second call of the BN neck on its
+    pre-BN ``features`` (the reference's ``model.bnneck(proj_feat)`` before the memory loss), which in training
+    mode updates the running statistics a second time; otherwise ``output`` unchanged."""
+    if cfg.recipe != "reference":
+        return output
+    return dataclasses.replace(output, bn_features=model.encoder.bottleneck(output.features))
+
+
 def rebuild_memory(model, memory: PrototypeMemory, samples, masks, cfg, device, progress: bool) -> None:
     """VPM-2 from the BN features of the whole training set, encoded with the pseudo masks."""
     enc = model.encoder
@@ -157,7 +172,7 @@ def rebuild_memory(model, memory: PrototypeMemory, samples, masks, cfg, device, 
 def train_stage2(model, memory: PrototypeMemory, samples: Sequence[Sample], masks, cfg, device, *,
                  optimizer=None, scheduler=None, start_epoch: int = 0, ddp_model=None, rank: int = 0,
                  world_size: int = 1, monitor: Sequence[Sample] = (), on_epoch_end: Callable | None = None,
-                 evaluate: Callable | None = None, progress: bool = True) -> pd.DataFrame:
+                 evaluate: Callable | None = None, progress: bool = True, scaler=None) -> pd.DataFrame:
     """Run stage-2 epochs ``start_epoch..stage2_epochs``; returns the per-epoch history.
 
     Each row: the mean loss terms, ``train_id_acc`` (the share of the epoch's training images whose identity the
@@ -167,7 +182,8 @@ def train_stage2(model, memory: PrototypeMemory, samples: Sequence[Sample], mask
     ``eval_every`` epochs and after the last (rank 0) with the model, returning columns for the row (the target and
     held-out diagnostics of :func:`muva_core.train.run.run_stage2`); it runs with the random state saved and
     restored, so the training is the same with it or without. ``ddp_model`` is the DDP-wrapped ``model`` under
-    torchrun (gradients all-reduced; VPM-2 updates gathered from every rank).
+    torchrun (gradients all-reduced; VPM-2 updates gathered from every rank). ``scaler``: the float16
+    GradScaler (from a checkpoint when resuming; made here when None and the precision needs one).
     """
     t = cfg.train
     net = ddp_model or model
@@ -179,7 +195,7 @@ def train_stage2(model, memory: PrototypeMemory, samples: Sequence[Sample], mask
     logit_scale = float(model.clip_logit_scale)
     has_mask = model.encoder.rmp is not None
     amp, amp_dtype = amp_settings(device, cfg)
-    scaler = grad_scaler(device, cfg)
+    scaler = scaler if scaler is not None else grad_scaler(device, cfg)
     train_pass = t.memory_rebuild == "train_pass"
     rows = []
     main = rank == 0
@@ -192,7 +208,7 @@ def train_stage2(model, memory: PrototypeMemory, samples: Sequence[Sample], mask
         sampler.set_epoch(epoch)
         net.train()
         sums: dict[str, float] = {}
-        steps = correct = seen = 0
+        steps = skipped = correct = seen = 0
         bar = tqdm(loader, desc=f"stage 2 epoch {epoch + 1}/{t.stage2_epochs}", disable=not (progress and main),
                    leave=False)
         for batch in bar:
@@ -200,10 +216,11 @@ def train_stage2(model, memory: PrototypeMemory, samples: Sequence[Sample], mask
             pids = batch["pid"].to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 out, logits = net(images)
+                out = second_bn_neck_call(model, out, cfg)
             mask_targets = batch["mask"][:, idx].to(device).float() if has_mask else None
             terms = stage2_losses(out, logits, pids, memory, text_protos, mask_targets, cfg, logit_scale=logit_scale)
             optimizer.zero_grad(set_to_none=True)
-            backward_step(terms["total"], optimizer, scaler)
+            skipped += not backward_step(terms["total"], optimizer, scaler)
             memory.update(out.bn_features.detach().float(), pids, gather=world_size > 1)
             if train_pass:
                 memory.accumulate(out.bn_features.detach().float(), pids)
@@ -223,7 +240,7 @@ def train_stage2(model, memory: PrototypeMemory, samples: Sequence[Sample], mask
             correct, seen = (int(v) for v in all_reduce_sum(torch.tensor([correct, seen], device=device)).tolist())
         row = {"epoch": epoch + 1, **{f"loss_{k}": v / max(steps, 1) for k, v in sums.items()},
                "train_id_acc": correct / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
-               "seconds": time.perf_counter() - t0, "rebuild_seconds": rebuild_s}
+               "seconds": time.perf_counter() - t0, "rebuild_seconds": rebuild_s, **scaler_fields(scaler, skipped)}
         if monitor and model.encoder.rmp is not None and main:
             _, probs = extract_features(model.encoder, monitor, cfg, device, return_masks=True, progress=False)
             target = torch.as_tensor(np.stack([masks.get(s.key) for s in monitor]))[:, idx]

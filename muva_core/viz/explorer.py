@@ -367,8 +367,14 @@ def protocol_truth(data) -> pd.DataFrame | None:
 
 
 def _protocol_mask_paths(cfg, data) -> dict[str, Path]:
+    """The pseudo-label mask file of each source: ``masks_file`` (the imported authors' masks) when set, else the
+    voted file of ``cfg``'s grounding settings."""
     from ..grounding.steps import grounding_paths
 
+    if cfg.grounding.masks_file:
+        from ..paths import resolve
+
+        return {name: resolve(cfg.grounding.masks_file) for name in data.sources}
     return {name: grounding_paths(cfg, name).masks for name in data.sources}
 
 
@@ -485,6 +491,10 @@ class PartMaskExplorer:
         from ..grounding.steps import load_protocol_masks
 
         found = {n: p for n, p in _protocol_mask_paths(cfg, data).items() if p.is_file()}
+        if cfg.grounding.masks_file and found:
+            from ..grounding.steps import imported_masks
+
+            return imported_masks(cfg)
         return load_protocol_masks(found) if found else None
 
     @classmethod

@@ -192,24 +192,29 @@ def overlay_mask(ax, image, mask: np.ndarray, grid: tuple[int, int], colour: str
     ax.axis("off")
 
 
-def plot_mask_voting(samples: Sequence[Sample], boxes_table: pd.DataFrame, masks: np.ndarray, grid: tuple[int, int],
-                     size: tuple[int, int] = (256, 128)) -> plt.Figure:
+def plot_mask_voting(samples: Sequence[Sample], boxes_table: pd.DataFrame | None, masks: np.ndarray,
+                     grid: tuple[int, int], size: tuple[int, int] = (256, 128)) -> plt.Figure:
     """Figure 6 style: per sample, the calibrated boxes, then each part's voted patch mask.
 
     ``masks[i]`` is the ``[3, Npatch]`` mask of ``samples[i]``; boxes are drawn at the model input ``size``.
+    ``boxes_table=None`` (masks imported with ``muva import-masks``, no boxes): the image alone, then the masks.
     """
     from ..data.datasets import read_image
 
-    cols = ("cal_x0", "cal_y0", "cal_x1", "cal_y1") if "cal_x0" in boxes_table.columns else ("x0", "y0", "x1", "y1")
+    if boxes_table is None:
+        cols = ()
+    else:
+        cols = ("cal_x0", "cal_y0", "cal_x1", "cal_y1") if "cal_x0" in boxes_table.columns else ("x0", "y0", "x1", "y1")
     fig, axes = plt.subplots(len(samples), 1 + len(PARTS), figsize=(1.5 * (1 + len(PARTS)), 2.9 * len(samples)),
                              squeeze=False)
     for row, s, sample_masks in zip(axes, samples, masks):
         image = read_image(s.path)
         scale_x, scale_y = size[1] / image.width, size[0] / image.height
-        boxes = {p: (None if b is None else (b[0] * scale_x, b[1] * scale_y, b[2] * scale_x, b[3] * scale_y))
-                 for p, b in _boxes_of(boxes_table, s.key, cols).items()}
+        boxes = {} if boxes_table is None else {
+            p: (None if b is None else (b[0] * scale_x, b[1] * scale_y, b[2] * scale_x, b[3] * scale_y))
+            for p, b in _boxes_of(boxes_table, s.key, cols).items()}
         image = image.resize((size[1], size[0]))
-        draw_boxes(row[0], image, boxes, title="calibrated boxes")
+        draw_boxes(row[0], image, boxes, title="calibrated boxes" if boxes_table is not None else "image")
         for ax, (p, part) in zip(row[1:], enumerate(PARTS)):
             overlay_mask(ax, image, sample_masks[p], grid, colour=PART_COLOURS[part],
                          title=f"{part}: {int(sample_masks[p].sum())} patches")
