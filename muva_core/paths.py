@@ -32,6 +32,10 @@ OPERATIONAL_KEYS = frozenset({
 })
 """Keys that say how a run is carried out, not what it trains."""
 
+SPELLED_IN_PROTOCOL = frozenset({"sources", "target"})
+"""Keys written into ``protocol`` (``SOURCE+SOURCE->TARGET``): the hash counts them there, once, so run folders
+named before these keys existed keep their names."""
+
 EVAL_SECTION = "eval"
 """Evaluation keys do not change the trained model either: a resumed run re-evaluates with the new ones."""
 
@@ -110,7 +114,7 @@ def portable_flat(cfg: "RunConfig", root: Path | None = None) -> dict[str, Any]:
 def identity(cfg: "RunConfig") -> dict[str, Any]:
     """The keys that decide what a run trains (all but the operational and evaluation keys), paths portable."""
     return {k: v for k, v in portable_flat(cfg).items()
-            if k not in OPERATIONAL_KEYS and cfg.section_of(k) != EVAL_SECTION}
+            if k not in OPERATIONAL_KEYS and k not in SPELLED_IN_PROTOCOL and cfg.section_of(k) != EVAL_SECTION}
 
 
 def config_hash(cfg: "RunConfig") -> str:
