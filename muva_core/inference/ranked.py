@@ -132,6 +132,11 @@ class RankedLists:
         return rows.sort_values(["AP", "query"], ascending=[ascending, True], na_position="last",
                                 kind="stable")["query"].tolist()
 
+    def masks_of(self, which: str, index: int) -> np.ndarray | None:
+        """The predicted part masks ``[P, Npatch]`` of query or gallery image ``index`` (None without masks)."""
+        masks = self.query_masks if which == "query" else self.gallery_masks
+        return None if masks is None else np.asarray(masks[int(index)])
+
     def label(self, q: int) -> str:
         """``AP 0.42 · first match #3`` (or ``no true match in the gallery``) of a query."""
         row = self.scores.iloc[int(q)]
@@ -145,14 +150,13 @@ class RankedLists:
         from ..viz.ranked import Panel, display_image, gallery_title, query_title
 
         s = self.query[int(q)]
-        take = masks and self.query_masks is not None
         out = [Panel(display_image(s.path, size), query_title(s.relpath.rpartition("/")[2], f"pid {s.pid}"), "query",
-                     self.query_masks[int(q)] if take else None)]
+                     self.masks_of("query", q) if masks else None)]
         for row in self.top(q, k).itertuples():
             g = self.gallery[row.gallery]
             out.append(Panel(display_image(g.path, size), gallery_title(row.rank, row.distance,
                                                                         g.relpath.rpartition("/")[2]),
-                             bool(row.match), self.gallery_masks[row.gallery] if take else None))
+                             bool(row.match), self.masks_of("gallery", row.gallery) if masks else None))
         return out
 
     def figure(self, queries: dict[str, int], k: int = 8, size: tuple[int, int] = (256, 128), masks: bool = False,

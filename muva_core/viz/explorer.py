@@ -652,7 +652,7 @@ class PartMaskExplorer:
         controls = W.VBox([split, index, layer, part, mode, threshold])
         body = W.HBox([self.image_widget, self.iou_widget], layout=W.Layout(flex_flow="row wrap",
                                                                              align_items="flex-start"))
-        box = _explorer_box_class()([controls, self.caption_widget, body])
+        box = static_png_box_class()([controls, self.caption_widget, body])
         box.static_png = lambda: bytes(self.image_widget.value)
         box.static_text = lambda: (f"part-mask explorer: {self.state.split} image {self.state.index} "
                                    f"({self.sample(self.state.split, self.state.index).key}); interactive in a "
@@ -661,7 +661,7 @@ class PartMaskExplorer:
 
 
 @lru_cache(maxsize=None)
-def _explorer_box_class():
+def static_png_box_class():
     """An ``ipywidgets.VBox`` whose display bundle adds the explorer's current image as ``image/png`` (the
     widget view stays the preferred form wherever widgets render)."""
     import base64
