@@ -274,10 +274,11 @@ class RunConfig:
         if not loaded:
             raise ConfigError(f"{path}: the config file is empty; it should set at least `protocol:` "
                               f"(see configs/*.yaml)")
-        if require_protocol and "protocol" not in loaded and "protocol" not in (loaded.get("data") or {}) \
-                and "protocol" not in (overrides or {}):
+        named = {"protocol", "sources", "target"}
+        data = loaded.get("data") if isinstance(loaded.get("data"), dict) else {}
+        if require_protocol and not named & (set(loaded) | set(data) | set(overrides or {})):
             raise ConfigError(f"{path}: the config names no protocol: add `protocol: <name>` (see `muva protocols`) "
-                              f"or pass --protocol")
+                              f"or `sources: [...]` and `target: ...` (dataset names or files), or pass --protocol")
         cfg = cls().update(loaded, source=str(path))
         if overrides:
             cfg.update(overrides)

@@ -162,12 +162,13 @@ def preflight(cfg: RunConfig, progress: bool = True):
 
 def load_protocol(cfg: RunConfig, progress: bool = True):
     """The protocol's data (:class:`~muva_core.data.protocols.ProtocolData`); generates the synthetic set if needed."""
-    from .data.protocols import build_protocol_data, get_protocol
+    from .data.protocols import build_protocol_data, get_protocol, load_declared
 
     proto = get_protocol(cfg.data.protocol)
+    declared = load_declared(proto)      # datasets declared in files: checked before anything is generated
     if proto.synthetic:
         ensure_synthetic(cfg, progress=progress)
-    return build_protocol_data(proto.name, protocol_roots(cfg))
+    return build_protocol_data(proto, protocol_roots(cfg), parsed=declared)
 
 
 def load_dataset_for(cfg: RunConfig, dataset: str, progress: bool = True):

@@ -143,9 +143,6 @@ def read_dataset_spec(path: str | os.PathLike, root: str | os.PathLike | None = 
     if not _NAME.fullmatch(name):
         raise _fail(file, f"key 'name': {name!r} must start with a letter and hold only letters, digits, '_', '.', "
                           "'-' (it names cache folders and sample keys)")
-    if name in _DECLARED and _DECLARED[name] != file:
-        raise _fail(file, f"key 'name': {name!r} is already declared by {_DECLARED[name]}; give this dataset "
-                          "another name")
     if name not in _DECLARED and _norm(name) in _registered_aliases():
         raise _fail(file, f"key 'name': {name!r} is a built-in dataset ({canonical_name(name)}); choose another name")
     if root is not None:
@@ -214,7 +211,7 @@ def _raise_problems(spec: DatasetSpec, where: str, problems: list[str], what: st
         return
     shown = "\n  ".join(problems[:MAX_LISTED])
     more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-    raise DatasetError(f"{spec.name}: {len(problems)} {what} in {where}:\n  {shown}{more}")
+    raise DatasetError(f"{spec.where()}: {len(problems)} {what} in {where}:\n  {shown}{more}")
 
 
 class DeclaredDataset(ReIDDataset):
@@ -265,7 +262,7 @@ class DeclaredDataset(ReIDDataset):
             columns = [c.strip() for c in reader.fieldnames or []]
             absent = [c for c in CSV_COLUMNS if c not in columns]
             if absent:
-                raise DatasetError(f"{spec.name}: {table} lacks the column(s) {', '.join(absent)} (its header is "
+                raise DatasetError(f"{spec.where()}: {table} lacks the column(s) {', '.join(absent)} (its header is "
                                    f"{', '.join(columns) or 'empty'}; columns: {', '.join(CSV_COLUMNS)})")
             for row_number, row in enumerate(reader, start=2):   # row 1 is the header
                 row = {str(k).strip(): (v or "").strip() for k, v in row.items() if k is not None}
@@ -332,12 +329,12 @@ def _bad_ids(pid: str, camid: str) -> str | None:
 
 
 _DECLARED: dict[str, Path] = {}
-"""Declared dataset name -> its file (one file per name in a process)."""
+"""Declared dataset name -> the file read last for it."""
 
 
 def register_declared(path: str | os.PathLike) -> str:
-    """Read a dataset file (checked) and register its dataset under its ``name``; returns the name. Reading the
-    same file again replaces the registration (the file may have changed)."""
+    """Read a dataset file (checked) and register its dataset under its ``name``; returns the name. The file read
+    last for a name wins (the file may have changed, or moved)."""
     spec = read_dataset_spec(path)
     cls = type("DeclaredDataset", (DeclaredDataset,),
                {"spec": spec, "__doc__": f"Declared in {spec.file}."})

@@ -173,7 +173,15 @@ def _composed(name: str) -> Protocol:
     if any(not p for p in parts):
         raise ValueError(f"protocol {name!r}: expected SOURCE+SOURCE->TARGET with a dataset name or a dataset "
                          "file (.yaml) at each place")
-    names = [dataset_name(p) for p in parts]
+    names, files = [], {}
+    for part in parts:
+        names.append(dataset_name(part))
+        if is_dataset_file(part):
+            files.setdefault(names[-1], set()).add(str(resolve_dataset_file(part)))
+    clash = {n: sorted(f) for n, f in files.items() if len(f) > 1}
+    if clash:
+        raise ValueError(f"protocol {name!r}: several dataset files declare the same name: "
+                         + "; ".join(f"{n!r} in {', '.join(f)}" for n, f in clash.items()))
     srcs, tgt = tuple(names[:-1]), names[-1]
     canonical = "+".join(srcs) + "->" + tgt
     _check_roles(canonical, srcs, tgt)
@@ -334,20 +342,35 @@ def target_data(ds: ReIDDataset) -> ProtocolData:
                         num_cams=0, sources={}, datasets={ds.name: ds})
 
 
+def load_declared(proto: Protocol, **load_kwargs) -> dict[str, ReIDDataset]:
+    """Parse the datasets of ``proto`` declared in files and check each has the splits its role reads (cheap, and
+    before any synthetic data is generated): ``{name: dataset}`` for :func:`build_protocol_data`'s ``parsed``."""
+    out = {ds: load_dataset(ds, None, **load_kwargs) for ds in dict.fromkeys((*proto.sources, proto.target))
+           if declared_spec(ds) is not None}
+    for ds in proto.sources:
+        if ds in out:
+            _require_splits(out[ds], ("train",), f"a source of {proto.name}")
+    if proto.target in out:
+        _require_splits(out[proto.target], ("query", "gallery"), f"the target of {proto.name}")
+    return out
+
+
 def build_protocol_data(name: str | Protocol, roots: Mapping[str, str | os.PathLike] | str | os.PathLike,
-                        **load_kwargs) -> ProtocolData:
+                        parsed: Mapping[str, ReIDDataset] | None = None, **load_kwargs) -> ProtocolData:
     """Parse the datasets of protocol ``name`` and assemble its train / query / gallery.
 
     ``roots`` maps dataset names (or aliases) to root folders; key ``"synth"`` serves every
     synthetic domain, key ``"*"`` any dataset not named; a single path serves all datasets.
-    ``load_kwargs`` go to :func:`load_dataset` (e.g. ``verify_images=True``).
+    ``load_kwargs`` go to :func:`load_dataset` (e.g. ``verify_images=True``); ``parsed`` datasets (by name) are
+    used as they are.
     """
     proto = name if isinstance(name, Protocol) else get_protocol(name)
     # Check every root first, so a missing key fails before any slow parsing (a declared dataset has its own).
     names = (*proto.sources, proto.target)
     for ds in names:
         dataset_root(ds, roots)
-    datasets = {ds: load_protocol_dataset(ds, roots, **load_kwargs) for ds in names}
+    parsed = dict(parsed or {})
+    datasets = {ds: parsed[ds] if ds in parsed else load_protocol_dataset(ds, roots, **load_kwargs) for ds in names}
     for ds in proto.sources:
         _require_splits(datasets[ds], ("train",), f"a source of {proto.name}")
     _require_splits(datasets[proto.target], ("query", "gallery"), f"the target of {proto.name}")
