@@ -9,7 +9,7 @@ from an ``export-onnx`` file run by ONNX Runtime (equal to 1e-4)::
 
 Feature files (:func:`write_features` / :func:`read_features`), written atomically:
 
-* ``.parquet``: columns ``path``, ``feature`` (a list of float32) and, where a file name parses as
+* ``.parquet``: columns ``path`` (absolute), ``feature`` (a list of float32) and, where a file name parses as
   Market-style (``0002_c3s1_000451_03.jpg``), ``pid`` and ``camid`` (0-based, as the dataset parsers; null
   where the name does not parse); the schema's metadata ``muva`` holds the JSON of :attr:`FeatureTable.meta`;
 * ``.npz``: arrays ``path``, ``feature [N, D]``, ``pid``, ``camid``, ``has_ids`` and ``meta`` (JSON); read
@@ -219,9 +219,9 @@ class FeatureTable:
     meta: dict = field(default_factory=dict)
 
     @classmethod
-    def of(cls, samples: Sequence[Sample], features: np.ndarray, meta: dict, paths: Sequence[str] | None = None):
+    def of(cls, samples: Sequence[Sample], features: np.ndarray, meta: dict):
         ids = [market_ids(s.path) for s in samples]
-        return cls(paths=[str(p) for p in (paths if paths is not None else [s.path for s in samples])],
+        return cls(paths=[str(s.path) for s in samples],
                    features=np.asarray(features, dtype=np.float32),
                    pid=np.array([i[0] if i else -1 for i in ids], dtype=np.int64),
                    camid=np.array([i[1] if i else -1 for i in ids], dtype=np.int64),
@@ -385,11 +385,10 @@ def embed_images(images: str | os.PathLike | Sequence, out: str | os.PathLike, r
     a ready ``embedder``) and write the feature file ``out`` (``.parquet`` or ``.npz``). Checked before any image
     is embedded: the output name, the model, that images were found, that every one decodes."""
     out = _check_out(out)
+    samples = image_samples(collect_images(images))
     embedder = embedder or load_embedder(run, onnx, device)
-    paths = collect_images(images)
-    samples = image_samples(paths)
     scan_images(embedder, samples, what=f"images of --images {images}", progress=progress)
     feats = embedder(samples, progress=progress, desc="embed")
-    table = FeatureTable.of(samples, feats, embedder.meta, paths=[str(p) for p in paths])
+    table = FeatureTable.of(samples, feats, embedder.meta)
     write_features(out, table)
     return EmbedResult(out, len(table), feats.shape[1], int(table.has_ids.sum()), embedder.kind)

@@ -117,17 +117,20 @@ def search(query, gallery, out: str | os.PathLike, run: str | os.PathLike | None
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
+    if masks and embedder is None and run is None:
+        raise ValueError("--masks needs the run (--run): the part masks come from its PyTorch model, an ONNX file "
+                         "gives only the features")
+    queries = image_samples(collect_images(query, "--query"))
+    gallery_file = is_feature_file(gallery) and Path(gallery).is_file()
+    gallery_samples = None if gallery_file else image_samples(collect_images(gallery, "--gallery"))
     embedder = embedder or load_embedder(run, onnx, device)
     model = embedder.model
     if masks and (model is None or getattr(model.encoder, "rmp", None) is None or not model.encoder.n_parts):
-        raise ValueError("--masks: the run's model predicts no part masks (granularity G or stripe masks)"
-                         + ("; --masks needs the run (--run)" if model is None else ""))
-    queries = image_samples(collect_images(query, "--query"))
-    gallery_file = is_feature_file(gallery) and Path(gallery).is_file()
+        raise ValueError("--masks: the model predicts no part masks (granularity G or stripe masks)"
+                         if model is not None else "--masks needs the run (--run)")
+    gallery_feats = None
     if gallery_file:
         gallery_samples, gallery_feats = _gallery_from_file(Path(gallery), embedder)
-    else:
-        gallery_samples, gallery_feats = image_samples(collect_images(gallery, "--gallery")), None
     scan_images(embedder, [*queries, *gallery_samples], progress=progress,
                 what=f"images of --query {query} and --gallery {gallery}")
 
