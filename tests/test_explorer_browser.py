@@ -56,13 +56,14 @@ device: cpu
 """
 
 
-def _workbook(home: Path, notebook: Path = NOTEBOOK) -> Path:
+def _workbook(home: Path, notebooks) -> Path:
     """A workbook folder like a fresh clone's, with the demo config shrunk to test size."""
     (home / "configs").mkdir(parents=True)
     (home / "notebooks").mkdir()
     (home / "configs" / "synth_A2B.yaml").write_text((ROOT / "configs" / "synth_A2B.yaml").read_text() + TINY_DEMO)
     (home / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
-    (home / "notebooks" / notebook.name).write_bytes(notebook.read_bytes())
+    for notebook in notebooks:
+        (home / "notebooks" / notebook.name).write_bytes(notebook.read_bytes())
     return home
 
 
@@ -123,14 +124,22 @@ def _png_array(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
 
-def _tiny_demo(tmp_path: Path, monkeypatch, notebook: Path) -> Path:
-    """A workbook folder holding ``notebook`` and the tiny demo's trained run (what `make demo` leaves behind)."""
+RETRIEVAL = ROOT / "notebooks" / "09_retrieval_explorer.ipynb"
+RANKED = "img.muva-retrieval-image"
+QUERY = ".muva-retrieval-query select"
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory) -> Path:
+    """A workbook folder holding notebooks 08 and 09 and the tiny demo's trained run (what `make demo` leaves
+    behind), shared by the two notebooks' tests."""
     from muva_core.config import resolve_config
     from muva_core.train.run import train_protocol
 
-    home = _workbook(tmp_path / "workbook", notebook)
-    monkeypatch.setenv("MUVA_HOME", str(home))
-    result = train_protocol(resolve_config("synth:A2B"), progress=False)
+    home = _workbook(tmp_path_factory.mktemp("lab") / "workbook", [NOTEBOOK, RETRIEVAL])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MUVA_HOME", str(home))
+        result = train_protocol(resolve_config("synth:A2B"), progress=False)
     assert result.run_dir.parent == home / "reports" / "synth_A2B"
     return home
 
@@ -194,8 +203,8 @@ def _wait_for_image(page, selector: str, old_src: str | None = None) -> None:
 
 
 @pytest.mark.slow
-def test_explorer_notebook_in_jupyterlab(tmp_path, monkeypatch):
-    home = _tiny_demo(tmp_path, monkeypatch, NOTEBOOK)
+def test_explorer_notebook_in_jupyterlab(tiny_demo, tmp_path):
+    home = tiny_demo
 
     def interact(page):
         image = page.locator(IMAGE).first
@@ -226,16 +235,11 @@ def test_explorer_notebook_in_jupyterlab(tmp_path, monkeypatch):
     assert a.shape == b.shape and np.abs(a - b).max() > 50, "moving the threshold slider did not change the image"
 
 
-RETRIEVAL = ROOT / "notebooks" / "09_retrieval_explorer.ipynb"
-RANKED = "img.muva-retrieval-image"
-QUERY = ".muva-retrieval-query select"
-
-
 @pytest.mark.slow
-def test_retrieval_notebook_in_jupyterlab(tmp_path, monkeypatch):
+def test_retrieval_notebook_in_jupyterlab(tiny_demo, tmp_path):
     """Notebook 09 after a tiny demo, opened as `make lab` does: run all cells, change the query in the widget,
     and the ranked list (its image and its caption) follows."""
-    home = _tiny_demo(tmp_path, monkeypatch, RETRIEVAL)
+    home = tiny_demo
 
     def interact(page):
         image = page.locator(RANKED).first

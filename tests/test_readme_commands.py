@@ -140,6 +140,7 @@ def test_synthetic_workbook_commands(small_synth_root, tmp_path, capsys, monkeyp
     summary = json.loads((demo / "metrics.json").read_text())
     assert summary["metrics"]["mAP"] > 0
     assert summary["command"] == "muva " + shlex.join(["demo", *p])   # not `make demo`: other settings were given
+    assert (demo / "figures" / "06_ranked_lists.png").stat().st_size > 20000   # what `make demo` copies to reports/
     assert "[05_stage2_reid] stage 2 epoch 1/1" in out
     out = _run("muva run --protocol synth:A2B", p, capsys=capsys)
     assert out.count("skipped") == 7
