@@ -147,7 +147,7 @@ def test_own_images_page_commands(inside, capsys):
     """Every command of docs/own-images.md, in order, as written (run-XXXX = the page's trained run)."""
     from muva_core.data.datasets import load_dataset
     from muva_core.eval.features import extract_features
-    from muva_core.inference.embed import image_samples, read_features
+    from muva_core.inference.embed import read_features
     from muva_core.inference.runs import load_run_model
 
     wb, home = inside, inside.home

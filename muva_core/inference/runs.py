@@ -38,12 +38,12 @@ def load_run_model(run: str | os.PathLike, checkpoint: str | os.PathLike | None 
     """``(cfg, model)``: the run's configuration (``config.yaml`` plus ``overrides``) and its trained
     :class:`~muva_core.model.factory.MUVAReID` in eval mode on ``device`` (default: the configuration's)."""
     from ..eval.features import resolve_device
-    from ..paths import existing_run_folder
+    from ..paths import existing_run_folder, load_run_config
     from ..train.checkpoint import read_checkpoint_info
     from ..train.run import load_trained
 
     folder = existing_run_folder(run, "--run")
-    cfg = RunConfig.from_yaml(folder / "config.yaml", overrides)
+    cfg = load_run_config(folder, overrides)
     path = model_file(folder, checkpoint)
     num_classes = int(read_checkpoint_info(path)["extra"]["num_classes"])
     return cfg, load_trained(cfg, path, num_classes, resolve_device(device or cfg.device))
@@ -69,7 +69,7 @@ def evaluate_run(run: str | os.PathLike, protocol: str | None = None, dataset: s
     the model runs: the datasets, every image (all unreadable files in one message), the model file."""
     from ..data.protocols import target_data
     from ..eval.features import resolve_device
-    from ..paths import existing_run_folder
+    from ..paths import existing_run_folder, load_run_config
     from ..pipeline import check_datasets_present, check_images_readable, load_dataset_for, load_protocol
     from ..train.run import evaluate_model
 
@@ -79,7 +79,7 @@ def evaluate_run(run: str | os.PathLike, protocol: str | None = None, dataset: s
     if protocol:
         overrides["protocol"] = protocol
     folder = existing_run_folder(run, "--run")
-    cfg = RunConfig.from_yaml(folder / "config.yaml", overrides)
+    cfg = load_run_config(folder, overrides)
     if dataset:
         data = target_data(load_dataset_for(cfg, dataset, progress=progress))
     else:
