@@ -45,6 +45,7 @@ __all__ = [
     "SyntheticDomain",
     "register_dataset",
     "get_dataset_class",
+    "is_registered",
     "canonical_name",
     "list_datasets",
     "load_dataset",
@@ -108,6 +109,11 @@ def canonical_name(name: str) -> str:
         )
         raise ValueError(f"unknown dataset {name!r}; registered datasets: {known}")
     return _ALIASES[key]
+
+
+def is_registered(name: str) -> bool:
+    """Whether ``name`` is a registered dataset name or alias (case-insensitive, ``-`` as ``_``)."""
+    return _norm(name) in _ALIASES
 
 
 def get_dataset_class(name: str) -> type["ReIDDataset"]:

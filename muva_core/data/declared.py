@@ -42,8 +42,8 @@ from muva_core.data.datasets import (
     IMAGE_EXTENSIONS,
     SPLITS,
     ReIDDataset,
-    _norm,
     canonical_name,
+    is_registered,
     list_datasets,
     load_dataset,
     register_dataset,
@@ -143,8 +143,10 @@ def read_dataset_spec(path: str | os.PathLike, root: str | os.PathLike | None = 
     if not _NAME.fullmatch(name):
         raise _fail(file, f"key 'name': {name!r} must start with a letter and hold only letters, digits, '_', '.', "
                           "'-' (it names cache folders and sample keys)")
-    if name not in _DECLARED and _norm(name) in _registered_aliases():
-        raise _fail(file, f"key 'name': {name!r} is a built-in dataset ({canonical_name(name)}); choose another name")
+    if name not in _DECLARED and is_registered(name):
+        other = canonical_name(name)
+        what = f"the name of {_DECLARED[other]}" if other in _DECLARED else f"a built-in dataset ({other})"
+        raise _fail(file, f"key 'name': {name!r} is {what}; choose another name")
     if root is not None:
         root = Path(os.path.abspath(Path(root).expanduser()))
         if not root.is_dir():
@@ -198,12 +200,6 @@ def read_dataset_spec(path: str | os.PathLike, root: str | os.PathLike | None = 
                           f"{', '.join(sorted(missing))}")
     return DatasetSpec(file, name, root, pattern=pattern, splits=folders, distractor_pid=distractor,
                        description=description)
-
-
-def _registered_aliases() -> set[str]:
-    from muva_core.data import datasets as registry
-
-    return set(registry._ALIASES)
 
 
 def _raise_problems(spec: DatasetSpec, where: str, problems: list[str], what: str) -> None:
