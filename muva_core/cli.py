@@ -8,7 +8,9 @@
     muva import-masks --authors FILE.pkl --dataset NAME [--dataset NAME ...] --root DATA_ROOT --out MASKS
     muva doctor    --protocol NAME [--data-root DIR] [--json]   (can this run reproduce the paper?)
     muva train     --protocol NAME [--config FILE] [-p key=value ...] [--wait]
-    muva eval      --run DIR [--protocol NAME]
+    muva eval      --run DIR [--protocol NAME | --dataset NAME_OR_FILE.yaml]
+    muva embed     --run DIR --images DIR_OR_GLOB --out FILE.parquet|.npz [--onnx MODEL.onnx]
+    muva search    --run DIR --query IMG_OR_DIR --gallery DIR_OR_FEATURES --top K --out DIR [--masks]
     muva run       --protocol NAME [--config FILE] [--steps 01-06] [-p key=value ...] [--wait]
     muva export-onnx --run DIR --out model.onnx
     muva sweep     --table 5..12 --protocol NAME [--seeds 0,1,2] [--shard i/n] [--wait] [--collect]
@@ -16,7 +18,7 @@
                    (Tables 5, 6, 8, 9 on 3 synthetic protocols -> reports/evidence.md)
     muva pretrain-clip --out DIR [--backbone small] [--image-size 256x128]   (language-pretrained small CLIP)
     muva report    [--reports-dir DIR]             (reports/README.md index + the README results table)
-    muva datasets  NAME --root DIR                 (summary of a dataset's splits)
+    muva datasets  NAME --root DIR | FILE.yaml    (summary of a dataset's splits)
     muva protocols [--kind single|multi|synthetic]
     muva baseline  --protocol NAME [--config FILE] [-p key=value ...]
     muva demo      [-p key=value ...]            (= muva run --protocol synth:A2B)
@@ -39,7 +41,9 @@ def _cli_path(value: str) -> Path:
     from .paths import resolve
 
     path = Path(value).expanduser()
-    return path if path.exists() or path.is_absolute() else resolve(value)
+    if path.exists():
+        return path.absolute()
+    return path if path.is_absolute() else resolve(value)
 
 
 def _add_config_args(p: argparse.ArgumentParser, protocol: bool = True) -> None:
@@ -74,10 +78,12 @@ def cmd_synth(args) -> int:
 
 
 def cmd_datasets(args) -> int:
-    from .data.datasets import load_dataset
+    from .data.declared import describe_dataset, open_dataset
 
-    ds = load_dataset(args.name, args.root)
-    print(ds)
+    ds = open_dataset(args.name, args.root, verify_images=args.scan_images)
+    print(describe_dataset(ds))
+    if args.scan_images:
+        print(f"  all {sum(len(getattr(ds, s)) for s in ('train', 'query', 'gallery'))} images decode")
     return 0
 
 
@@ -101,16 +107,16 @@ def _device_for_rank(device: str) -> str:
 
 
 def cmd_ground(args) -> int:
-    from .data.datasets import load_dataset
+    from .data.declared import open_dataset
     from .grounding.labelling import label_dataset, label_dataset_distributed, parse_shard, summarize_labels
     from .grounding.steps import build_backend, select_splits
 
     cfg = RunConfig().update({"backend": args.backend, "ground_model": args.model or "", "synth_seed": args.seed,
                               "trust_remote_code": args.trust_remote_code, "device": _device_for_rank(args.device),
-                              "synth_root": args.root})
-    ds = load_dataset(args.dataset, args.root)
+                              **({"synth_root": args.root} if args.root else {})})
+    ds = open_dataset(args.dataset, args.root)
     samples = select_splits(ds, args.splits)
-    backend = build_backend(cfg)
+    backend = build_backend(cfg, ds)
     common = dict(batch_size=args.batch_size or None, progress=not args.quiet, resume=not args.no_resume)
     if args.shard:  # one shard by hand (several machines): merge later with `muva merge-shards`
         table = label_dataset(samples, backend, args.out, shard=parse_shard(args.shard), **common)
@@ -230,61 +236,63 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    from .eval.features import resolve_device
-    from .paths import existing_run_folder
-    from .pipeline import check_datasets_present, check_images_readable, load_protocol
-    from .train.run import evaluate_model, load_trained
+    from .inference.runs import evaluate_run
 
-    run = existing_run_folder(_cli_path(args.run), "--run")
     overrides = parse_overrides(args.param)
-    if args.protocol:
-        overrides["protocol"] = args.protocol
     if args.rerank:
         overrides["rerank"] = args.rerank
-    cfg = RunConfig.from_yaml(run / "config.yaml", overrides)
-    check_datasets_present(cfg)
-    data = load_protocol(cfg, progress=not args.quiet)
-    check_images_readable(cfg, [*data.query, *data.gallery], progress=not args.quiet,
-                          what=f"images of {data.protocol.name} (query, gallery)")
-    device = resolve_device(cfg.device)
-    ckpt = _cli_path(args.checkpoint) if args.checkpoint else run / "model.safetensors"
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"{ckpt}: no trained model (train the run first, or pass --checkpoint)")
-    from .train.checkpoint import read_checkpoint_info
-
-    num_classes = int(read_checkpoint_info(ckpt)["extra"].get("num_classes", 0)) or None
-    if num_classes is None:
-        raise ValueError(f"{ckpt}: the checkpoint does not record num_classes (not a final model.safetensors)")
-    model = load_trained(cfg, ckpt, num_classes, device)
-    metrics, iou = evaluate_model(cfg, model, data, device, progress=not args.quiet)
-    if cfg.eval.rerank != "none":
-        print(f"({cfg.eval.rerank} re-ranking: k1={cfg.eval.k1}, k2={cfg.eval.k2}, lambda={cfg.eval.lambda_value}; "
+    result = evaluate_run(_cli_path(args.run), protocol=args.protocol, dataset=args.dataset,
+                          checkpoint=_cli_path(args.checkpoint) if args.checkpoint else None, overrides=overrides,
+                          progress=not args.quiet)
+    e = result.cfg.eval
+    if e.rerank != "none":
+        print(f"({e.rerank} re-ranking: k1={e.k1}, k2={e.k2}, lambda={e.lambda_value}; "
               "the paper reports no re-ranking)")
-    print(_metrics_line(data.protocol.name, metrics, iou))
+    print(_metrics_line(result.name, result.metrics, result.mask_iou_truth))
+    skipped = result.metrics.get("num_skipped_queries", 0)
+    if skipped:
+        print(f"{skipped} of {skipped + result.metrics['num_valid_queries']} queries have no gallery image of their "
+              "identity from another camera: not scored (the Market-1501 protocol)")
     if args.json:
-        print(json.dumps({"metrics": metrics, "mask_iou_truth": iou}))
+        print(json.dumps({"metrics": result.metrics, "mask_iou_truth": result.mask_iou_truth}))
     return 0
 
 
 def cmd_export_onnx(args) -> int:
-    from .export import check_onnx_parity, export_onnx
-    from .paths import existing_run_folder, load_run_config
-    from .train.checkpoint import read_checkpoint_info
-    from .train.run import load_trained
-
-    run = existing_run_folder(_cli_path(args.run), "--run")
-    cfg = load_run_config(run)
-    ckpt = run / "model.safetensors"
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"{ckpt}: no trained model in the run folder (train it first)")
-    model = load_trained(cfg, ckpt, int(read_checkpoint_info(ckpt)["extra"]["num_classes"]), "cpu")
-    # the file's own "backbone" entry describes the architecture; the config's name goes beside it
-    path = export_onnx(model.encoder, args.out, image_size=(cfg.data.height, cfg.data.width), norm=cfg.data.norm,
-                       extra_metadata={"backbone_name": cfg.model.backbone, "protocol": cfg.data.protocol})
     import torch
 
+    from .export import check_onnx_parity, export_onnx
+    from .inference.runs import load_run_model
+    from .paths import config_hash
+
+    cfg, model = load_run_model(_cli_path(args.run), device="cpu")
+    # the file's own "backbone" entry describes the architecture; the config's name goes beside it
+    path = export_onnx(model.encoder, args.out, image_size=(cfg.data.height, cfg.data.width), norm=cfg.data.norm,
+                       extra_metadata={"backbone_name": cfg.model.backbone, "protocol": cfg.data.protocol,
+                                       "test_resize": cfg.data.test_resize, "config_hash": config_hash(cfg)})
     diff = check_onnx_parity(model.encoder, path, torch.randn(2, 3, cfg.data.height, cfg.data.width))
     print(f"wrote {path}; ONNX Runtime vs PyTorch max abs difference {diff:.2e}")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from .inference.embed import embed_images
+
+    result = embed_images(args.images, args.out, run=_cli_path(args.run) if args.run else None, onnx=args.onnx,
+                          device=args.device, progress=not args.quiet)
+    print(f"wrote {result.path}: {result.images} images x {result.feature_dim}-d features ({result.kind}); "
+          f"pid/camid from {result.with_ids} Market-style file names")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from .inference.search import search
+
+    result = search(args.query, args.gallery, args.out, run=_cli_path(args.run) if args.run else None,
+                    onnx=args.onnx, device=args.device, top=args.top, masks=args.masks, progress=not args.quiet)
+    print(f"{result.queries} queries x {result.gallery} gallery images (gallery features: {result.embedded_gallery} "
+          f"embedded, {result.cached_gallery} from the cache or the feature file)")
+    print(f"wrote {result.out / 'ranks.csv'}, {len(result.figures)} ranked-list PNGs, {result.out / 'index.html'}")
     return 0
 
 
@@ -415,14 +423,18 @@ def cmd_pretrain_clip(args) -> int:
 DEMO_PROTOCOL = "synth:A2B"
 
 
-DEMO_FIGURE = "reports/demo-part-masks.png"
-"""Where ``muva demo`` copies the run's Figure 7 (predicted part masks on target images; shown in the README)."""
+DEMO_FIGURES = {
+    "07_figure7_predicted_masks.png": ("reports/demo-part-masks.png",
+                                       "figure 7 (predicted part masks on the unseen domain)"),
+    "06_ranked_lists.png": ("reports/demo-ranked-lists.png", "ranked lists (best, median, worst target query by AP)"),
+}
+"""What ``muva demo`` copies from the run's figures to the paths the README shows (run figure -> (path, what))."""
 
 
 def cmd_demo(args) -> int:
     """`muva run` on the default synthetic protocol (configs/synth_A2B.yaml: the language-pretrained small CLIP,
     made first when missing), the chance level and colour histograms beside the model; the demo's own run (no
-    -p, no --config) also copies its Figure 7 to DEMO_FIGURE."""
+    -p, no --config) also copies its Figure 7 and its ranked lists to DEMO_FIGURES."""
     import json
     import shutil
 
@@ -444,13 +456,14 @@ def cmd_demo(args) -> int:
         print(f"beside it on the same {m.get('num_valid_queries')} queries: random features mAP {chance['mAP']:.1f} "
               f"Rank-1 {chance['Rank-1']:.1f} (mean of 20 draws; the model: {summary.get('mAP_over_chance')}x)"
               + (f", colour histograms mAP {hist['mAP']:.1f} Rank-1 {hist['Rank-1']:.1f}" if hist else ""))
-    figure = folder / "figures" / "07_figure7_predicted_masks.png"
-    if own and figure.is_file():
-        target = resolve(DEMO_FIGURE)
-        if not target.is_file() or target.read_bytes() != figure.read_bytes():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(figure, target)
-        print(f"figure 7 (predicted part masks on the unseen domain): {target}")
+    for name, (path, what) in DEMO_FIGURES.items():
+        figure = folder / "figures" / name
+        if own and figure.is_file():
+            target = resolve(path)
+            if not target.is_file() or target.read_bytes() != figure.read_bytes():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(figure, target)
+            print(f"{what}: {target}")
     return 0
 
 
@@ -502,8 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("datasets", help="parse a dataset and print its split summary")
-    p.add_argument("name", help="dataset name or alias (market1501, dukemtmcreid, msmt17, cuhk03_np, synth_A, ...)")
-    p.add_argument("--root", required=True)
+    p.add_argument("name", help="dataset name or alias (market1501, dukemtmcreid, msmt17, cuhk03_np, synth_A, ...) "
+                   "or a dataset file (.yaml, docs/own-images.md)")
+    p.add_argument("--root", help="the dataset's folder or a parent of it (a dataset file names its own root)")
+    p.add_argument("--scan-images", action="store_true", help="also decode every image (all unreadable files at once)")
     p.set_defaults(func=cmd_datasets)
 
     p = sub.add_parser("protocols", help="list the registered protocols")
@@ -511,8 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_protocols)
 
     p = sub.add_parser("ground", help="label part boxes with a grounding expert (resumable; sharded; torchrun-aware)")
-    p.add_argument("--dataset", required=True, help="dataset name (market1501, msmt17, synth_A, ...)")
-    p.add_argument("--root", required=True, help="dataset root (for synth_* the synthetic root)")
+    p.add_argument("--dataset", required=True, help="dataset name (market1501, msmt17, synth_A, ...) or file (.yaml)")
+    p.add_argument("--root", help="dataset root (for synth_* the synthetic root; a dataset file names its own)")
     p.add_argument("--backend", default="synthetic",
                    help="synthetic | cogvlm | florence2 | owlv2 | grounding_dino | vitpose")
     p.add_argument("--out", required=True, help="output parquet (one row per image and part)")
@@ -593,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a trained run folder on its (or another) protocol's target")
     p.add_argument("--run", required=True, help="run folder holding config.yaml and model.safetensors")
     p.add_argument("--protocol", help="evaluate on this protocol's target instead")
+    p.add_argument("--dataset", help="evaluate on this dataset's query / gallery instead: a name or a dataset file (.yaml)")
     p.add_argument("--checkpoint", help="model file (default: <run>/model.safetensors)")
     p.add_argument("--rerank", choices=["none", "k-reciprocal"], default=None,
                    help="k-reciprocal re-ranking (Zhong et al. 2017) before the metrics; = -p rerank=...")
@@ -605,6 +621,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export_onnx)
+
+    p = sub.add_parser("embed", help="the evaluation feature of every image of a folder or glob -> parquet / npz")
+    p.add_argument("--run", help="trained run folder (config.yaml, model.safetensors)")
+    p.add_argument("--images", required=True, help="a folder (searched recursively), a quoted glob, or an image")
+    p.add_argument("--out", required=True, help="feature file: .parquet (path, feature, pid, camid) or .npz")
+    p.add_argument("--onnx", help="embed with ONNX Runtime from this `muva export-onnx` file")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda (default: the run's)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("search", help="rank a gallery for query images -> ranks.csv, a PNG per query, index.html")
+    p.add_argument("--run", help="trained run folder (config.yaml, model.safetensors)")
+    p.add_argument("--query", required=True, help="a query image, a folder of them or a quoted glob")
+    p.add_argument("--gallery", required=True, help="a folder of gallery images (or a glob), or a `muva embed` file")
+    p.add_argument("--top", type=int, default=10, help="gallery images shown per query (default 10)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--masks", action="store_true", help="overlay the predicted part masks")
+    p.add_argument("--onnx", help="embed with ONNX Runtime from this `muva export-onnx` file")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda (default: the run's)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("run", help="execute the numbered notebooks for a protocol with papermill into reports/")
     _add_config_args(p)

@@ -36,6 +36,8 @@ class DataConfig:
     """Which protocol, where its data lives, and how images are prepared."""
 
     protocol: str = "synth:A2B"
+    sources: list = field(default_factory=list)  # dataset names or dataset files (.yaml): with target, the protocol
+    target: str = ""                   # (written into `protocol` as SOURCE+SOURCE->TARGET; docs/own-images.md)
     data_root: str = "data"            # real datasets: folder holding Market-1501-v15.09.15/, MSMT17_V1/, ...
     synth_root: str = "data/synthetic"  # where `muva synth` writes (and the synthetic protocols read)
     synth_scale: str = "default"       # small | default | evidence | large | reid (data.synthetic.SCALES)
@@ -211,7 +213,8 @@ class RunConfig:
         raise KeyError(key)
 
     def update(self, values: dict[str, Any], source: str = "overrides") -> "RunConfig":
-        """Set flat or section-nested keys in place, type-checked; returns ``self``."""
+        """Set flat or section-nested keys in place, type-checked; returns ``self``. ``sources`` / ``target`` given
+        here rewrite ``protocol`` (:meth:`_compose_protocol`); a ``protocol`` given without them clears them."""
         for key, value in values.items():
             section_names = {f.name for f in fields(self) if dataclasses.is_dataclass(getattr(self, f.name))}
             if key in section_names and isinstance(value, dict):
@@ -229,7 +232,25 @@ class RunConfig:
                 self._explicit.add(key)
             elif key == "recipe":
                 self.apply_recipe()
+        if "protocol" in values and not {"sources", "target"} & set(values):
+            self.data.sources, self.data.target = [], ""
+        elif self.data.sources or self.data.target:
+            self._compose_protocol(source)
         return self
+
+    def _compose_protocol(self, source: str) -> None:
+        """``sources`` / ``target`` name the protocol: ``protocol`` becomes ``SOURCE+SOURCE->TARGET`` (the half not
+        given is the current protocol's), dataset files stored relative to the project root."""
+        from .data.protocols import compose_protocol, protocol_datasets
+
+        d = self.data
+        try:
+            sources, target = protocol_datasets(d.protocol) if not (d.sources and d.target) else ([], "")
+            d.protocol = compose_protocol(d.sources or sources, d.target or target)
+        except ValueError as err:
+            keys = " and ".join(k for k in ("sources", "target") if getattr(d, k))
+            raise ConfigError(f"{source}: key {keys}: {err}") from None
+        d.sources, d.target = protocol_datasets(d.protocol)
 
     def validate(self, source: str = "configuration") -> "RunConfig":
         """Checks between keys (each key's own range is checked when it is set); returns ``self``."""
@@ -261,10 +282,11 @@ class RunConfig:
         if not loaded:
             raise ConfigError(f"{path}: the config file is empty; it should set at least `protocol:` "
                               f"(see configs/*.yaml)")
-        if require_protocol and "protocol" not in loaded and "protocol" not in (loaded.get("data") or {}) \
-                and "protocol" not in (overrides or {}):
+        named = {"protocol", "sources", "target"}
+        data = loaded.get("data") if isinstance(loaded.get("data"), dict) else {}
+        if require_protocol and not named & (set(loaded) | set(data) | set(overrides or {})):
             raise ConfigError(f"{path}: the config names no protocol: add `protocol: <name>` (see `muva protocols`) "
-                              f"or pass --protocol")
+                              f"or `sources: [...]` and `target: ...` (dataset names or files), or pass --protocol")
         cfg = cls().update(loaded, source=str(path))
         if overrides:
             cfg.update(overrides)
@@ -398,6 +420,9 @@ def check_value(key: str, value: Any, source: str = "configuration") -> None:
     if key == "granularity" and not re.fullmatch(r"G(\+H)?(\+U)?(\+L)?", str(value)):
         raise ConfigError(f"{source}: key 'granularity' must be G followed by any of +H, +U, +L in that order "
                           f"(e.g. G+H+U+L, Table 5), got {value!r}")
+    if key == "sources" and not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{source}: key 'sources' must be a list of dataset names or dataset files (.yaml), "
+                          f"got {value!r}")
     if key == "lr_milestones":
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
             raise ConfigError(f"{source}: key 'lr_milestones' must be a list of epochs >= 1, got {value!r}")
@@ -434,6 +459,8 @@ def _coerce(obj: Any, key: str, value: Any, source: str) -> Any:
         if not isinstance(value, expected):
             raise ConfigError(f"{source}: key {key!r} expects {expected.__name__}, got {value!r}")
         return value
+    if key == "sources" and isinstance(value, str):   # -p sources=a.yaml or a.yaml+b.yaml
+        return [v.strip() for v in value.split("+")]
     if origin in (list, tuple) and isinstance(value, (list, tuple)):
         return type(getattr(obj, key))(value) if getattr(obj, key) is not None else list(value)
     return value

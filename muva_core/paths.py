@@ -37,6 +37,10 @@ OMITTED_AT_DEFAULT = {"masks_file": "", "memory_rebuild": "full"}
 """Keys left out of a configuration's identity while they hold this value: keys added after run folders were
 named, so that those folders keep their names."""
 
+SPELLED_IN_PROTOCOL = frozenset({"sources", "target"})
+"""Keys written into ``protocol`` (``SOURCE+SOURCE->TARGET``): the hash counts them there, once, so run folders
+named before these keys existed keep their names."""
+
 EVAL_SECTION = "eval"
 """Evaluation keys do not change the trained model either: a resumed run re-evaluates with the new ones."""
 
@@ -115,7 +119,7 @@ def portable_flat(cfg: "RunConfig", root: Path | None = None) -> dict[str, Any]:
 def identity(cfg: "RunConfig") -> dict[str, Any]:
     """The keys that decide what a run trains (all but the operational and evaluation keys), paths portable."""
     return {k: v for k, v in portable_flat(cfg).items()
-            if k not in OPERATIONAL_KEYS and cfg.section_of(k) != EVAL_SECTION
+            if k not in OPERATIONAL_KEYS and k not in SPELLED_IN_PROTOCOL and cfg.section_of(k) != EVAL_SECTION
             and not (k in OMITTED_AT_DEFAULT and v == OMITTED_AT_DEFAULT[k])}
 
 

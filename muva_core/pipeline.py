@@ -45,15 +45,17 @@ DATASET_LAYOUTS = {
 
 def check_datasets_present(cfg: RunConfig) -> None:
     """Every real dataset of the protocol can be found under ``data_root``; else one error naming, for each
-    missing dataset, every folder tried and what to put there. Synthetic domains are generated, not checked."""
+    missing dataset, every folder tried and what to put there. Synthetic domains are generated, not checked; a
+    dataset declared in a file was checked when the protocol was read (its root, CSV and split folders)."""
     from .data.datasets import DatasetError, get_dataset_class
+    from .data.declared import declared_spec
     from .data.protocols import get_protocol
 
     proto = get_protocol(cfg.data.protocol)
     root = resolve(cfg.data.data_root)
     problems = []
     for name in dict.fromkeys((*proto.sources, proto.target)):
-        if name.startswith("synth_"):
+        if name.startswith("synth_") or declared_spec(name) is not None:
             continue
         tried = folders_tried(get_dataset_class(name), root)
         if not tried:
@@ -170,12 +172,26 @@ def preflight(cfg: RunConfig, progress: bool = True):
 
 def load_protocol(cfg: RunConfig, progress: bool = True):
     """The protocol's data (:class:`~muva_core.data.protocols.ProtocolData`); generates the synthetic set if needed."""
-    from .data.protocols import build_protocol_data, get_protocol
+    from .data.protocols import build_protocol_data, get_protocol, load_declared
 
     proto = get_protocol(cfg.data.protocol)
+    declared = load_declared(proto)      # datasets declared in files: checked before anything is generated
     if proto.synthetic:
         ensure_synthetic(cfg, progress=progress)
-    return build_protocol_data(proto.name, protocol_roots(cfg))
+    return build_protocol_data(proto, protocol_roots(cfg), parsed=declared)
+
+
+def load_dataset_for(cfg: RunConfig, dataset: str, progress: bool = True):
+    """One dataset, by name or by its file (:mod:`muva_core.data.declared`), with the roots of ``cfg``: a declared
+    dataset under its own root, a synthetic domain in the synthetic set (generated when missing), a real one under
+    ``data_root`` (the folders tried named when it is not there)."""
+    from .data.declared import dataset_name
+    from .data.protocols import load_protocol_dataset
+
+    name = dataset_name(dataset)
+    if name.startswith("synth_"):
+        ensure_synthetic(cfg, progress=progress)
+    return load_protocol_dataset(name, protocol_roots(cfg))
 
 
 def source_datasets(data) -> list:

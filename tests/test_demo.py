@@ -120,9 +120,10 @@ def test_metrics_json_and_the_results_table_report_chance_and_colour_histograms_
     assert any(r.startswith("| synth:A2B | small CLIP (random init)") and "| 309 | - | - |" in r for r in table)
 
 
-def test_the_demo_copies_its_figure_7_to_the_committed_path(tmp_path, monkeypatch, capsys):
-    """`muva demo` (no -p, no --config): after the run, Figure 7 of the run goes to reports/demo-part-masks.png (the
-    README shows it); a demo with overrides leaves that file alone."""
+def test_the_demo_copies_its_figure_7_and_ranked_lists_to_the_committed_paths(tmp_path, monkeypatch, capsys):
+    """`muva demo` (no -p, no --config): after the run, Figure 7 of the run goes to reports/demo-part-masks.png and
+    its ranked lists (notebook 06) to reports/demo-ranked-lists.png (the README shows both); a demo with overrides
+    leaves those files alone."""
     import muva_core.cli as cli
     from muva_core.paths import run_folder
 
@@ -141,6 +142,7 @@ def test_the_demo_copies_its_figure_7_to_the_committed_path(tmp_path, monkeypatc
         (folder / "metrics.json").write_text(json.dumps(summarise_run(folder, cfg, {})))
         (folder / "figures").mkdir()
         (folder / "figures" / "07_figure7_predicted_masks.png").write_bytes(f"png of {folder.name}".encode())
+        (folder / "figures" / "06_ranked_lists.png").write_bytes(f"ranked lists of {folder.name}".encode())
         ran.append(args.command_line)
         return 0
 
@@ -148,9 +150,13 @@ def test_the_demo_copies_its_figure_7_to_the_committed_path(tmp_path, monkeypatc
     assert cli.main(["demo"]) == 0
     out = capsys.readouterr().out
     figure = tmp_path / "reports" / "demo-part-masks.png"
+    ranked = tmp_path / "reports" / "demo-ranked-lists.png"
     assert figure.read_bytes() == f"png of {run_folder(resolve_config('synth:A2B')).name}".encode()
+    assert ranked.read_bytes() == f"ranked lists of {run_folder(resolve_config('synth:A2B')).name}".encode()
+    assert str(ranked) in out and "ranked lists (best, median, worst target query by AP)" in out
     assert "random features mAP 1.1" in out and "colour histograms mAP 2.2" in out and str(figure) in out
     assert ran == ["make demo"]
     assert cli.main(["demo", "-p", "stage2_epochs=2"]) == 0
     assert figure.read_bytes() == f"png of {run_folder(resolve_config('synth:A2B')).name}".encode()
+    assert ranked.read_bytes() == f"ranked lists of {run_folder(resolve_config('synth:A2B')).name}".encode()
     assert ran[-1] is None   # the command line as typed goes into that run's metrics.json

@@ -1,11 +1,12 @@
-"""The part-mask explorer notebook in a real JupyterLab, driven by headless Chromium (Playwright).
+"""The explorer notebooks (08, 09) in a real JupyterLab, driven by headless Chromium (Playwright).
 
 As a user does after ``make demo``: a workbook folder (``$MUVA_HOME``: ``configs/`` with a tiny
 ``synth_A2B.yaml``, the real ``notebooks/08_part_mask_explorer.ipynb``) gets a trained tiny model in its
 default run folder; JupyterLab is started on it with ``muva lab``'s command line (served from the
 project root, kernels start in ``notebooks/``); Chromium opens notebook 08 unchanged, runs all cells with
 the default parameters, finds the pseudo-label IoU in the explorer, screenshots the image, moves the
-threshold slider with the keyboard and checks that the screenshot changes. Nothing may be written
+threshold slider with the keyboard and checks that the screenshot changes. Notebook 09 (the retrieval
+explorer) the same way: run all, choose another query, and the ranked list follows. Nothing may be written
 under ``notebooks/``.
 
 Needs the Debian package ``chromium`` (``apt-get install -y chromium``) and the Python package
@@ -55,13 +56,14 @@ device: cpu
 """
 
 
-def _workbook(home: Path) -> Path:
+def _workbook(home: Path, notebooks) -> Path:
     """A workbook folder like a fresh clone's, with the demo config shrunk to test size."""
     (home / "configs").mkdir(parents=True)
     (home / "notebooks").mkdir()
     (home / "configs" / "synth_A2B.yaml").write_text((ROOT / "configs" / "synth_A2B.yaml").read_text() + TINY_DEMO)
     (home / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
-    (home / "notebooks" / NOTEBOOK.name).write_bytes(NOTEBOOK.read_bytes())
+    for notebook in notebooks:
+        (home / "notebooks" / notebook.name).write_bytes(notebook.read_bytes())
     return home
 
 
@@ -122,19 +124,34 @@ def _png_array(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
 
-@pytest.mark.slow
-def test_explorer_notebook_in_jupyterlab(tmp_path, monkeypatch):
-    sync_playwright = _require_browser()
-    from muva_core.cli import lab_command
+RETRIEVAL = ROOT / "notebooks" / "09_retrieval_explorer.ipynb"
+RANKED = "img.muva-retrieval-image"
+QUERY = ".muva-retrieval-query select"
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory) -> Path:
+    """A workbook folder holding notebooks 08 and 09 and the tiny demo's trained run (what `make demo` leaves
+    behind), shared by the two notebooks' tests."""
     from muva_core.config import resolve_config
     from muva_core.train.run import train_protocol
 
-    home = _workbook(tmp_path / "workbook")
-    monkeypatch.setenv("MUVA_HOME", str(home))
-    result = train_protocol(resolve_config("synth:A2B"), progress=False)    # what `make demo` leaves behind
+    home = _workbook(tmp_path_factory.mktemp("lab") / "workbook", [NOTEBOOK, RETRIEVAL])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MUVA_HOME", str(home))
+        result = train_protocol(resolve_config("synth:A2B"), progress=False)
     assert result.run_dir.parent == home / "reports" / "synth_A2B"
-    notebooks_before = sorted(p.name for p in (home / "notebooks").rglob("*"))
+    return home
 
+
+def _in_jupyterlab(home: Path, tmp_path: Path, notebook: str, interact):
+    """Start JupyterLab on ``home`` with `muva lab`'s command line, open ``notebooks/<notebook>`` in Chromium, run
+    all its cells with the default parameters, then ``interact(page)``; returns what it returns. Checks that
+    nothing was written under notebooks/."""
+    sync_playwright = _require_browser()
+    from muva_core.cli import lab_command
+
+    notebooks_before = sorted(p.name for p in (home / "notebooks").rglob("*"))
     port, token = _free_port(), secrets.token_hex(16)
     base = f"http://127.0.0.1:{port}"
     jupyter = tmp_path / "jupyter"
@@ -157,7 +174,7 @@ def test_explorer_notebook_in_jupyterlab(tmp_path, monkeypatch):
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                page.goto(f"{base}/lab/tree/notebooks/{NOTEBOOK.name}?token={token}", timeout=60_000)
+                page.goto(f"{base}/lab/tree/notebooks/{notebook}?token={token}", timeout=60_000)
                 page.wait_for_function(
                     "() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
                     " && window.jupyterapp.shell.currentWidget.sessionContext", timeout=60_000)
@@ -166,35 +183,49 @@ def test_explorer_notebook_in_jupyterlab(tmp_path, monkeypatch):
                     await panel.sessionContext.ready;
                     await window.jupyterapp.commands.execute('notebook:run-all-cells');
                 }""")
-                image = page.locator(IMAGE).first
-                image.wait_for(state="visible", timeout=90_000)
-                page.wait_for_function(f"() => {{ const i = document.querySelector('{IMAGE}');"
-                                       " return i && i.complete && i.naturalWidth > 100; }", timeout=30_000)
-                # the pseudo labels were found (the IoU table compares the prediction with them)
-                page.wait_for_function("() => document.body.innerText.includes('vs pseudo')", timeout=30_000)
-                before_src = image.get_attribute("src")
-                first = image.screenshot()
-
-                readout = page.locator(f"{SLIDER} .widget-readout").first
-                start_value = float(readout.inner_text() or readout.input_value())
-                handle = page.locator(f"{SLIDER} .noUi-handle").first
-                handle.focus()
-                for _ in range(20):                      # 20 steps of 0.01 down
-                    page.keyboard.press("ArrowLeft")
-                page.wait_for_function(
-                    f"(old) => {{ const i = document.querySelector('{IMAGE}'); return i && i.src !== old"
-                    " && i.complete && i.naturalWidth > 100; }", arg=before_src, timeout=30_000)
-                page.wait_for_timeout(300)               # the last key's render may still be on its way
+                result = interact(page)
                 page.screenshot(path=str(tmp_path / "page.png"))
-                value = float(readout.inner_text() or readout.input_value())
-                second = image.screenshot()
             finally:
                 browser.close()
     finally:
         _stop_server(proc, base, token)
-
     assert sorted(p.name for p in (home / "notebooks").rglob("*") if ".ipynb_checkpoints" not in p.parts) == \
         notebooks_before, "the notebook's kernel wrote under notebooks/"
+    return result
+
+
+def _wait_for_image(page, selector: str, old_src: str | None = None) -> None:
+    """Until the widget image ``selector`` shows a loaded PNG (another one than ``old_src`` when given)."""
+    changed = "i.src !== old && " if old_src is not None else ""
+    page.wait_for_function(f"(old) => {{ const i = document.querySelector('{selector}');"
+                           f" return i && {changed}i.complete && i.naturalWidth > 100; }}", arg=old_src,
+                           timeout=90_000 if old_src is None else 30_000)
+
+
+@pytest.mark.slow
+def test_explorer_notebook_in_jupyterlab(tiny_demo, tmp_path):
+    home = tiny_demo
+
+    def interact(page):
+        image = page.locator(IMAGE).first
+        image.wait_for(state="visible", timeout=90_000)
+        _wait_for_image(page, IMAGE)
+        # the pseudo labels were found (the IoU table compares the prediction with them)
+        page.wait_for_function("() => document.body.innerText.includes('vs pseudo')", timeout=30_000)
+        before_src = image.get_attribute("src")
+        first = image.screenshot()
+        readout = page.locator(f"{SLIDER} .widget-readout").first
+        start_value = float(readout.inner_text() or readout.input_value())
+        handle = page.locator(f"{SLIDER} .noUi-handle").first
+        handle.focus()
+        for _ in range(20):                      # 20 steps of 0.01 down
+            page.keyboard.press("ArrowLeft")
+        _wait_for_image(page, IMAGE, before_src)
+        page.wait_for_timeout(300)               # the last key's render may still be on its way
+        value = float(readout.inner_text() or readout.input_value())
+        return first, image.screenshot(), start_value, value
+
+    first, second, start_value, value = _in_jupyterlab(home, tmp_path, NOTEBOOK.name, interact)
     (tmp_path / "before.png").write_bytes(first)     # kept for a look when the test fails
     (tmp_path / "after.png").write_bytes(second)
     a, b = _png_array(first), _png_array(second)
@@ -202,3 +233,34 @@ def test_explorer_notebook_in_jupyterlab(tmp_path, monkeypatch):
     assert a.std() > 10 and len(np.unique(a.reshape(-1, 3), axis=0)) > 50, "the first screenshot is blank"
     assert value < start_value, f"the threshold slider did not move ({start_value} -> {value})"
     assert a.shape == b.shape and np.abs(a - b).max() > 50, "moving the threshold slider did not change the image"
+
+
+@pytest.mark.slow
+def test_retrieval_notebook_in_jupyterlab(tiny_demo, tmp_path):
+    """Notebook 09 after a tiny demo, opened as `make lab` does: run all cells, change the query in the widget,
+    and the ranked list (its image and its caption) follows."""
+    home = tiny_demo
+
+    def interact(page):
+        image = page.locator(RANKED).first
+        image.wait_for(state="visible", timeout=120_000)
+        _wait_for_image(page, RANKED)
+        select = page.locator(QUERY).first
+        options = select.locator("option").all_inner_texts()
+        before = (image.get_attribute("src"), image.screenshot(), page.locator(".widget-html").first.inner_text(),
+                  select.input_value())
+        select.select_option(index=len(options) - 1)        # the last query of the list (sorted by AP)
+        _wait_for_image(page, RANKED, before[0])
+        page.wait_for_timeout(300)
+        after = (image.screenshot(), page.locator(".widget-html").first.inner_text(), select.input_value())
+        return options, before, after
+
+    options, before, after = _in_jupyterlab(home, tmp_path, RETRIEVAL.name, interact)
+    (tmp_path / "before.png").write_bytes(before[1])
+    (tmp_path / "after.png").write_bytes(after[0])
+    assert len(options) > 1 and all("AP" in o or "no match" in o for o in options), options
+    assert before[3] != after[2], "the query did not change"
+    assert before[2] != after[1] and "AP" in after[1], "the caption did not follow the query"
+    a, b = _png_array(before[1]), _png_array(after[0])
+    assert a.shape[0] > 100 and a.std() > 10, "the ranked list is blank"
+    assert a.shape != b.shape or np.abs(a - b).max() > 50, "changing the query did not change the ranked list"

@@ -35,8 +35,8 @@ def test_there_are_notebooks():
     assert [p.name[:2] for p in NOTEBOOKS][:3] == ["01", "02", "03"]
 
 
-def test_there_are_eight_notebooks():
-    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, 9)]
+def test_there_are_nine_notebooks():
+    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, 10)]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -87,7 +87,7 @@ def test_grounding_notebooks_run_and_record(tmp_path, small_synth_root):
 
 
 @pytest.mark.slow
-def test_notebooks_01_to_08_from_the_notebooks_folder_share_one_run_folder(tmp_path, small_synth_root):
+def test_notebooks_01_to_09_from_the_notebooks_folder_share_one_run_folder(tmp_path, small_synth_root):
     """Default parameters plus small-scale overrides only; no run_dir: every notebook finds the run folder
     the earlier ones wrote (reports/<protocol>/run-<config hash>), and nothing is written under notebooks/."""
     from muva_core.config import resolve_config
@@ -105,11 +105,22 @@ def test_notebooks_01_to_08_from_the_notebooks_folder_share_one_run_folder(tmp_p
     folder = run_folder(resolve_config(overrides=small))
     assert folder.parent == tmp_path / "reports" / "synth_A2B" and folder.name.startswith("run-")
     for step in ("01_grounding", "02_calibration", "03_mask_voting", "04_stage1", "05_stage2", "06_evaluate",
-                 "07_figures", "08_part_mask_explorer"):
+                 "07_figures", "08_part_mask_explorer", "09_retrieval_explorer"):
         assert (folder / "metrics" / f"{step}.json").is_file(), step
-    assert read_record(folder, "06_evaluate")["metrics"] == read_record(folder, "05_stage2")["metrics"]
+    evaluation = read_record(folder, "06_evaluate")
+    assert evaluation["metrics"] == read_record(folder, "05_stage2")["metrics"]
     explorer = read_record(folder, "08_part_mask_explorer")
     assert explorer["source"] == "model" and "pseudo" in " ".join(explorer["iou"]), explorer["iou"]
+    # the ranked lists: best >= median >= worst AP, the same queries in 06 and 09, whose mean AP is the mAP
+    ranked = evaluation["ranked_lists"]
+    assert ranked["best"]["AP"] >= ranked["median"]["AP"] >= ranked["worst"]["AP"]
+    retrieval = read_record(folder, "09_retrieval_explorer")
+    assert {k: v["query"] for k, v in retrieval["picked"].items()} == {k: v["query"] for k, v in ranked.items()}
+    assert abs(retrieval["mAP"] - evaluation["metrics"]["mAP"]) < 1e-6
+    assert retrieval["shown"]["query"] == ranked["worst"]["query"] and len(retrieval["shown"]["top"]) == \
+        min(10, retrieval["gallery"])
+    for fig in ("06_ranked_lists", "09_retrieval_explorer"):
+        assert (folder / "figures" / f"{fig}.png").stat().st_size > 20000, fig
 
 
 @pytest.mark.slow

@@ -23,6 +23,8 @@ from muva_core.paths import run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
+OWN_IMAGES = "tests/test_own_images.py::test_own_images_page_commands"
+
 README_COMMANDS = {
     "make demo": "test_synthetic_workbook_commands",
     "make test": "test_make_test_is_the_ci_command",
@@ -50,6 +52,13 @@ README_COMMANDS = {
     "muva calibrate --boxes boxes.parquet --out calibrated.parquet --report calibration.json":
         "test_real_layout_commands",
     "muva vote --boxes calibrated.parquet --out masks.safetensors": "test_real_layout_commands",
+    # "Your own images and datasets": commands of docs/own-images.md, which runs every command of that page
+    "muva embed --run reports/synth_A2B/run-XXXX --images crops/ --out crops.parquet": OWN_IMAGES,
+    "muva search --run reports/synth_A2B/run-XXXX --query probe.jpg --gallery crops/ --top 10 --out search/":
+        OWN_IMAGES,
+    "muva datasets configs/datasets/mine.yaml": OWN_IMAGES,
+    "muva eval --run reports/synth_A2B/run-XXXX --dataset configs/datasets/mine.yaml": OWN_IMAGES,
+    "muva train --config configs/street_to_B.yaml": OWN_IMAGES,
 }
 
 
@@ -131,6 +140,7 @@ def test_synthetic_workbook_commands(small_synth_root, tmp_path, capsys, monkeyp
     summary = json.loads((demo / "metrics.json").read_text())
     assert summary["metrics"]["mAP"] > 0
     assert summary["command"] == "muva " + shlex.join(["demo", *p])   # not `make demo`: other settings were given
+    assert (demo / "figures" / "06_ranked_lists.png").stat().st_size > 20000   # what `make demo` copies to reports/
     assert "[05_stage2_reid] stage 2 epoch 1/1" in out
     out = _run("muva run --protocol synth:A2B", p, capsys=capsys)
     assert out.count("skipped") == 7

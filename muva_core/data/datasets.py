@@ -45,6 +45,7 @@ __all__ = [
     "SyntheticDomain",
     "register_dataset",
     "get_dataset_class",
+    "is_registered",
     "canonical_name",
     "list_datasets",
     "load_dataset",
@@ -72,17 +73,18 @@ def _norm(name: str) -> str:
     return str(name).strip().lower().replace("-", "_")
 
 
-def register_dataset(name: str, aliases: Iterable[str] = ()) -> Callable[[type], type]:
+def register_dataset(name: str, aliases: Iterable[str] = (), replace: bool = False) -> Callable[[type], type]:
     """Class decorator: register a parser under ``name`` (its canonical name) and ``aliases``.
 
     Lookup is case-insensitive and treats ``-`` like ``_``. The canonical name becomes the
-    ``domain`` of every sample the parser produces.
+    ``domain`` of every sample the parser produces. ``replace=True`` lets a parser take over a name
+    registered before (a dataset file read again, :mod:`muva_core.data.declared`).
     """
 
     def deco(cls: type) -> type:
         if not (isinstance(cls, type) and issubclass(cls, ReIDDataset)):
             raise TypeError(f"@register_dataset({name!r}) expects a ReIDDataset subclass, got {cls!r}")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
+        if name in _REGISTRY and _REGISTRY[name] is not cls and not replace:
             raise ValueError(f"dataset name {name!r} is already registered to {_REGISTRY[name].__name__}")
         for alias in (name, *aliases):
             key = _norm(alias)
@@ -107,6 +109,11 @@ def canonical_name(name: str) -> str:
         )
         raise ValueError(f"unknown dataset {name!r}; registered datasets: {known}")
     return _ALIASES[key]
+
+
+def is_registered(name: str) -> bool:
+    """Whether ``name`` is a registered dataset name or alias (case-insensitive, ``-`` as ``_``)."""
+    return _norm(name) in _ALIASES
 
 
 def get_dataset_class(name: str) -> type["ReIDDataset"]:
@@ -210,6 +217,9 @@ class ReIDDataset:
     distractor_pid: int | None = 0
     """Original pid of distractors (kept in gallery only); None when the naming has no distractors."""
     junk_pid: int = -1
+    required_splits: tuple[str, ...] = SPLITS
+    """Splits that must hold images; another split may be absent (no image at all), e.g. a declared dataset
+    that is only ever a target (no train split) or only a source (no query / gallery)."""
 
     def __init__(self, root: str | os.PathLike, verify_images: bool = False) -> None:
         if not self.name:
@@ -260,9 +270,12 @@ class ReIDDataset:
     def _apply_rules(self, raw: dict[str, list[_Raw]]) -> tuple[list[Sample], list[Sample], list[Sample]]:
         out: dict[str, list[Sample]] = {}
         for split in SPLITS:
-            recs = [r for r in raw[split] if r[2] != self.junk_pid]
+            recs = [r for r in raw.get(split, ()) if r[2] != self.junk_pid]
             if split != "gallery" and self.distractor_pid is not None:
                 recs = [r for r in recs if r[2] != self.distractor_pid]
+            if not recs and split not in self.required_splits and not raw.get(split):
+                out[split] = []
+                continue
             if not recs:
                 where = self._split_location(split)
                 raise DatasetError(
@@ -291,6 +304,14 @@ class ReIDDataset:
     @property
     def num_train_imgs(self) -> int:
         return len(self.train)
+
+    def unmatched_queries(self) -> list[Sample]:
+        """Query images with no gallery image of the same identity from another camera: the evaluation
+        protocol skips them (they count in ``num_skipped_queries``, not in mAP)."""
+        cams: dict[int, set[int]] = {}
+        for s in self.gallery:
+            cams.setdefault(s.pid, set()).add(s.camid)
+        return [q for q in self.query if not cams.get(q.pid, set()) - {q.camid}]
 
     def stats(self) -> dict[str, dict[str, int]]:
         """``{split: {"images", "ids", "cameras"}}`` counts."""

@@ -10,6 +10,12 @@
 Names contain ``:`` and ``->``; :func:`protocol_slug` gives a folder-safe form
 (``synth:A2B`` -> ``synth_A2B``, ``D+MS+C3->MA`` -> ``D+MS+C3_to_MA``) which
 :func:`get_protocol` also accepts.
+
+Any other ``SOURCE+SOURCE->TARGET`` whose parts are dataset names or dataset files
+(:mod:`muva_core.data.declared`) is a protocol too, built when named:
+``configs/datasets/mine.yaml->market1501`` trains on a dataset declared in YAML and tests on
+Market-1501 (its name is the datasets' names, ``mine->market1501``). :func:`compose_protocol`
+writes such a name from the ``sources`` / ``target`` keys of a configuration.
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from muva_core.data.datasets import ReIDDataset, SourceInfo, canonical_name, combine_train, load_dataset
-from muva_core.data.samples import Sample
+from muva_core.data.declared import dataset_name, declared_spec, is_dataset_file, resolve_dataset_file
+from muva_core.data.samples import DatasetError, Sample
 
 __all__ = [
     "DATASET_CODES",
@@ -33,6 +40,11 @@ __all__ = [
     "list_protocols",
     "protocol_slug",
     "build_protocol_data",
+    "compose_protocol",
+    "dataset_root",
+    "load_protocol_dataset",
+    "protocol_datasets",
+    "target_data",
 ]
 
 DATASET_CODES: dict[str, str] = {
@@ -81,12 +93,7 @@ def register_protocol(name: str, sources: Sequence[str], target: str, *, synthet
     """Register a protocol; ``sources`` / ``target`` may be dataset aliases (stored canonical)."""
     srcs = tuple(canonical_name(s) for s in sources)
     tgt = canonical_name(target)
-    if not srcs:
-        raise ValueError(f"protocol {name!r} has no source dataset")
-    if tgt in srcs:
-        raise ValueError(f"protocol {name!r}: target {tgt!r} is also a source")
-    if len(set(srcs)) != len(srcs):
-        raise ValueError(f"protocol {name!r}: repeated source in {srcs}")
+    _check_roles(name, srcs, tgt)
     slugs = {p.slug: p.name for p in _PROTOCOLS.values()}
     if name in _PROTOCOLS or protocol_slug(name) in slugs:
         raise ValueError(f"protocol {name!r} (slug {protocol_slug(name)!r}) is already registered")
@@ -113,14 +120,90 @@ def _register_builtin() -> None:
                           synthetic=True, description=f"synthetic multi-source leave-one-out: test synth_{tgt}")
 
 
-def get_protocol(name: str) -> Protocol:
-    """The protocol registered as ``name`` (or with that slug, or case-insensitively equal)."""
+def _check_roles(name: str, srcs: Sequence[str], tgt: str) -> None:
+    if not srcs:
+        raise ValueError(f"protocol {name!r} has no source dataset")
+    if tgt in srcs:
+        raise ValueError(f"protocol {name!r}: target {tgt!r} is also a source")
+    if len(set(srcs)) != len(srcs):
+        raise ValueError(f"protocol {name!r}: repeated source in {tuple(srcs)}")
+
+
+def protocol_datasets(name: str) -> tuple[list[str], str]:
+    """``(sources, target)`` of a protocol as spelled: the canonical dataset names of a registered protocol, the
+    parts of a ``SOURCE+SOURCE->TARGET`` name (dataset names or files) otherwise."""
+    if "->" in str(name) and _registered(str(name)) is None:
+        head, _, tail = str(name).rpartition("->")
+        return [part.strip() for part in head.split("+")], tail.strip()
+    proto = get_protocol(name)
+    return list(proto.sources), proto.target
+
+
+def _portable_dataset(value: str) -> str:
+    """A dataset as a configuration stores it: a name as given, a file relative to the project root when inside it."""
+    if not is_dataset_file(value):
+        return str(value).strip()
+    from muva_core.paths import portable
+
+    return portable(resolve_dataset_file(value))
+
+
+def compose_protocol(sources: Sequence[str], target: str) -> str:
+    """The protocol name ``SOURCE+SOURCE->TARGET`` of the ``sources`` / ``target`` keys (dataset names or files;
+    files stored relative to the project root), checked: it must name known datasets and files."""
+    name = "+".join(_portable_dataset(s) for s in sources) + "->" + _portable_dataset(target)
+    get_protocol(name)
+    return name
+
+
+def _registered(name: str) -> Protocol | None:
     if name in _PROTOCOLS:
         return _PROTOCOLS[name]
     key = protocol_slug(str(name)).lower()
     for p in _PROTOCOLS.values():
         if p.slug.lower() == key:
             return p
+    return None
+
+
+def _composed(name: str) -> Protocol:
+    """The protocol of a ``SOURCE+SOURCE->TARGET`` name (dataset names, aliases or dataset files)."""
+    head, _, tail = name.rpartition("->")
+    parts = [p.strip() for p in head.split("+")] + [tail.strip()]
+    if any(not p for p in parts):
+        raise ValueError(f"protocol {name!r}: expected SOURCE+SOURCE->TARGET with a dataset name or a dataset "
+                         "file (.yaml) at each place")
+    names, files = [], {}
+    for part in parts:
+        names.append(dataset_name(part))
+        if is_dataset_file(part):
+            files.setdefault(names[-1], set()).add(str(resolve_dataset_file(part)))
+    clash = {n: sorted(f) for n, f in files.items() if len(f) > 1}
+    if clash:
+        raise ValueError(f"protocol {name!r}: several dataset files declare the same name: "
+                         + "; ".join(f"{n!r} in {', '.join(f)}" for n, f in clash.items()))
+    srcs, tgt = tuple(names[:-1]), names[-1]
+    canonical = "+".join(srcs) + "->" + tgt
+    _check_roles(canonical, srcs, tgt)
+    files = [str(declared_spec(n).file) for n in names if declared_spec(n) is not None]
+    return Protocol(name=canonical, sources=srcs, target=tgt, synthetic=any(n.startswith("synth_") for n in names),
+                    description="composed from its datasets" + (f" (declared in {', '.join(files)})" if files else ""))
+
+
+def get_protocol(name: str) -> Protocol:
+    """The protocol registered as ``name`` (or with that slug, or case-insensitively equal), or the protocol of a
+    ``SOURCE+SOURCE->TARGET`` name whose parts are dataset names or dataset files."""
+    found = _registered(name)
+    if found is not None:
+        return found
+    reason = ""
+    if "->" in str(name):
+        try:
+            return _composed(str(name))
+        except DatasetError:
+            raise                       # a dataset file that cannot be used: its own message names it
+        except ValueError as err:
+            reason = f" (nor a protocol of datasets: {str(err).splitlines()[0]})"
     # match against names and slugs (case-insensitively), but suggest and list each protocol once, by its name
     forms: dict[str, str] = {}
     for p in _PROTOCOLS.values():
@@ -131,11 +214,12 @@ def get_protocol(name: str) -> Protocol:
     real = [n for n, p in _PROTOCOLS.items() if not p.synthetic]
     synth = [n for n, p in _PROTOCOLS.items() if p.synthetic]
     raise ValueError(
-        f"unknown protocol {name!r}{hint}\n"
+        f"unknown protocol {name!r}{hint}{reason}\n"
         f"protocols: {', '.join(real)}\n"
         f"synthetic: {', '.join(synth)}\n"
         "(folder-safe forms such as synth_A2B or D+MS+C3_to_MA are accepted too; "
-        "`muva protocols` lists each one with its sources and target)"
+        "`muva protocols` lists each one with its sources and target; SOURCE+SOURCE->TARGET of dataset names "
+        "or dataset files names any other)"
     )
 
 
@@ -227,18 +311,69 @@ def _root_for(dataset: str, roots: Mapping[str, str | os.PathLike] | str | os.Pa
     )
 
 
+def dataset_root(dataset: str, roots: Mapping[str, str | os.PathLike] | str | os.PathLike) -> Path | None:
+    """The root folder of a registered dataset in ``roots`` (see :func:`build_protocol_data`); None for a dataset
+    declared in a file (its file names its root)."""
+    return None if declared_spec(dataset) is not None else _root_for(dataset, roots)
+
+
+def load_protocol_dataset(dataset: str, roots: Mapping[str, str | os.PathLike] | str | os.PathLike,
+                          **load_kwargs) -> ReIDDataset:
+    """Parse one dataset (a registered name) with its root from ``roots``."""
+    return load_dataset(dataset, dataset_root(dataset, roots), **load_kwargs)
+
+
+def _require_splits(ds: ReIDDataset, splits: Sequence[str], role: str) -> None:
+    """A dataset that may lack splits (declared ones) must have those its role reads."""
+    empty = [split for split in splits if not getattr(ds, split)]
+    if empty:
+        spec = declared_spec(ds.name)
+        where = f"{ds.name} ({spec.file})" if spec is not None else ds.name
+        raise DatasetError(f"{where} has no {' and no '.join(empty)} split, so it cannot be {role}")
+
+
+def target_data(ds: ReIDDataset) -> ProtocolData:
+    """The query / gallery of one dataset as a target-only :class:`ProtocolData` (no training side): what a trained
+    run is evaluated on by ``muva eval --dataset``."""
+    _require_splits(ds, ("query", "gallery"), "evaluated on")
+    proto = Protocol(name=ds.name, sources=(), target=ds.name, synthetic=ds.name.startswith("synth_"),
+                     description="query / gallery of one dataset")
+    return ProtocolData(protocol=proto, train=[], query=list(ds.query), gallery=list(ds.gallery), num_classes=0,
+                        num_cams=0, sources={}, datasets={ds.name: ds})
+
+
+def load_declared(proto: Protocol, **load_kwargs) -> dict[str, ReIDDataset]:
+    """Parse the datasets of ``proto`` declared in files and check each has the splits its role reads (cheap, and
+    before any synthetic data is generated): ``{name: dataset}`` for :func:`build_protocol_data`'s ``parsed``."""
+    out = {ds: load_dataset(ds, None, **load_kwargs) for ds in dict.fromkeys((*proto.sources, proto.target))
+           if declared_spec(ds) is not None}
+    for ds in proto.sources:
+        if ds in out:
+            _require_splits(out[ds], ("train",), f"a source of {proto.name}")
+    if proto.target in out:
+        _require_splits(out[proto.target], ("query", "gallery"), f"the target of {proto.name}")
+    return out
+
+
 def build_protocol_data(name: str | Protocol, roots: Mapping[str, str | os.PathLike] | str | os.PathLike,
-                        **load_kwargs) -> ProtocolData:
+                        parsed: Mapping[str, ReIDDataset] | None = None, **load_kwargs) -> ProtocolData:
     """Parse the datasets of protocol ``name`` and assemble its train / query / gallery.
 
     ``roots`` maps dataset names (or aliases) to root folders; key ``"synth"`` serves every
     synthetic domain, key ``"*"`` any dataset not named; a single path serves all datasets.
-    ``load_kwargs`` go to :func:`load_dataset` (e.g. ``verify_images=True``).
+    ``load_kwargs`` go to :func:`load_dataset` (e.g. ``verify_images=True``); ``parsed`` datasets (by name) are
+    used as they are.
     """
     proto = name if isinstance(name, Protocol) else get_protocol(name)
-    # Check every root first, so a missing key fails before any slow parsing.
-    needed = {ds: _root_for(ds, roots) for ds in (*proto.sources, proto.target)}
-    datasets = {ds: load_dataset(ds, root, **load_kwargs) for ds, root in needed.items()}
+    # Check every root first, so a missing key fails before any slow parsing (a declared dataset has its own).
+    names = (*proto.sources, proto.target)
+    for ds in names:
+        dataset_root(ds, roots)
+    parsed = dict(parsed or {})
+    datasets = {ds: parsed[ds] if ds in parsed else load_protocol_dataset(ds, roots, **load_kwargs) for ds in names}
+    for ds in proto.sources:
+        _require_splits(datasets[ds], ("train",), f"a source of {proto.name}")
+    _require_splits(datasets[proto.target], ("query", "gallery"), f"the target of {proto.name}")
     train, info = combine_train([datasets[s] for s in proto.sources])
     target = datasets[proto.target]
     return ProtocolData(

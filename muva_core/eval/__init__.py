@@ -9,6 +9,7 @@ from muva_core.eval.metrics import (
     evaluate_features,
     iter_distance_chunks,
     pairwise_distance,
+    per_query_metrics,
 )
 from muva_core.eval.rerank import k_reciprocal_distances
 
@@ -23,4 +24,5 @@ __all__ = [
     "iter_distance_chunks",
     "k_reciprocal_distances",
     "pairwise_distance",
+    "per_query_metrics",
 ]

@@ -536,6 +536,13 @@ def evaluate_features(qf: Any, gf: Any, q_pids: Any, g_pids: Any, q_camids: Any,
             for start, block in state.blocks():
                 ranker.rank_block(block, start, pool, n_threads)
         return ranker.result()
+    _rank_features(ranker, qf, gf, metric, chunk_size, n_threads, progress)
+    return ranker.result()
+
+
+def _rank_features(ranker: _Ranker, qf: Any, gf: Any, metric: str, chunk_size: int, n_threads: int,
+                   progress: bool = False) -> None:
+    """Score every query of ``ranker`` from the plain distances of ``qf`` / ``gf`` (blocks of ``chunk_size`` rows)."""
     prepared = _prepare(qf, gf, metric)
     ranker.check_shape((prepared[0].shape[0], prepared[1].shape[0]), "(len(qf), len(gf))")
     if ranker.num_q == 0:
@@ -547,4 +554,16 @@ def evaluate_features(qf: Any, gf: Any, q_pids: Any, g_pids: Any, q_camids: Any,
             ranker.rank_block(dist.cpu().numpy(), start, pool, n_threads, check_nan)
             bar.update(dist.shape[0])
         bar.close()
-    return ranker.result()
+
+
+def per_query_metrics(qf: Any, gf: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any,
+                      metric: str = "euclidean", chunk_size: int = DEFAULT_CHUNK_SIZE,
+                      num_threads: int | None = None) -> dict[str, np.ndarray]:
+    """Each query's own numbers under the protocol of :func:`evaluate_features` (whose ``mAP`` is the mean of
+    ``ap`` over the valid queries): ``ap`` and ``inp`` (NaN for a query with no positive), ``first_match`` (the
+    0-based rank of its first positive, -1 without one) and ``num_positives``, each ``[num_query]``."""
+    ranker = _Ranker(q_pids, g_pids, q_camids, g_camids, max_rank=1)
+    _rank_features(ranker, qf, gf, metric, _check_chunk_size(chunk_size), num_threads or _available_cores())
+    valid = ranker.first >= 0
+    return {"ap": np.where(valid, ranker.ap, np.nan), "inp": np.where(valid, ranker.inp, np.nan),
+            "first_match": ranker.first.copy(), "num_positives": np.diff(ranker._pos_ptr)}

@@ -40,11 +40,23 @@ def _digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def build_backend(cfg: RunConfig) -> GroundingBackend:
-    """The grounding expert named by ``cfg.grounding.backend``."""
+def build_backend(cfg: RunConfig, dataset=None) -> GroundingBackend:
+    """The grounding expert named by ``cfg.grounding.backend``. The simulated expert (``synthetic``) answers from
+    the synthetic set's true part boxes, or, for another ``dataset`` (one declared in a file), from the
+    ``part_boxes.parquet`` under its root; a dataset with neither is refused, naming it."""
     g = cfg.grounding
     if g.backend == "synthetic":
-        return get_backend("synthetic", truth=resolve(cfg.data.synth_root), seed=cfg.data.synth_seed)
+        truth = resolve(cfg.data.synth_root)
+        if dataset is not None and not dataset.name.startswith("synth_"):
+            from ..config import ConfigError
+            from .simulated import TRUTH_FILE, dataset_truth
+
+            truth = dataset_truth(dataset)
+            if truth is None:
+                raise ConfigError(f"backend=synthetic: the simulated grounding expert answers from true part boxes, "
+                                  f"and dataset {dataset.name} has none ({Path(dataset.dataset_dir) / TRUTH_FILE} "
+                                  "does not exist); label it with a real expert, e.g. -p backend=florence2")
+        return get_backend("synthetic", truth=truth, seed=cfg.data.synth_seed)
     kwargs = {}
     if g.ground_model:
         kwargs["model_id"] = g.ground_model
@@ -66,9 +78,11 @@ class GroundingPaths:
 def data_identity(cfg: RunConfig, dataset: str) -> dict:
     """Which copy of ``dataset`` a cache entry belongs to: its root folder (and, for the synthetic set, its
     scale), so two synthetic sets (or two copies of Market-1501) never share pseudo labels."""
+    from ..data.declared import declared_identity
+
     if dataset.startswith("synth_"):
         return {"root": str(resolve(cfg.data.synth_root).resolve()), "scale": cfg.data.synth_scale}
-    return {"root": str(resolve(cfg.data.data_root).resolve())}
+    return declared_identity(dataset) or {"root": str(resolve(cfg.data.data_root).resolve())}
 
 
 def grounding_paths(cfg: RunConfig, dataset: str) -> GroundingPaths:
@@ -108,7 +122,7 @@ def run_grounding(cfg: RunConfig, dataset, backend: GroundingBackend | None = No
     samples = select_splits(dataset, cfg.grounding.ground_splits)
     if paths.boxes.is_file():
         return pd.read_parquet(paths.boxes)
-    backend = backend or build_backend(cfg)
+    backend = backend or build_backend(cfg, dataset)
     return label_dataset(samples, backend, paths.boxes, batch_size=cfg.grounding.ground_batch_size or None,
                          progress=progress)
 

@@ -70,7 +70,8 @@ def run_notebooks(cfg: RunConfig, steps: Sequence[str] = PIPELINE, run_id: str |
     sources = {name: notebook_dir() / f"{name}.ipynb" for name in steps}
     for name, source in sources.items():
         if not source.is_file():
-            raise FileNotFoundError(f"{source}: no such notebook (steps are {', '.join(PIPELINE)}, 08_part_mask_explorer)")
+            raise FileNotFoundError(f"{source}: no such notebook (steps are {', '.join(PIPELINE)}, "
+                                    "08_part_mask_explorer, 09_retrieval_explorer)")
         # every config key goes in (a notebook's parameters cell names the keys it shows; the steps it calls
         # may read any other key, e.g. rmp_layernorm in stage 2): the whole configuration reaches the kernel
         unknown = [k for k in _notebook_parameters(source) if k not in cfg.to_flat()]

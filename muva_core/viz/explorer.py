@@ -35,7 +35,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ..data.samples import PARTS, Sample
-from .plots import PART_COLOURS, draw_boxes, mask_to_grid, overlay_mask
+from .plots import PART_COLOURS, upsample_mask, blend_parts, display_image, draw_boxes, overlay_mask
 
 __all__ = [
     "ALL_PARTS",
@@ -132,25 +132,6 @@ def part_iou(probabilities: np.ndarray, targets: np.ndarray, threshold: float = 
     iou = mask_iou(probs[None], tgt[None], threshold).numpy().astype(np.float64)
     union = ((probs > threshold) | tgt).sum(-1).numpy()
     return np.where(union > 0, iou, np.nan)
-
-
-def _upsample(mask: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    h, w = size
-    m = mask_to_grid(mask, grid).astype(np.float32)
-    return np.kron(m, np.ones((int(np.ceil(h / grid[0])), int(np.ceil(w / grid[1])))))[:h, :w]
-
-
-def blend_parts(image: np.ndarray, masks: np.ndarray, parts: Sequence[str], grid: tuple[int, int],
-                alpha: float = 0.45) -> np.ndarray:
-    """``image`` (uint8 ``[H, W, 3]``) with each part's patch mask (binary or in [0, 1]) blended in its
-    colour, like :func:`~muva_core.viz.plots.overlay_mask`; returns uint8."""
-    from matplotlib.colors import to_rgb
-
-    out = np.asarray(image, dtype=np.float32) / 255.0
-    for mask, part in zip(masks, parts):
-        up = _upsample(mask, grid, out.shape[:2])[..., None] * alpha
-        out = out * (1 - up) + np.asarray(to_rgb(PART_COLOURS.get(part, "y")), dtype=np.float32) * up
-    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
 def _fmt_iou(value: float | None) -> str:
@@ -279,7 +260,7 @@ def render_view(view: MaskView, alpha: float = 0.5, panel_size: tuple[float, flo
                 for mask, part in zip(probs, parts):
                     binary = mask > state.threshold
                     if binary.any() and not binary.all():
-                        ax.contour(_upsample(binary, grid, (h, w)), levels=[0.5], colors=[PART_COLOURS.get(part, "y")],
+                        ax.contour(upsample_mask(binary, grid, (h, w)), levels=[0.5], colors=[PART_COLOURS.get(part, "y")],
                                    linewidths=1.5)
         elif name == "pseudo":
             base = blend_parts(view.image, view.pseudo[:-1], parts[:-1], grid, alpha)
@@ -551,12 +532,7 @@ class PartMaskExplorer:
     # ------------------------------------------------------------------ masks of one image
     def image(self, sample: Sample) -> np.ndarray:
         """The image resized to the network input, uint8 ``[H, W, 3]``."""
-        from PIL import Image
-
-        from ..data.datasets import read_image
-
-        h, w = self.img_size
-        return np.asarray(read_image(sample.path).resize((w, h), Image.BICUBIC))
+        return display_image(sample.path, self.img_size)
 
     def pseudo_masks(self, sample: Sample) -> np.ndarray | None:
         """The pseudo-label masks ``[P, Npatch]`` (this explorer's parts) of an image, or None."""
@@ -686,7 +662,7 @@ class PartMaskExplorer:
         controls = W.VBox([split, index, layer, part, mode, threshold])
         body = W.HBox([self.image_widget, self.iou_widget], layout=W.Layout(flex_flow="row wrap",
                                                                              align_items="flex-start"))
-        box = _explorer_box_class()([controls, self.caption_widget, body])
+        box = static_png_box_class()([controls, self.caption_widget, body])
         box.static_png = lambda: bytes(self.image_widget.value)
         box.static_text = lambda: (f"part-mask explorer: {self.state.split} image {self.state.index} "
                                    f"({self.sample(self.state.split, self.state.index).key}); interactive in a "
@@ -695,7 +671,7 @@ class PartMaskExplorer:
 
 
 @lru_cache(maxsize=None)
-def _explorer_box_class():
+def static_png_box_class():
     """An ``ipywidgets.VBox`` whose display bundle adds the explorer's current image as ``image/png`` (the
     widget view stays the preferred form wherever widgets render)."""
     import base64

@@ -171,6 +171,25 @@ def mask_to_grid(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return np.asarray(mask).reshape(grid)
 
 
+def upsample_mask(mask: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    h, w = size
+    m = mask_to_grid(mask, grid).astype(np.float32)
+    return np.kron(m, np.ones((int(np.ceil(h / grid[0])), int(np.ceil(w / grid[1])))))[:h, :w]
+
+
+def blend_parts(image: np.ndarray, masks: np.ndarray, parts: Sequence[str], grid: tuple[int, int],
+                alpha: float = 0.45) -> np.ndarray:
+    """``image`` (uint8 ``[H, W, 3]``) with each part's patch mask (binary or in [0, 1]) blended in its
+    colour, like :func:`~muva_core.viz.plots.overlay_mask`; returns uint8."""
+    from matplotlib.colors import to_rgb
+
+    out = np.asarray(image, dtype=np.float32) / 255.0
+    for mask, part in zip(masks, parts):
+        up = upsample_mask(mask, grid, out.shape[:2])[..., None] * alpha
+        out = out * (1 - up) + np.asarray(to_rgb(PART_COLOURS.get(part, "y")), dtype=np.float32) * up
+    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+
+
 def overlay_mask(ax, image, mask: np.ndarray, grid: tuple[int, int], colour: str = "#d62728", alpha: float = 0.45,
                  title: str = "", fontsize: float = 7) -> None:
     """Draw ``image`` with a patch mask (binary or probabilities in [0, 1]) as a coloured overlay."""
@@ -315,3 +334,13 @@ def plot_predicted_masks(samples: Sequence[Sample], probabilities: np.ndarray, g
             ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def display_image(path, size: tuple[int, int]) -> np.ndarray:
+    """An image file as uint8 ``[H, W, 3]`` at ``size = (H, W)`` (the network input; bicubic)."""
+    from PIL import Image
+
+    from ..data.datasets import read_image
+
+    h, w = size
+    return np.asarray(read_image(path).resize((w, h), Image.BICUBIC))
