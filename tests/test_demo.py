@@ -122,7 +122,7 @@ def test_metrics_json_and_the_results_table_report_chance_and_colour_histograms_
 
 def test_the_demo_copies_its_figure_7_and_ranked_lists_to_the_committed_paths(tmp_path, monkeypatch, capsys):
     """`muva demo` (no -p, no --config): after the run, Figure 7 of the run goes to reports/demo-part-masks.png and
-    its ranked lists (notebook 06) to reports/demo-ranked-lists.png (the README shows both); a demo with overrides
+    its ranked lists (notebook 06) to reports/demo-ranked-lists.png (the README shows the first; the second once a full demo has made it); a demo with overrides
     leaves those files alone."""
     import muva_core.cli as cli
     from muva_core.paths import run_folder
