@@ -33,10 +33,10 @@ import torch
 
 from muva_core.config import parse_overrides, resolve_config
 from muva_core.eval.features import resolve_device
-from muva_core.grounding.steps import grounding_paths, load_protocol_masks, prepare_masks
+from muva_core.grounding.steps import prepare_masks, run_masks
 from muva_core.model.factory import build_muva, part_indices
 from muva_core.pipeline import preflight, source_datasets
-from muva_core.precision import cpu_has_native_bf16
+from muva_core.precision import cpu_capabilities
 from muva_core.seeding import seed_everything
 from muva_core.train.memory import PrototypeMemory
 from muva_core.train.stage2 import build_optimizer, stage2_losses, train_loader, train_stage2
@@ -125,12 +125,13 @@ def main(argv=None) -> int:
     cfg.validate()
     device = resolve_device(cfg.device)
     data = preflight(cfg, progress=False)
-    prepare_masks(cfg, source_datasets(data), progress=False)
-    masks = load_protocol_masks({d.name: grounding_paths(cfg, d.name).masks for d in source_datasets(data)})
+    if not cfg.grounding.masks_file:
+        prepare_masks(cfg, source_datasets(data), progress=False)
+    masks = run_masks(cfg, source_datasets(data))
     train, n_ids = _subset(data.train, args.ids)
     model, memory = _model(cfg, n_ids, device)
     batch = next(iter(train_loader(train, masks, cfg)[0]))
-    native = cpu_has_native_bf16() if device.type == "cpu" else True
+    native = cpu_capabilities()["bfloat16_native"] if device.type == "cpu" else True
     print(f"{cfg.data.protocol}: backbone {cfg.model.backbone} at {cfg.data.height}x{cfg.data.width}, batch "
           f"{cfg.data.batch_size}, {len(train)} images of {n_ids} ids, {device}, {torch.get_num_threads()} threads, "
           f"native bfloat16: {native}")
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
     bf16 = bare_step_seconds(cfg, model, memory, batch, device, torch.bfloat16,
                              args.bf16_steps or (args.steps if native else 1))
     c32 = copy.deepcopy(cfg)
-    c32.train.cpu_amp = "off"          # the loop in float32, as the bare step's baseline, whatever the CPU
+    c32.train.cpu_amp = "never"        # the loop in float32, as the bare step's baseline, whatever the CPU
     lp = loop(c32, model, memory, train, masks, device, args.epochs, "train_pass")
     full = loop(c32, model, memory, train, masks, device, args.epochs, "full")
     bare_rate = 1.0 / fp32

@@ -203,3 +203,26 @@ def test_text_encoder_reads_only_up_to_the_last_eot():
     x = te.ln_final(te.transformer(x, attn_mask=te.attn_mask))[torch.arange(6), eot] @ te.text_projection
     assert int(eot.max()) + 1 < emb.shape[1]          # the shortcut is taken
     torch.testing.assert_close(te(emb, eot), x, atol=1e-5, rtol=1e-5)
+
+
+def test_train_throughput_benchmark_runs_and_reports_its_ratios(small_synth_root, cache, capsys):
+    """benchmarks/train_throughput.py on the tiny model and the small set: it prints the bare step, the loop, their
+    ratio and the rebuild's share, and its exit status is its PASS/FAIL (not asserted: timings on a shared CPU)."""
+    import importlib.util
+
+    from muva_core.paths import project_root
+
+    spec = importlib.util.spec_from_file_location("train_throughput",
+                                                  project_root() / "benchmarks" / "train_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code = bench.main(["-p", f"synth_root={small_synth_root}", "-p", "synth_scale=small", "-p", f"cache_dir={cache}",
+                       "-p", "backbone=tiny", "-p", "batch_size=8", "-p", "num_workers=0",
+                       "--ids", "6", "--epochs", "2", "--steps", "1", "--bf16-steps", "1"])
+    out = capsys.readouterr().out
+    assert code in (0, 1)
+    for line in ("bare step float32", "bare step bfloat16", "training loop", "loop / bare step", "VPM-2 rebuild share"):
+        assert line in out, out
+    share = float(out.split("train_pass ")[1].split("%")[0])
+    full = float(out.split("full ")[1].split("%")[0])
+    assert share < full          # the epoch's own features cost less than a feature pass over the training set
