@@ -151,7 +151,10 @@ def _in_jupyterlab(home: Path, tmp_path: Path, notebook: str, interact):
     sync_playwright = _require_browser()
     from muva_core.cli import lab_command
 
-    notebooks_before = sorted(p.name for p in (home / "notebooks").rglob("*"))
+    def listing():
+        return sorted(p.name for p in (home / "notebooks").rglob("*") if ".ipynb_checkpoints" not in p.parts)
+
+    notebooks_before = listing()
     port, token = _free_port(), secrets.token_hex(16)
     base = f"http://127.0.0.1:{port}"
     jupyter = tmp_path / "jupyter"
@@ -189,8 +192,7 @@ def _in_jupyterlab(home: Path, tmp_path: Path, notebook: str, interact):
                 browser.close()
     finally:
         _stop_server(proc, base, token)
-    assert sorted(p.name for p in (home / "notebooks").rglob("*") if ".ipynb_checkpoints" not in p.parts) == \
-        notebooks_before, "the notebook's kernel wrote under notebooks/"
+    assert listing() == notebooks_before, "the notebook's kernel wrote under notebooks/"
     return result
 
 
@@ -203,8 +205,9 @@ def _wait_for_image(page, selector: str, old_src: str | None = None) -> None:
 
 
 @pytest.mark.slow
-def test_explorer_notebook_in_jupyterlab(tiny_demo, tmp_path):
+def test_explorer_notebook_in_jupyterlab(tiny_demo, tmp_path, monkeypatch):
     home = tiny_demo
+    monkeypatch.setenv("MUVA_HOME", str(home))
 
     def interact(page):
         image = page.locator(IMAGE).first
@@ -236,10 +239,11 @@ def test_explorer_notebook_in_jupyterlab(tiny_demo, tmp_path):
 
 
 @pytest.mark.slow
-def test_retrieval_notebook_in_jupyterlab(tiny_demo, tmp_path):
+def test_retrieval_notebook_in_jupyterlab(tiny_demo, tmp_path, monkeypatch):
     """Notebook 09 after a tiny demo, opened as `make lab` does: run all cells, change the query in the widget,
     and the ranked list (its image and its caption) follows."""
     home = tiny_demo
+    monkeypatch.setenv("MUVA_HOME", str(home))
 
     def interact(page):
         image = page.locator(RANKED).first
