@@ -150,7 +150,7 @@ def test_an_interrupted_training_resumes_and_says_from_which_epoch(small_synth_r
 @pytest.mark.parametrize("args, expected", [
     (["-p", "stage2_epochs=-1"], "key 'stage2_epochs' must be >= 1, got -1"),
     (["-p", "mask_threshold=2"], "key 'mask_threshold' must be in (0.0, 1.0), got 2.0"),
-    (["-p", "backbone=vit-b16"], "key 'backbone' must be one of vit-b-16, small, tiny, got 'vit-b16'; did you mean 'vit-b-16'?"),
+    (["-p", "backbone=vit-b16"], "key 'backbone' must be one of vit-b-16, small, mini, tiny, got 'vit-b16'; did you mean 'vit-b-16'?"),
     (["-p", "stage2_epoch=3"], "unknown config key 'stage2_epoch'; did you mean stage2_epochs"),
     (["-p", "batch_size=30"], "batch_size (30) must be a multiple of num_instances (4)"),
     (["--steps", "99"], "--steps 99: no notebook matches"),
