@@ -69,7 +69,7 @@ def test_float16_loss_scale_survives_a_kill(tmp_path, capsys):
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "muva_core.cli", "train", "--protocol", "MS2MA", "--quiet",
                              *_params({**common, "run_dir": killed})], cwd=str(ROOT), stdout=log, stderr=log,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "MUVA_LOCK_TIMEOUT": "3"})  # its lock goes stale fast
     deadline = time.time() + 900
     while time.time() < deadline and proc.poll() is None:
         if ckpt.is_file() and read_checkpoint_info(ckpt)["epoch"] == 1:
@@ -86,7 +86,8 @@ def test_float16_loss_scale_survives_a_kill(tmp_path, capsys):
     load_checkpoint(ckpt, scaler=saved, restore_rng=False)
     assert saved.get_scale() == reference["grad_scale"].iloc[0] != 65536.0
 
-    assert main(["train", "--protocol", "MS2MA", *_params({**common, "run_dir": killed})]) == 0
+    # the killed process's lock (issue 22) is stale once its 3 s heartbeat timeout has passed: --wait breaks it
+    assert main(["train", "--protocol", "MS2MA", "--wait", *_params({**common, "run_dir": killed})]) == 0
     out = capsys.readouterr().out
     assert "resuming stage 2 from epoch 1" in out
     assert f"loss scale {saved.get_scale():g} restored from stage2-last.safetensors" in out
