@@ -384,6 +384,8 @@ def cmd_pretrain_clip(args) -> int:
     from .pretrain import pretrain_clip, report_file
 
     options = {} if args.keep_tokens is None else {"keep_tokens": args.keep_tokens}
+    if args.color_jitter:
+        options["color_jitter"] = True
     path = pretrain_clip(args.out, backbone=args.backbone, seed=args.seed, epochs=args.epochs, scale=args.scale,
                          synth_root=args.synth_root, overwrite=args.overwrite, progress=not args.quiet,
                          image_size=_image_size(args.image_size), reid_root=args.reid_root, **options)
@@ -682,12 +684,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", choices=["tiny", "mini", "small"], default="small")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="default: muva_core.pretrain.DEFAULT_EPOCHS")
-    p.add_argument("--scale", choices=["pretrain", "small"], default="pretrain", help="size of the pretraining set")
+    p.add_argument("--scale", choices=["pretrain", "pretrain-wide", "small"], default="pretrain", help="size of the pretraining set")
     p.add_argument("--synth-root", default=None, help="pretraining set (default: <parent of --out>/synthetic-pretrain)")
     p.add_argument("--image-size", default="256x128", help="HEIGHTxWIDTH of the input (MUVA: 256x128; the Re-ID "
                    "configs' height/width must match, the 16-pixel patch grid is not resized)")
     p.add_argument("--keep-tokens", type=int, default=None, help="patch tokens kept per training image "
                    "(default 32 of the 128 at 256x128; all when at least the grid size)")
+    p.add_argument("--color-jitter", action="store_true", help="photometric jitter (lighting, camera) on every "
+                   "training image")
     p.add_argument("--reid-root", default=None, help="a generated synthetic Re-ID set (e.g. data/synthetic): the "
                    "report adds zero-shot accuracy on the test images of its domains A-D")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint made with other settings")

@@ -113,6 +113,12 @@ SCALES: dict[str, dict[str, Any]] = {
         "ids_per_domain": 600, "images_per_id": [2, 3], "train_frac": 0.75,
         "distractor_frac": 0.0, "junk_frac": 0.0, "min_distractors": 0, "min_junk": 0,
     },
+    "pretrain-wide": {
+        "description": "CLIP language pretraining at 4x the people (domains P, Q, R): 2,400 ids per domain, 3/4 of "
+                       "them train, 2-4 images each (~21.6k images in all)",
+        "ids_per_domain": 2400, "images_per_id": [2, 3], "train_frac": 0.75, "pid_block": 10000,
+        "distractor_frac": 0.0, "junk_frac": 0.0, "min_distractors": 0, "min_junk": 0,
+    },
 }
 """Dataset sizes. ``ids_per_domain`` is split half train, half test (by whole families), or ``train_frac`` train,
 or ``train_ids`` train (families are added to the training split until it holds at least that many ids).
