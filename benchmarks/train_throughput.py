@@ -35,7 +35,8 @@ from muva_core.config import parse_overrides, resolve_config
 from muva_core.eval.features import resolve_device
 from muva_core.grounding.steps import prepare_masks, run_masks
 from muva_core.model.factory import build_muva, part_indices
-from muva_core.pipeline import preflight, source_datasets
+from muva_core.checks import preflight
+from muva_core.data.protocols import source_datasets
 from muva_core.precision import cpu_capabilities
 from muva_core.seeding import seed_everything
 from muva_core.train.memory import PrototypeMemory

@@ -216,14 +216,14 @@ def cmd_doctor(args) -> int:
 
 
 def _resolved(args) -> RunConfig:
-    from .report.runner import resolve_config
+    from .config import resolve_config
 
     return resolve_config(getattr(args, "protocol", None), getattr(args, "config", None),
                           parse_overrides(getattr(args, "param", None)))
 
 
 def cmd_train(args) -> int:
-    from .train.run import train_protocol
+    from .runs import train_protocol
 
     cfg = _resolved(args)
     result = train_protocol(cfg, progress=not args.quiet, wait=args.wait)
@@ -263,7 +263,7 @@ def cmd_export_onnx(args) -> int:
 
     from .export import check_onnx_parity, export_onnx
     from .inference.runs import load_run_model
-    from .paths import config_hash
+    from .config import config_hash
 
     cfg, model = load_run_model(_cli_path(args.run), device="cpu")
     # the file's own "backbone" entry describes the architecture; the config's name goes beside it
@@ -297,16 +297,16 @@ def cmd_search(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .report.runner import parse_steps, run_notebooks
+    from .experiments.runner import parse_steps, run_notebooks
 
     cfg = _resolved(args)
     t0 = time.perf_counter()
     command = getattr(args, "command_line", None) or "muva " + shlex.join(getattr(args, "argv", sys.argv[1:]))
     folder = run_notebooks(cfg, parse_steps(args.steps), run_id=args.run_id, force=args.force,
                            progress=not args.quiet, command=command, wait=args.wait)
-    import json
+    from .runs import Run
 
-    summary = json.loads((folder / "metrics.json").read_text())
+    summary = Run(cfg, folder).summary_record()
     if summary.get("metrics"):
         print(_metrics_line(cfg.data.protocol, summary["metrics"], summary.get("mask_iou_truth") or {}))
     from .paths import resolve
@@ -317,7 +317,7 @@ def cmd_run(args) -> int:
 
 def cmd_sweep(args) -> int:
     from .grounding.labelling import parse_shard
-    from .report.sweep import run_sweep, sweep_dir
+    from .experiments.sweep import run_sweep, sweep_dir
 
     shard = parse_shard(args.shard) if args.shard else None
     cfg = _resolved(args)
@@ -332,7 +332,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_evidence(args) -> int:
     from .grounding.labelling import parse_shard
-    from .report.evidence import PROTOCOLS, run_evidence
+    from .experiments.evidence import PROTOCOLS, run_evidence
 
     shard = parse_shard(args.shard) if args.shard else None
     overrides = parse_overrides(args.param)
@@ -361,10 +361,16 @@ def _metrics_line(protocol: str, metrics: dict, iou: dict) -> str:
 
 
 def cmd_baseline(args) -> int:
-    from .pipeline import run_baseline
+    import pandas as pd
 
-    cfg = _resolved(args)
-    run_baseline(cfg, progress=not args.quiet)
+    from .eval.baselines import run_baseline
+    from .paths import RunFiles
+    from .report.tables import format_table
+
+    record = run_baseline(_resolved(args), progress=not args.quiet)
+    print(format_table(pd.DataFrame(record["metrics"]).T,
+                       f"{record['protocol']}: colour-histogram baselines on the target domain"))
+    print(f"wrote {RunFiles(record['folder']).summary}")
     return 0
 
 
@@ -422,25 +428,12 @@ def cmd_pretrain_clip(args) -> int:
     return 0
 
 
-DEMO_PROTOCOL = "synth:A2B"
-
-
-DEMO_FIGURES = {
-    "07_figure7_predicted_masks.png": ("reports/demo-part-masks.png",
-                                       "figure 7 (predicted part masks on the unseen domain)"),
-    "06_ranked_lists.png": ("reports/demo-ranked-lists.png", "ranked lists (best, median, worst target query by AP)"),
-}
-"""What ``muva demo`` copies from the run's figures to the paths the README shows (run figure -> (path, what))."""
-
-
 def cmd_demo(args) -> int:
     """`muva run` on the default synthetic protocol (configs/synth_A2B.yaml: the language-pretrained small CLIP,
     made first when missing), the chance level and colour histograms beside the model; the demo's own run (no
-    -p, no --config) also copies its Figure 7 and its ranked lists to DEMO_FIGURES."""
-    import json
-    import shutil
-
-    from .paths import resolve, run_folder
+    -p, no --config) also copies its Figure 7 and its ranked lists to the paths the README shows."""
+    from .experiments.runner import DEMO_PROTOCOL, demo_summary
+    from .runs import run_folder
 
     if not getattr(args, "protocol", None):
         args.protocol = DEMO_PROTOCOL
@@ -450,28 +443,14 @@ def cmd_demo(args) -> int:
     rc = cmd_run(args)
     if rc:
         return rc
-    folder = run_folder(_resolved(args))
-    summary = json.loads((folder / "metrics.json").read_text())
-    chance, hist = summary.get("chance_level"), (summary.get("baselines") or {}).get("hist-global")
-    m = summary.get("metrics") or {}
-    if chance and m:
-        print(f"beside it on the same {m.get('num_valid_queries')} queries: random features mAP {chance['mAP']:.1f} "
-              f"Rank-1 {chance['Rank-1']:.1f} (mean of 20 draws; the model: {summary.get('mAP_over_chance')}x)"
-              + (f", colour histograms mAP {hist['mAP']:.1f} Rank-1 {hist['Rank-1']:.1f}" if hist else ""))
-    for name, (path, what) in DEMO_FIGURES.items():
-        figure = folder / "figures" / name
-        if own and figure.is_file():
-            target = resolve(path)
-            if not target.is_file() or target.read_bytes() != figure.read_bytes():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(figure, target)
-            print(f"{what}: {target}")
+    for line in demo_summary(run_folder(_resolved(args)), publish=own):
+        print(line)
     return 0
 
 
 def cmd_report(args) -> int:
     from .paths import project_root, resolve
-    from .report.runner import update_readme_results, write_reports_index
+    from .report.index import update_readme_results, write_reports_index
 
     reports = resolve(args.reports_dir)
     index = write_reports_index(reports)
@@ -703,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("jupyter_args", nargs=argparse.REMAINDER, help="more jupyter lab options, e.g. --no-browser")
     p.set_defaults(func=cmd_lab)
 
-    p = sub.add_parser("demo", help=f"the main job: `muva run` on the synthetic default {DEMO_PROTOCOL} (writes reports/)")
+    p = sub.add_parser("demo", help="the main job: `muva run` on the synthetic default synth:A2B (writes reports/)")
     _add_config_args(p)
     _add_wait_arg(p)
     p.add_argument("--quiet", action="store_true")

@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import hashlib
+import json
 import re
 import typing
 from dataclasses import dataclass, field, fields
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .paths import portable, project_root
 
 
 class ConfigError(ValueError):
@@ -464,6 +468,66 @@ def _coerce(obj: Any, key: str, value: Any, source: str) -> Any:
     if origin in (list, tuple) and isinstance(value, (list, tuple)):
         return type(getattr(obj, key))(value) if getattr(obj, key) is not None else list(value)
     return value
+
+
+# ---- identity: what a configuration trains (its run folder is named by its hash) ----------------
+PATH_KEYS = ("data_root", "synth_root", "cache_dir", "reports_dir", "run_dir", "checkpoint_path", "masks_file")
+"""Config keys that hold file-system paths (relative ones are relative to the project root)."""
+
+OPERATIONAL_KEYS = frozenset({
+    "run_dir", "reports_dir", "resume", "device", "num_workers", "log_every", "num_examples", "ground_batch_size",
+    "cpu_amp", "eval_every",
+})
+"""Keys that say how a run is carried out, not what it trains."""
+
+OMITTED_AT_DEFAULT = {"masks_file": "", "memory_rebuild": "full"}
+"""Keys left out of a configuration's identity while they hold this value: keys added after run folders were
+named, so that those folders keep their names."""
+
+SPELLED_IN_PROTOCOL = frozenset({"sources", "target"})
+"""Keys written into ``protocol`` (``SOURCE+SOURCE->TARGET``): the hash counts them there, once, so run folders
+named before these keys existed keep their names."""
+
+EVAL_SECTION = "eval"
+"""Evaluation keys do not change the trained model either: a resumed run re-evaluates with the new ones."""
+
+
+
+def portable_flat(cfg: RunConfig, root: Path | None = None) -> dict[str, Any]:
+    """The flat configuration with every path key in its portable (root-relative) form."""
+    root = root or project_root()
+    flat = cfg.to_flat()
+    for key in PATH_KEYS:
+        if flat.get(key):
+            flat[key] = portable(flat[key], root)
+    return flat
+
+
+def identity(cfg: RunConfig) -> dict[str, Any]:
+    """The keys that decide what a run trains (all but the operational and evaluation keys), paths portable."""
+    return {k: v for k, v in portable_flat(cfg).items()
+            if k not in OPERATIONAL_KEYS and k not in SPELLED_IN_PROTOCOL and cfg.section_of(k) != EVAL_SECTION
+            and not (k in OMITTED_AT_DEFAULT and v == OMITTED_AT_DEFAULT[k])}
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """8 hex digits naming what a configuration trains (:func:`identity`): runs that differ only in how they
+    are carried out (device, workers, ``resume``) or evaluated share a folder."""
+    return hashlib.sha1(json.dumps(identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def config_differences(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """``{key: (old value, new value)}`` for the keys of :func:`identity` that differ."""
+    a, b = identity(old), identity(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def store_portable_paths(cfg: RunConfig) -> RunConfig:
+    """Rewrite ``cfg``'s path keys in their portable form (what a run folder's ``config.yaml`` holds, so the
+    folder reopens from any working directory); returns ``cfg``."""
+    root = project_root()
+    values = {k: portable(v, root) for k, v in cfg.to_flat().items() if k in PATH_KEYS and v}
+    return cfg.update(values, source="paths")
 
 
 def protocol_config_path(protocol: str) -> Path:

@@ -11,13 +11,12 @@ numbers to ``<run folder>/metrics/<step>.json`` where the runner and tests read 
 from __future__ import annotations
 
 import ast
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
 from .config import ConfigError, RunConfig, _unknown_key_message, resolve_config
-from .io import write_json
-from .paths import existing_run_folder, figures_folder, resolve, run_folder
+from .paths import RunFiles, resolve
+from .runs import Recorded, Run, run_folder
 
 
 def _literal_assignments(source: str) -> dict[str, Any] | None:
@@ -69,44 +68,66 @@ def config_from_namespace(namespace: Mapping[str, Any]) -> RunConfig:
         params = {k: v for k, v in namespace.items() if k in known}
     values = {k: v for k, v in params.items() if v is not None}
     if values.get("run_dir"):
-        saved = resolve(values["run_dir"]) / "config.yaml"
+        saved = RunFiles(resolve(values["run_dir"])).config
         if saved.is_file():  # an existing run folder: its configuration, then the parameters given
             return RunConfig.from_yaml(saved, values)
     return resolve_config(overrides=values)
 
 
 def run_dir(cfg: RunConfig) -> Path:
-    """The run folder (see :func:`muva_core.paths.run_folder`)."""
+    """The run folder (see :func:`muva_core.runs.run_folder`)."""
     return run_folder(cfg)
 
 
 def trained_run(cfg: RunConfig) -> Path:
-    """The run folder of ``cfg`` that must already hold a trained ``model.safetensors`` (notebooks 06-08)."""
-    folder = existing_run_folder(cfg.run_dir) if cfg.run_dir else run_folder(cfg)
-    if not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"no trained model in {folder} (model.safetensors): run notebooks 04-05 with the "
-                                f"same parameters, or `muva train --protocol '{cfg.data.protocol}'`, first")
-    return folder
+    """The run folder of ``cfg`` that must already hold a trained ``model.safetensors`` (notebooks 06-09)."""
+    run = Run.of(cfg, require_config=True)
+    run.trained_model()
+    return run.folder
+
+
+def trained_model(cfg: RunConfig) -> Path:
+    """The trained model file of ``cfg``'s run folder (an error saying how to train it when missing)."""
+    return Run.of(cfg, require_config=True).trained_model()
 
 
 def figures_dir(cfg: RunConfig) -> Path:
-    return figures_folder(cfg)
-
-
-class Recorded(str):
-    """The path of a step's record; shows as ``recorded: <path>`` as a cell's last value."""
-
-    def __repr__(self) -> str:
-        return f"recorded: {self}"
+    return Run(cfg).figures
 
 
 def record(cfg: RunConfig, step: str, values: Mapping[str, Any]) -> Recorded:
     """Write a step's recorded values to ``<run folder>/metrics/<step>.json`` (atomically) and return the path."""
-    path = run_folder(cfg) / "metrics" / f"{step}.json"
-    write_json(path, dict(values))
-    return Recorded(path)
+    return Run(cfg).record(step, values)
 
 
 def read_record(folder: str | Path, step: str) -> dict:
     """Read back what :func:`record` wrote for ``step`` under a run folder."""
-    return json.loads((Path(folder) / "metrics" / f"{step}.json").read_text())
+    return Run(RunConfig(), folder).read_record(step)
+
+
+def part_mask_explorer(cfg: RunConfig, progress: bool = False):
+    """Notebook 08's explorer: from the run folder when it holds a trained model, else from the protocol's mask
+    files. A ``run_dir`` that was given must exist."""
+    from .viz.explorer import PartMaskExplorer
+
+    run = Run.of(cfg)
+    if run.model.is_file():
+        return PartMaskExplorer.from_run(run.folder, device=cfg.device, progress=progress)
+    return PartMaskExplorer.from_masks(cfg, progress=progress)
+
+
+def retrieval_explorer(cfg: RunConfig, progress: bool = False):
+    """Notebook 09's explorer: the trained model of ``cfg``'s run folder on its protocol's target."""
+    from .data.protocols import load_protocol
+    from .eval.features import resolve_device
+    from .inference.ranked import ranked_lists_of_model
+    from .train.run import load_trained
+    from .viz.retrieval import RetrievalExplorer
+
+    path = trained_model(cfg)
+    data = load_protocol(cfg, progress=progress)
+    device = resolve_device(cfg.device)
+    model = load_trained(cfg, path, data.num_classes, device)
+    lists = ranked_lists_of_model(model, data.query, data.gallery, cfg, device, progress=progress)
+    return RetrievalExplorer(lists, (cfg.data.height, cfg.data.width), cfg.model.mask_threshold,
+                             source=f"{path.parent} on {data.protocol.target} ({data.protocol.name})")

@@ -162,7 +162,7 @@ def test_shapes_are_checked_against_the_configured_grid_and_nothing_is_written(m
 def test_a_run_with_masks_file_checks_it_and_skips_grounding(tmp_path, capsys):
     from muva_core.config import resolve_config
     from muva_core.grounding.steps import imported_masks, run_masks, skipped_note
-    from muva_core.pipeline import preflight
+    from muva_core.checks import preflight
 
     root = tmp_path / "data"
     paper_trees.msmt17_v1(root)

@@ -19,7 +19,7 @@ import pytest
 from muva_core.cli import build_parser, main
 from muva_core.config import resolve_config
 from muva_core.locks import ENV_HELD, ENV_TIMEOUT, LOCK_NAME, LockHeld, hold, read_lock
-from muva_core.paths import run_folder
+from muva_core.runs import run_folder
 from test_readme_commands import _params, tiny
 
 ROOT = Path(__file__).resolve().parents[1]

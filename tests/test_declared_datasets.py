@@ -150,7 +150,7 @@ def test_unreadable_images_are_reported_all_at_once(listed, capsys):
 
 def test_sources_and_target_keys_name_the_protocol(listed, tmp_path, monkeypatch):
     from muva_core.data.protocols import get_protocol
-    from muva_core.paths import identity
+    from muva_core.config import identity
 
     (tmp_path / "home").mkdir()
     monkeypatch.setenv("MUVA_HOME", str(tmp_path / "home"))

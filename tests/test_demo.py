@@ -58,7 +58,8 @@ def test_every_synthetic_config_starts_from_the_language_pretrained_clip_and_the
 
 def test_preflight_makes_the_clip_once_reuses_it_and_refuses_other_settings(small_synth_root, tmp_path, small_clip):
     from muva_core.model.factory import build_muva
-    from muva_core.pipeline import ensure_pretrained_clip, preflight
+    from muva_core.pretrain.provision import ensure_pretrained_clip
+    from muva_core.checks import preflight
 
     cfg = RunConfig().update({"protocol": "synth:A2B", "synth_root": str(small_synth_root), "synth_scale": "small",
                               "data_root": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache"),
@@ -100,7 +101,8 @@ def _fake_run(folder: Path, cfg: RunConfig, with_baselines: bool = True) -> None
 
 
 def test_metrics_json_and_the_results_table_report_chance_and_colour_histograms_beside_the_model(tmp_path):
-    from muva_core.report.runner import results_table, summarise_run
+    from muva_core.experiments.runner import summarise_run
+    from muva_core.report.index import results_table
 
     cfg = resolve_config("synth:A2B")
     folder = tmp_path / "reports" / "synth_A2B" / "run-x"
@@ -125,7 +127,7 @@ def test_the_demo_copies_its_figure_7_and_ranked_lists_to_the_committed_paths(tm
     its ranked lists (notebook 06) to reports/demo-ranked-lists.png (the README shows the first; the second once a full demo has made it); a demo with overrides
     leaves those files alone."""
     import muva_core.cli as cli
-    from muva_core.paths import run_folder
+    from muva_core.runs import run_folder
 
     monkeypatch.setenv("MUVA_HOME", str(tmp_path))
     (tmp_path / "configs").mkdir()
@@ -137,7 +139,7 @@ def test_the_demo_copies_its_figure_7_and_ranked_lists_to_the_committed_paths(tm
         cfg = cli._resolved(args)
         folder = run_folder(cfg)
         _fake_run(folder, cfg)
-        from muva_core.report.runner import summarise_run
+        from muva_core.experiments.runner import summarise_run
 
         (folder / "metrics.json").write_text(json.dumps(summarise_run(folder, cfg, {})))
         (folder / "figures").mkdir()

@@ -6,19 +6,8 @@ import math
 import pandas as pd
 import pytest
 
-from muva_core.report.evidence import (
-    RECIPE_TABLES,
-    CLAIMS,
-    PROTOCOLS,
-    TABLES,
-    claim_variants,
-    evaluate_claims,
-    plan_runs,
-    protocol_configs,
-    run_evidence,
-    scale_overrides,
-    verdict,
-)
+from muva_core.experiments.evidence import RECIPE_TABLES, PROTOCOLS, TABLES, claim_variants, plan_runs, protocol_configs, run_evidence, scale_overrides
+from muva_core.report.evidence import CLAIMS, evaluate_claims, verdict
 from muva_core.report.paper import ABLATIONS
 
 

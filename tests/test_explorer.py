@@ -12,8 +12,9 @@ import torch
 from muva_core.config import RunConfig
 from muva_core.data.datasets import read_image
 from muva_core.data.samples import PARTS, Sample
-from muva_core.eval.masks import mask_iou, truth_patch_masks
-from muva_core.grounding.voting import MaskStore
+from muva_core.eval.masks import mask_iou
+from muva_core.grounding.voting import MaskStore, truth_patch_masks
+from muva_core.notebook import part_mask_explorer
 from muva_core.viz.explorer import (
     ExplorerState,
     PartMaskExplorer,
@@ -276,7 +277,7 @@ def tiny_cfg(synth_root: Path, folder: Path, cache: Path) -> RunConfig:
 
 @pytest.fixture(scope="module")
 def trained(small_synth_root, tmp_path_factory) -> RunConfig:
-    from muva_core.train.run import train_protocol
+    from muva_core.runs import train_protocol
 
     tmp = tmp_path_factory.mktemp("explorer")
     cfg = tiny_cfg(small_synth_root, tmp / "run", tmp / "cache")
@@ -420,12 +421,12 @@ def test_from_masks_and_from_config(trained, tmp_path):
     assert list(view.iou.columns) == ["pseudo vs truth"]
     ex.widget()
     assert ex.controls["threshold"].disabled and ex.image_widget.value[:4] == b"\x89PNG"
-    assert PartMaskExplorer.from_config(trained).has_model
+    assert part_mask_explorer(trained).has_model
     other = RunConfig().update({**trained.to_flat(), "run_dir": str(tmp_path / "no-model")})
     with pytest.raises(FileNotFoundError, match="run folder not found"):     # a run_dir given must exist
-        PartMaskExplorer.from_config(other)
+        part_mask_explorer(other)
     (tmp_path / "no-model").mkdir()                                          # a run folder of notebooks 01-03
-    assert not PartMaskExplorer.from_config(other).has_model
+    assert not part_mask_explorer(other).has_model
     with pytest.raises(FileNotFoundError, match="no pseudo-label mask file for synth_A"):
         PartMaskExplorer.from_masks(RunConfig().update({**other.to_flat(), "cache_dir": str(tmp_path / "empty")}))
     with pytest.raises(FileNotFoundError, match="no trained model"):

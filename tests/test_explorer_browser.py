@@ -134,7 +134,7 @@ def tiny_demo(tmp_path_factory) -> Path:
     """A workbook folder holding notebooks 08 and 09 and the tiny demo's trained run (what `make demo` leaves
     behind), shared by the two notebooks' tests."""
     from muva_core.config import resolve_config
-    from muva_core.train.run import train_protocol
+    from muva_core.runs import train_protocol
 
     home = _workbook(tmp_path_factory.mktemp("lab") / "workbook", [NOTEBOOK, RETRIEVAL])
     with pytest.MonkeyPatch.context() as mp:

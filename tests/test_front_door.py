@@ -11,8 +11,9 @@ import pytest
 
 from muva_core.cli import main
 from muva_core.config import ConfigError, RunConfig, resolve_config
-from muva_core.paths import (RunFolderError, claim_run_folder, config_hash, portable, project_root, resolve,
-                             run_folder)
+from muva_core.runs import RunFolderError, claim_run_folder, run_folder
+from muva_core.config import config_hash
+from muva_core.paths import portable, project_root, resolve
 from conftest import tiny_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +123,7 @@ def test_muva_train_keys_folders_by_config_refuses_changed_resumes_and_says_wher
 
 @pytest.mark.slow
 def test_an_interrupted_training_resumes_and_says_from_which_epoch(small_synth_root, tmp_path, monkeypatch, capsys):
-    from muva_core.train import run as run_module
+    from muva_core import runs as runs_module
     from muva_core.train import stage2 as stage2_module
 
     cfg = tiny_run_config(small_synth_root, tmp_path / "run", tmp_path / "cache", stage1_epochs=1,
@@ -137,10 +138,10 @@ def test_an_interrupted_training_resumes_and_says_from_which_epoch(small_synth_r
 
     monkeypatch.setattr(stage2_module, "rebuild_memory", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_module.train_protocol(cfg, progress=True)
+        runs_module.train_protocol(cfg, progress=True)
     monkeypatch.setattr(stage2_module, "rebuild_memory", original)
     capsys.readouterr()
-    run_module.train_protocol(tiny_run_config(small_synth_root, tmp_path / "run", tmp_path / "cache",
+    runs_module.train_protocol(tiny_run_config(small_synth_root, tmp_path / "run", tmp_path / "cache",
                                               stage1_epochs=1, stage2_epochs=2), progress=True)
     out = capsys.readouterr().out
     assert "resuming stage 2 from epoch 1" in out and "stage 2 epoch 2/2" in out
@@ -227,7 +228,7 @@ def test_muva_run_prints_the_notebooks_progress_and_no_kernel_warning(small_synt
 # ---- 2 + 8. reopening a run from anywhere: eval, export-onnx, the explorer ------------------------------
 @pytest.fixture(scope="module")
 def trained_tiny(small_synth_root, tmp_path_factory):
-    from muva_core.train.run import train_protocol
+    from muva_core.runs import train_protocol
 
     tmp = tmp_path_factory.mktemp("trained")
     cfg = tiny_run_config(small_synth_root, tmp / "run", tmp / "cache", stage1_epochs=1, stage1_warmup_epochs=0,
@@ -266,23 +267,22 @@ def test_eval_with_k_reciprocal_re_ranking(trained_tiny, capsys):
 def test_a_missing_run_folder_is_named_as_such(tmp_path, capsys):
     assert main(["eval", "--run", str(tmp_path / "nope")]) == 2
     assert "run folder not found" in capsys.readouterr().err
-    from muva_core.viz.explorer import PartMaskExplorer
+    from muva_core.notebook import part_mask_explorer
 
     with pytest.raises(FileNotFoundError, match="run_dir=reports/synth_A2B/run-typo: run folder not found"):
-        PartMaskExplorer.from_config(resolve_config("synth:A2B", overrides={"run_dir": "reports/synth_A2B/run-typo"}))
+        part_mask_explorer(resolve_config("synth:A2B", overrides={"run_dir": "reports/synth_A2B/run-typo"}))
 
 
 def test_the_explorer_reopens_a_run_with_relative_cache_paths_from_the_notebooks_folder(
         trained_tiny, tmp_path, monkeypatch):
     """The run's config.yaml holds paths relative to the project root; the kernel of notebook 08 runs in
     notebooks/: the pseudo-label panel must still be found."""
-    from muva_core.notebook import config_from_namespace
-    from muva_core.viz.explorer import PartMaskExplorer
+    from muva_core.notebook import config_from_namespace, part_mask_explorer
 
     monkeypatch.chdir(ROOT / "notebooks")
     cfg = config_from_namespace({"run_dir": str(trained_tiny), "device": "cpu"})
     assert cfg.data.synth_scale == "small"            # the run folder's own configuration
-    explorer = PartMaskExplorer.from_config(cfg)
+    explorer = part_mask_explorer(cfg)
     view = explorer.view(explorer.default_state())
     assert explorer.has_model and view.pseudo is not None
     assert any("pseudo" in c for c in view.iou.columns)
@@ -309,7 +309,7 @@ def test_record_shows_a_short_line_as_a_cells_last_value(tmp_path):
 
 # ---- 10. the README says how to open the workbook and what `muva run` runs ----------------------------
 def test_readme_lists_every_notebook_make_lab_and_the_steps_of_muva_run():
-    from muva_core.report.runner import PIPELINE
+    from muva_core.experiments.runner import PIPELINE
 
     readme = (ROOT / "README.md").read_text()
     for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):

@@ -246,7 +246,7 @@ def test_chance_level_of_random_features():
     from types import SimpleNamespace
 
     from muva_core.config import RunConfig
-    from muva_core.pipeline import chance_level
+    from muva_core.eval.baselines import chance_level
 
     query = [SimpleNamespace(pid=p, camid=0) for p in range(10)]
     gallery = [SimpleNamespace(pid=p, camid=1) for p in range(10) for _ in range(5)]

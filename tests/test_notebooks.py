@@ -91,7 +91,7 @@ def test_notebooks_01_to_09_from_the_notebooks_folder_share_one_run_folder(tmp_p
     """Default parameters plus small-scale overrides only; no run_dir: every notebook finds the run folder
     the earlier ones wrote (reports/<protocol>/run-<config hash>), and nothing is written under notebooks/."""
     from muva_core.config import resolve_config
-    from muva_core.paths import run_folder
+    from muva_core.runs import run_folder
 
     small = {"synth_root": str(small_synth_root), "synth_scale": "small", "cache_dir": str(tmp_path / "cache"),
              "reports_dir": str(tmp_path / "reports"), "backbone": "tiny", "pretrained": "none",

@@ -111,7 +111,8 @@ def test_ms2ma_as_shipped_with_vit_b16(tmp_path, capsys):
     import torch
 
     from muva_core.config import resolve_config
-    from muva_core.paths import config_differences, run_folder
+    from muva_core.config import config_differences
+    from muva_core.runs import run_folder
     from muva_core.precision import precision_plan
 
     data, masks = _trees(tmp_path, ids=16)

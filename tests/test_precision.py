@@ -53,7 +53,7 @@ def test_gpu_precision_is_amp_dtype_with_a_scaler_for_float16():
 
 
 def test_cpu_amp_is_operational_and_does_not_rename_runs():
-    from muva_core.paths import config_hash
+    from muva_core.config import config_hash
 
     assert config_hash(RunConfig().update({"cpu_amp": "always"})) == config_hash(RunConfig())
     assert config_hash(RunConfig().update({"masks_file": "x.safetensors"})) != config_hash(RunConfig())

@@ -19,7 +19,7 @@ import pytest
 
 from muva_core.cli import main
 from muva_core.config import resolve_config
-from muva_core.paths import run_folder
+from muva_core.runs import run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -195,7 +195,7 @@ def test_a_recipe_sets_the_keys_not_given_and_explicit_keys_win_in_any_order():
 
 
 def test_two_spellings_of_a_recipe_name_the_same_run(tmp_path):
-    from muva_core.paths import config_hash
+    from muva_core.config import config_hash
 
     plain = RunConfig().update({"recipe": "reference", "seed": 1})
     spelled = RunConfig().update({"seed": 1, "train": {"cmp_temperature": 1.0}, "recipe": "reference",
@@ -604,7 +604,7 @@ def cache(tmp_path_factory):
 
 
 def test_workbook_recipe_gives_todays_numbers(small_synth_root, cache, tmp_path):
-    from muva_core.train.run import train_protocol
+    from muva_core.runs import train_protocol
 
     cfg = tiny_run_config(small_synth_root, tmp_path / "run", cache, recipe="workbook")
     result = train_protocol(cfg, progress=False)
@@ -616,7 +616,8 @@ def test_workbook_recipe_gives_todays_numbers(small_synth_root, cache, tmp_path)
 
 
 def test_reference_recipe_trains_with_raw_prototypes_and_its_schedules(small_synth_root, cache, tmp_path):
-    from muva_core.train.run import finish_run, prepare_run, stage1, stage2
+    from muva_core.runs import prepare_run
+    from muva_core.train.run import finish_run, stage1, stage2
 
     cfg = tiny_run_config(small_synth_root, tmp_path / "run", cache, recipe="reference")
     ctx = prepare_run(cfg, progress=False)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from muva_core import precision
 from muva_core.config import ConfigError, RunConfig, parse_overrides
-from muva_core.train import run as run_module
+from muva_core import runs as runs_module
 from muva_core.train.memory import PrototypeMemory
 from conftest import tiny_run_config
 
@@ -56,7 +56,7 @@ def test_rebuild_from_accumulated_needs_a_built_memory():
 def test_train_pass_run_records_accuracy_and_resumes_to_the_same_model(small_synth_root, cache, tmp_path,
                                                                       monkeypatch):
     short = {"stage1_epochs": 2, "stage2_epochs": 3, "memory_rebuild": "train_pass", "lr_milestones": [3]}
-    whole = run_module.train_protocol(tiny_run_config(small_synth_root, tmp_path / "whole", cache, **short),
+    whole = runs_module.train_protocol(tiny_run_config(small_synth_root, tmp_path / "whole", cache, **short),
                                       progress=False)
     h = whole.history_stage2
     assert h["train_id_acc"].between(0, 1).all()
@@ -74,11 +74,11 @@ def test_train_pass_run_records_accuracy_and_resumes_to_the_same_model(small_syn
 
     monkeypatch.setattr(PrototypeMemory, "rebuild_from_accumulated", killed_at_the_end_of_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        run_module.train_protocol(tiny_run_config(small_synth_root, tmp_path / "resumed", cache, **short),
+        runs_module.train_protocol(tiny_run_config(small_synth_root, tmp_path / "resumed", cache, **short),
                                   progress=False)
     assert len(pd.read_csv(tmp_path / "resumed" / "history_stage2.csv")) == 1
     monkeypatch.setattr(PrototypeMemory, "rebuild_from_accumulated", original)
-    resumed = run_module.train_protocol(tiny_run_config(small_synth_root, tmp_path / "resumed", cache, **short),
+    resumed = runs_module.train_protocol(tiny_run_config(small_synth_root, tmp_path / "resumed", cache, **short),
                                         progress=False)
     assert resumed.metrics == whole.metrics
     pd.testing.assert_frame_equal(resumed.history_stage2.drop(columns=TIMING), h.drop(columns=TIMING))
@@ -86,9 +86,9 @@ def test_train_pass_run_records_accuracy_and_resumes_to_the_same_model(small_syn
 
 def test_diagnostics_leave_the_training_alone_and_match_the_final_evaluation(small_synth_root, cache, tmp_path):
     short = {"stage1_epochs": 2, "stage2_epochs": 3, "lr_milestones": [3]}
-    plain = run_module.train_protocol(tiny_run_config(small_synth_root, tmp_path / "plain", cache, **short),
+    plain = runs_module.train_protocol(tiny_run_config(small_synth_root, tmp_path / "plain", cache, **short),
                                       progress=False)
-    diag = run_module.train_protocol(
+    diag = runs_module.train_protocol(
         tiny_run_config(small_synth_root, tmp_path / "diag", cache, eval_every=2, **short), progress=False)
     h = diag.history_stage2
     # epochs 2 and 3 (every 2nd, and the last) carry the target and the held-out source metrics
@@ -111,7 +111,7 @@ def test_diagnostics_leave_the_training_alone_and_match_the_final_evaluation(sma
 
 
 def test_eval_every_is_not_part_of_the_run_identity():
-    from muva_core.paths import config_hash
+    from muva_core.config import config_hash
 
     a = RunConfig().update({"protocol": "synth:A2B"})
     b = RunConfig().update({"protocol": "synth:A2B", "eval_every": 3})

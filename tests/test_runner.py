@@ -7,7 +7,8 @@ import pytest
 
 from muva_core.cli import main
 from muva_core.config import ConfigError
-from muva_core.report.runner import parse_steps, resolve_config, run_notebooks
+from muva_core.config import resolve_config
+from muva_core.experiments.runner import parse_steps, run_notebooks
 
 
 def tiny_overrides(synth_root, tmp_path) -> dict:
@@ -53,7 +54,7 @@ def test_run_executes_every_notebook_then_skips_unchanged_steps(small_synth_root
     assert {"07_figure5_box_heights.png", "07_figure7_predicted_masks.png"} <= set(figures["figures"])
     assert set(figures["cost"]) == {"MUVA", "MUVA (w/o AM-MSA)"}
     assert figures["cost"]["MUVA"]["params_infer_M"] > figures["cost"]["MUVA (w/o AM-MSA)"]["params_infer_M"]
-    from muva_core.report.runner import results_table, update_readme_results
+    from muva_core.report.index import results_table, update_readme_results
 
     table = results_table(tmp_path / "reports")
     rr = summary["metrics_reranked"]   # notebook 06's k-reciprocal re-ranked metrics beside the paper's protocol

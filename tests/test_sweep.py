@@ -7,7 +7,7 @@ import pytest
 from muva_core.config import RunConfig
 from muva_core.report import sweep as sweep_module
 from muva_core.report.paper import ABLATIONS
-from muva_core.report.sweep import VARIANTS, run_sweep, sweep_dir, variant_slug
+from muva_core.experiments.sweep import VARIANTS, run_sweep, sweep_dir, variant_slug
 
 
 def test_every_table_has_variants_matching_the_paper_rows():
@@ -45,7 +45,7 @@ def test_one_process_and_three_sharing_the_sweep_write_the_same_table(small_synt
     from muva_core.cli import main
     from muva_core.config import resolve_config
     from muva_core.locks import LOCK_NAME, hold
-    from muva_core.paths import run_folder
+    from muva_core.runs import run_folder
     from test_cluster import SWEEP, _done, _muva
     from test_readme_commands import _params, tiny
 

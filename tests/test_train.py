@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from muva_core.config import RunConfig
+from muva_core import runs as runs_module
 from muva_core.train import run as run_module
 from muva_core.train import stage2 as stage2_module
 from conftest import tiny_run_config
@@ -27,7 +28,7 @@ def cache(tmp_path_factory):
 
 
 def test_full_pipeline_records_metrics_and_histories(small_synth_root, cache, tmp_path):
-    result = run_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "run", cache), progress=False)
+    result = runs_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "run", cache), progress=False)
     assert set(result.metrics) >= {"mAP", "Rank-1", "Rank-5", "Rank-10", "mINP"}
     assert 0 <= result.metrics["mAP"] <= 100
     assert set(result.mask_iou_truth) == {"head", "upper", "legs"}
@@ -40,7 +41,7 @@ def test_full_pipeline_records_metrics_and_histories(small_synth_root, cache, tm
     assert (tmp_path / "run" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "metrics" / "train.json").is_file()
     # the saved model reloads and gives the same metrics
-    from muva_core.pipeline import load_protocol
+    from muva_core.data.protocols import load_protocol
 
     saved_cfg = RunConfig.from_yaml(result.run_dir / "config.yaml")
     data = load_protocol(saved_cfg, progress=False)
@@ -51,7 +52,7 @@ def test_full_pipeline_records_metrics_and_histories(small_synth_root, cache, tm
 
 def test_resumed_run_ends_with_the_same_metrics(small_synth_root, cache, tmp_path, monkeypatch):
     short = {"stage1_epochs": 2, "stage2_epochs": 2}
-    whole = run_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "whole", cache, **short), progress=False)
+    whole = runs_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "whole", cache, **short), progress=False)
 
     original = stage2_module.rebuild_memory
     calls = {"n": 0}
@@ -64,10 +65,10 @@ def test_resumed_run_ends_with_the_same_metrics(small_synth_root, cache, tmp_pat
 
     monkeypatch.setattr(stage2_module, "rebuild_memory", killed_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        run_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "resumed", cache, **short), progress=False)
+        runs_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "resumed", cache, **short), progress=False)
     assert len(pd.read_csv(tmp_path / "resumed" / "history_stage2.csv")) == 1
     monkeypatch.setattr(stage2_module, "rebuild_memory", original)
-    resumed = run_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "resumed", cache, **short),
+    resumed = runs_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "resumed", cache, **short),
                                         progress=False)
     assert resumed.metrics == whole.metrics
     timing = ["seconds", "rebuild_seconds"]
@@ -89,7 +90,7 @@ def test_resumed_run_ends_with_the_same_metrics(small_synth_root, cache, tmp_pat
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_every_ablation_switch_trains_one_epoch(small_synth_root, cache, tmp_path, overrides):
     cfg = tiny_cfg(small_synth_root, tmp_path / "run", cache, stage1_epochs=2, stage2_epochs=1, **overrides)
-    result = run_module.train_protocol(cfg, progress=False)
+    result = runs_module.train_protocol(cfg, progress=False)
     assert result.metrics["mAP"] > 0
     h2 = result.history_stage2
     assert ("loss_i2tce" in h2) == (not cfg.train.vision_only)
@@ -110,18 +111,18 @@ def test_missing_masks_fail_fast_with_the_mask_file(small_synth_root, cache, tmp
 
     monkeypatch.setattr(steps, "load_protocol_masks", partial)
     with pytest.raises(MissingMasksError, match="masks-"):
-        run_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "run", cache), progress=False)
+        runs_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "run", cache), progress=False)
 
 
 def test_unknown_protocol_fails_fast(small_synth_root, cache, tmp_path):
     with pytest.raises(ValueError, match="synth:A2Z"):
-        run_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "run", cache, protocol="synth:A2Z"), progress=False)
+        runs_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "run", cache, protocol="synth:A2Z"), progress=False)
 
 
 def test_missing_clip_checkpoint_names_the_path(small_synth_root, cache, tmp_path):
     missing = tmp_path / "nowhere" / "clip.safetensors"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        run_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "run", cache, checkpoint_path=str(missing)),
+        runs_module.train_protocol(tiny_cfg(small_synth_root, tmp_path / "run", cache, checkpoint_path=str(missing)),
                                   progress=False)
 
 
@@ -132,7 +133,7 @@ def test_ddp_two_processes_gloo(small_synth_root, cache, tmp_path):
     script.write_text(
         "import sys\n"
         "from muva_core.config import RunConfig\n"
-        "from muva_core.train.run import train_protocol\n"
+        "from muva_core.runs import train_protocol\n"
         "cfg = RunConfig.from_yaml(sys.argv[1])\n"
         "train_protocol(cfg, progress=False)\n"
     )

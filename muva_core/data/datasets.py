@@ -244,16 +244,32 @@ class ReIDDataset:
                 out.append(c)
         return out
 
-    def resolve_root(self, root: Path) -> Path:
-        """Find the dataset folder: ``root`` itself or a conventional sub-folder of it."""
-        if not root.is_dir():
-            raise DatasetError(f"{self.name}: root folder does not exist: {root}")
+    def _search(self, root: Path) -> tuple[Path | None, list[str]]:
+        """The dataset folder under ``root`` (or None), and each folder tried before it with why not."""
         tried: list[str] = []
         for cand in self.candidate_dirs(root):
             why = self._looks_like(cand) if cand.is_dir() else "does not exist"
             if why is None:
-                return cand
+                return cand, tried
             tried.append(f"  {cand}  ({why})")
+        return None, tried
+
+    @classmethod
+    def folders_tried(cls, root: Path) -> list[str]:
+        """``[]`` when the dataset's folder is found under ``root``, else each folder tried and why not (the
+        class's folder rules, nothing parsed)."""
+        if not root.is_dir():
+            return [f"  {root}  (does not exist)"]
+        found, tried = cls.__new__(cls)._search(root)
+        return [] if found is not None else tried
+
+    def resolve_root(self, root: Path) -> Path:
+        """Find the dataset folder: ``root`` itself or a conventional sub-folder of it."""
+        if not root.is_dir():
+            raise DatasetError(f"{self.name}: root folder does not exist: {root}")
+        found, tried = self._search(root)
+        if found is not None:
+            return found
         raise DatasetError(
             f"{self.name}: cannot find the dataset under {root}; tried:\n" + "\n".join(tried)
         )

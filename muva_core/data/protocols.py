@@ -389,3 +389,49 @@ def build_protocol_data(name: str | Protocol, roots: Mapping[str, str | os.PathL
 
 
 _register_builtin()
+
+
+# ---- a configuration's protocol data (``cfg`` is a :class:`~muva_core.config.RunConfig`) ----------------------
+def ensure_synthetic(cfg, progress: bool = True) -> Path:
+    """Generate the synthetic domains of the protocol at ``cfg.data.synth_root`` unless they are there already
+    (the other domains are added when a protocol needs them)."""
+    from ..paths import resolve
+    from .synthetic import generate_synthetic
+
+    proto = get_protocol(cfg.data.protocol)
+    domains = [d.removeprefix("synth_") for d in dict.fromkeys((*proto.sources, proto.target))
+               if d.startswith("synth_")]
+    return generate_synthetic(resolve(cfg.data.synth_root), seed=cfg.data.synth_seed, scale=cfg.data.synth_scale,
+                              domains=domains, progress=progress)
+
+
+def protocol_roots(cfg) -> dict[str, Path]:
+    """Dataset roots for :func:`build_protocol_data`: the synthetic root, and ``data_root`` for every real dataset
+    (both resolved against the project root)."""
+    from ..paths import resolve
+
+    return {"synth": resolve(cfg.data.synth_root), "*": resolve(cfg.data.data_root)}
+
+
+def load_protocol(cfg, progress: bool = True) -> ProtocolData:
+    """The protocol's data of a configuration; generates the synthetic set if needed."""
+    proto = get_protocol(cfg.data.protocol)
+    declared = load_declared(proto)      # datasets declared in files: checked before anything is generated
+    if proto.synthetic:
+        ensure_synthetic(cfg, progress=progress)
+    return build_protocol_data(proto, protocol_roots(cfg), parsed=declared)
+
+
+def load_dataset_for(cfg, dataset: str, progress: bool = True) -> ReIDDataset:
+    """One dataset, by name or by its file (:mod:`muva_core.data.declared`), with the roots of ``cfg``: a declared
+    dataset under its own root, a synthetic domain in the synthetic set (generated when missing), a real one under
+    ``data_root`` (the folders tried named when it is not there)."""
+    name = dataset_name(dataset)
+    if name.startswith("synth_"):
+        ensure_synthetic(cfg, progress=progress)
+    return load_protocol_dataset(name, protocol_roots(cfg))
+
+
+def source_datasets(data: ProtocolData) -> list:
+    """The parsed source datasets of a protocol (whose train splits get part pseudo-labels)."""
+    return [data.datasets[name] for name in data.sources]

@@ -82,10 +82,23 @@ def register_backend(name: str):
     return deco
 
 
+def available_backends() -> list[str]:
+    """Import every backend module (each registers itself) and list the registered names."""
+    import importlib
+
+    package = __name__.rsplit(".", 1)[0]
+    for mod in ("simulated", "cogvlm", "florence2", "detectors", "pose"):
+        try:
+            importlib.import_module(f"{package}.{mod}")
+        except ModuleNotFoundError as err:  # a backend module not written yet, or an optional dependency missing
+            if err.name and err.name.startswith(package):
+                continue
+            raise
+    return sorted(BACKENDS)
+
+
 def get_backend(name: str, **kwargs) -> GroundingBackend:
     """Build the registered backend ``name`` with its keyword arguments."""
-    from . import available_backends
-
     available_backends()  # imports the backend modules so they register
     if name not in BACKENDS:
         raise ValueError(f"unknown grounding backend {name!r}; registered: {sorted(BACKENDS)}")

@@ -406,3 +406,16 @@ __all__ = [
     "vote_patch_masks",
     "vote_table",
 ]
+
+
+def truth_patch_masks(truth: pd.DataFrame, keys: Sequence[str], img_size=(256, 128), patch: int = 16,
+                      rule: str = "center") -> np.ndarray:
+    """Ground-truth part boxes (a ``load_truth`` table) voted into patch masks ``[len(keys), 3, Npatch]``
+    in the order of ``keys`` (the same voting as the pseudo labels, so the IoUs compare like with like)."""
+    rows = truth[truth["part"].isin(PARTS) & truth["key"].isin(set(keys))]
+    found, masks = vote_table(rows, img_size=img_size, patch=patch, rule=rule, columns="raw")
+    index = {k: i for i, k in enumerate(found)}
+    missing = [k for k in keys if k not in index]
+    if missing:
+        raise KeyError(f"{len(missing)} images have no ground-truth boxes, e.g. {missing[:3]}")
+    return masks[[index[k] for k in keys]]

@@ -160,7 +160,7 @@ def load_embedder(run: str | os.PathLike | None = None, onnx: str | os.PathLike 
     """The embedder of a run folder (its ``model.safetensors``), or of an ``export-onnx`` file run by ONNX Runtime
     (``onnx``; with ``run`` too, the file must match the run's input size and normalisation, and the run's test
     resize is used; alone, the file's metadata gives them)."""
-    from ..paths import config_hash
+    from ..config import config_hash
 
     if run is None and onnx is None:
         raise ConfigError("give the trained run (--run RUN) or an exported model (--onnx MODEL.onnx)")
@@ -373,7 +373,7 @@ class EmbedResult:
 
 def scan_images(embedder: Embedder, samples: Sequence[Sample], what: str, progress: bool = True) -> None:
     """Every image decodes (all unreadable files named in one message), cached by size and date like a run's scan."""
-    from ..pipeline import check_images_readable
+    from ..checks import check_images_readable
 
     check_images_readable(embedder.cfg, samples, what=what, progress=progress)
 

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from ..data.samples import Sample
+from ..viz.ranked import QUERY_SORTS
 
 __all__ = ["PICKS", "RankedLists", "ranked_lists_of_model", "top_k"]
 
@@ -175,7 +176,6 @@ class RankedLists:
 PROTOCOL_NOTE = "same-identity images from the query's own camera are left out, as the evaluation leaves them out"
 
 
-QUERY_SORTS: tuple[str, ...] = ("AP, worst first", "AP, best first", "file name")
 
 
 def ranked_lists_of_model(model, query: Sequence[Sample], gallery: Sequence[Sample], cfg, device,

@@ -20,11 +20,12 @@ __all__ = ["EvalResult", "evaluate_run", "load_run_model", "model_file"]
 def model_file(run: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> Path:
     """The trained model of a run folder (``model.safetensors``, or ``checkpoint``); an error naming it when it
     is missing or records no ``num_classes``."""
-    from ..paths import existing_run_folder, resolve
+    from ..paths import RunFiles, resolve
+    from ..runs import existing_run_folder
     from ..train.checkpoint import read_checkpoint_info
 
     folder = existing_run_folder(run, "--run")
-    path = resolve(checkpoint) if checkpoint else folder / "model.safetensors"
+    path = resolve(checkpoint) if checkpoint else RunFiles(folder).model
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no trained model" + ("" if checkpoint else " in the run folder (train "
                                 "it first with `muva train` / `muva run`, or pass --checkpoint)"))
@@ -38,13 +39,13 @@ def load_run_model(run: str | os.PathLike, checkpoint: str | os.PathLike | None 
     """``(cfg, model)``: the run's configuration (``config.yaml`` plus ``overrides``) and its trained
     :class:`~muva_core.model.factory.MUVAReID` in eval mode on ``device`` (default: the configuration's)."""
     from ..eval.features import resolve_device
-    from ..paths import existing_run_folder, load_run_config
+    from ..runs import Run
     from ..train.checkpoint import read_checkpoint_info
     from ..train.run import load_trained
 
-    folder = existing_run_folder(run, "--run")
-    cfg = load_run_config(folder, overrides)
-    path = model_file(folder, checkpoint)
+    opened = Run.reopen(run, overrides)
+    cfg = opened.cfg
+    path = model_file(opened.folder, checkpoint)
     num_classes = int(read_checkpoint_info(path)["extra"]["num_classes"])
     return cfg, load_trained(cfg, path, num_classes, resolve_device(device or cfg.device))
 
@@ -67,10 +68,9 @@ def evaluate_run(run: str | os.PathLike, protocol: str | None = None, dataset: s
     """Evaluate a trained run on the target of its own protocol, of ``protocol``, or on the query / gallery of
     ``dataset`` (a dataset name or a dataset file, :mod:`muva_core.data.declared`). Everything is checked before
     the model runs: the datasets, every image (all unreadable files in one message), the model file."""
-    from ..data.protocols import target_data
+    from ..checks import eval_preflight
     from ..eval.features import resolve_device
-    from ..paths import existing_run_folder, load_run_config
-    from ..pipeline import check_datasets_present, check_images_readable, load_dataset_for, load_protocol
+    from ..runs import Run
     from ..train.run import evaluate_model
 
     if protocol and dataset:
@@ -78,15 +78,9 @@ def evaluate_run(run: str | os.PathLike, protocol: str | None = None, dataset: s
     overrides = dict(overrides or {})
     if protocol:
         overrides["protocol"] = protocol
-    folder = existing_run_folder(run, "--run")
-    cfg = load_run_config(folder, overrides)
-    if dataset:
-        data = target_data(load_dataset_for(cfg, dataset, progress=progress))
-    else:
-        check_datasets_present(cfg)
-        data = load_protocol(cfg, progress=progress)
-    check_images_readable(cfg, [*data.query, *data.gallery], progress=progress,
-                          what=f"images of {data.protocol.name} (query, gallery)")
+    opened = Run.reopen(run, overrides)
+    cfg, folder = opened.cfg, opened.folder
+    data = eval_preflight(cfg, dataset, progress=progress)
     path = model_file(folder, checkpoint)
     _, model = load_run_model(folder, path, resolve_device(cfg.device), overrides)
     metrics, iou = evaluate_model(cfg, model, data, resolve_device(cfg.device), progress=progress)

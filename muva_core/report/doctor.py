@@ -132,10 +132,9 @@ def dataset_report(name: str, root: Path, role: str, parsed=None) -> dict:
 def _inspect_dataset(name: str, root: Path, role: str, parsed=None) -> tuple[dict, object]:
     """(:func:`dataset_report`, the parsed dataset or None)."""
     from ..data.datasets import DatasetError, get_dataset_class, load_dataset
-    from ..pipeline import folders_tried
 
     out: dict = {"role": role, "root": str(root), "found": False}
-    tried = folders_tried(get_dataset_class(name), root)
+    tried = get_dataset_class(name).folders_tried(root)
     if tried:
         out["tried"] = [t.strip() for t in tried]
         return out, None

@@ -1,24 +1,7 @@
-"""``muva evidence``: do the paper's ablation directions hold on the synthetic DG benchmark?
+"""The evidence page: the paper's ablation claims judged on the synthetic benchmark, and the page that shows them.
 
-Runs Tables 5 (granularity), 6 (language), 8 (AM-MSA vs stripes) and 9 (calibration) with
-``muva sweep`` on two synthetic single-source protocols and one multi-source protocol, several
-seeds each, then writes ``reports/evidence.md``: per claim, the paper's numbers, this
-benchmark's mean and standard deviation, and whether the direction holds beyond seed noise
-(the difference of means exceeds twice its standard error, Welch). Only the variants that a
-claim compares are trained (Table 5: G, G+H, G+U, G+L, G+H+U+L).
-
-Scales: ``small`` (tiny random CLIP, small data, 2 epochs, 2 seeds) runs in CI and checks that
-every table is produced; ``full`` is the study, one command a user can leave running: the
-``small`` CLIP language-pretrained by ``muva pretrain-clip`` (made first when missing), the
-``evidence`` synthetic set (as many training identities as the default, twice the test
-identities), 3 seeds, short stage 2 (4 epochs single-source, 2 multi-source). ``jobs`` runs
-that many trainings at once, each with ``cpu_count // jobs`` threads (2 x 1 thread is about
-1.2x faster than 1 x 2 threads on 2 cores; float sums then differ in the last bits from a
-2-thread run).
-
-Across machines the study is shared like a sweep (:func:`muva_core.report.sweep.train_runs`): through the run
-folders' locks, or by ``shard=(i, n)``; the page is written by the process that finds every run done, or by
-``collect=True``, which trains nothing and fails naming the runs missing.
+:mod:`muva_core.experiments.evidence` plans and trains the study's runs; this module judges each claim (difference
+of means against twice its standard error, Welch) and writes ``reports/evidence.md``.
 """
 from __future__ import annotations
 
@@ -26,44 +9,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from ..paths import resolve
 from ..io import atomic_path
 from .paper import ABLATIONS
-from .sweep import VARIANTS, RunsIncomplete, pending_runs, run_sweep, sweep_dir, train_runs, variant_config
-
-TABLES = (5, 6, 8, 9)
-PROTOCOLS = ("synth:A2B", "synth:C2D", "synth:B+C+D->A")
-RECIPE_TABLES: dict[str, tuple[int, ...]] = {"workbook": TABLES, "reference": (6, 9)}
-"""Per training recipe (``recipe:``), the tables the study runs under it: every table under the project's own
-recipe; language (6) and calibration (9), with the full model they share, under the authors' (issue 11)."""
-
-SCALES: dict[str, dict] = {
-    "small": {
-        "seeds": (0, 1),
-        "overrides": {"synth_scale": "small", "synth_root": "data/synthetic-small", "backbone": "tiny",
-                      "pretrained": "none", "stage1_epochs": 2, "stage1_warmup_epochs": 1, "stage2_epochs": 2,
-                      "warmup_epochs": 0, "lr_milestones": [2], "batch_size": 16, "num_workers": 0},
-    },
-    "full": {
-        "seeds": (0, 1, 2),
-        # pretrained: pretrain-clip = the language-pretrained CLIP (muva pretrain-clip --out data/clip --backbone
-        # small --seed 0), made before the runs when missing (muva_core.pipeline.ensure_pretrained_clip);
-        # short stage 2 (4 epochs, no warm-up, lr / 10 for the last) to fit 81 runs into ~2 h on 2 cores
-        "overrides": {"synth_scale": "evidence", "synth_root": "data/synthetic-evidence", "backbone": "small",
-                      "pretrained": "pretrain-clip", "stage2_lr": 2.0e-4, "stage2_epochs": 4, "warmup_epochs": 0,
-                      "lr_milestones": [3]},
-        # three sources = three times the images per epoch: 2 epochs (1.5x the single-source steps)
-        "multi_source": {"stage2_epochs": 2, "lr_milestones": [2]},
-    },
-}
-"""Per scale: seeds, config overrides (all protocols) and ``multi_source`` overrides on top for protocols with
-several sources. ``pretrained: pretrain-clip`` starts from the language-pretrained CLIP (unless the user sets
-``checkpoint_path``; ``-p pretrained=none`` = random weights)."""
 
 
 @dataclass(frozen=True)
@@ -133,256 +85,18 @@ def evaluate_claims(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def claim_variants(table: int) -> list[str]:
-    """The variants of ``table`` that some claim compares, in the table's order."""
-    names = {v for c in CLAIMS if c.table == table for v in (c.better, c.worse)}
-    return [v for v in VARIANTS[table] if v in names]
-
-
-def scale_overrides(scale: str, protocol: str, base: dict, progress: bool = True) -> dict:
-    """The config overrides of one protocol at ``scale``, the user's (``base``) last."""
-    from ..data.protocols import get_protocol
-
-    if scale not in SCALES:
-        raise ValueError(f"--scale: expected one of {sorted(SCALES)}, got {scale!r}")
-    spec = SCALES[scale]
-    out = dict(spec["overrides"])
-    if get_protocol(protocol).kind == "multi":
-        out.update(spec.get("multi_source", {}))
-    return {**out, **base}
-
-
-def protocol_configs(base_cfg: dict, scale: str, protocols: Sequence[str], progress: bool = True,
-                     recipe: str | None = None, make_clip: bool = True) -> dict:
-    """Each protocol's resolved configuration at ``scale`` (under ``recipe`` when given; the user's overrides
-    last); the pretrained CLIP a configuration starts from is made here (with ``make_clip``), once, before any
-    run, by one process at a time (:func:`muva_core.pipeline.ensure_pretrained_clip`)."""
-    from ..locks import shared_data
-    from ..pipeline import ensure_pretrained_clip
-    from .runner import resolve_config
-
-    extra = {"recipe": recipe} if recipe else {}
-    configs = {p: resolve_config(p, overrides={**extra, **scale_overrides(scale, p, base_cfg, progress)})
-               for p in protocols}
-    for cfg in configs.values() if make_clip else ():
-        with shared_data(cfg):
-            ensure_pretrained_clip(cfg, progress=progress)
-    return configs
-
-
-def start_checkpoint(cfg) -> str | None:
-    """The CLIP file a run configuration starts from (``checkpoint_path``, or the one ``pretrained: pretrain-clip``
-    names), None for random weights or an open_clip tag."""
-    from ..pretrain import config_clip_path, uses_pretrain_clip
-
-    if uses_pretrain_clip(cfg):
-        return str(config_clip_path(cfg))
-    return cfg.model.checkpoint_path or None
-
-
-def plan_runs(configs: dict, tables: Sequence[int], seeds: Sequence[int]) -> list:
-    """Every distinct run configuration of the study (a run shared by several tables appears once)."""
-    plan: dict[str, object] = {}
-    for cfg in configs.values():
-        for seed in seeds:  # seed-major: an interrupted study has whole seeds of a protocol done
-            for table in tables:
-                for variant in claim_variants(table):
-                    run = variant_config(cfg, table, variant, seed)
-                    plan.setdefault(run.run_dir, run)
-    return list(plan.values())
-
-
-def run_evidence(base_cfg, scale: str = "full", protocols: Sequence[str] = PROTOCOLS,
-                 tables: Sequence[int] | None = None, seeds: Sequence[int] | None = None, out: str | Path | None = None,
-                 progress: bool = True, jobs: int = 1, recipes: Sequence[str] = tuple(RECIPE_TABLES),
-                 shard: tuple[int, int] | None = None, wait: bool = False, collect: bool = False) -> Path | None:
-    """Run every (recipe, protocol, table) sweep and write the evidence page; returns its path. ``tables``
-    (default: :data:`RECIPE_TABLES` per recipe) limits the tables of every recipe. ``jobs``, ``shard`` and
-    ``wait`` as in :func:`~muva_core.report.sweep.train_runs`; None when runs of other processes are not done
-    yet (they are listed). ``collect``: train nothing; :class:`~muva_core.report.sweep.RunsIncomplete` names the
-    runs missing."""
-    if scale not in SCALES:
-        raise ValueError(f"--scale: expected one of {sorted(SCALES)}, got {scale!r}")
-    unknown = [r for r in recipes if r not in RECIPE_TABLES]
-    if unknown:
-        raise ValueError(f"--recipe: expected one of {', '.join(RECIPE_TABLES)}, got {unknown}")
-    seeds = tuple(seeds or SCALES[scale]["seeds"])
-    plans = {}
-    for recipe in recipes:
-        chosen = tuple(t for t in RECIPE_TABLES[recipe] if tables is None or t in tables)
-        if chosen:
-            plans[recipe] = (protocol_configs(base_cfg, scale, protocols, progress, recipe=recipe,
-                                              make_clip=not collect), chosen)
-    runs = {r.run_dir: r for configs, chosen in plans.values() for r in plan_runs(configs, chosen, seeds)}
-    if not collect:
-        train_runs(list(runs.values()), jobs=jobs, shard=shard, wait=wait, progress=progress, what="evidence")
-    missing = pending_runs((f"{r.data.protocol}, recipe {r.recipe}, seed {r.seed}", r) for r in runs.values())
-    if missing:
-        text = f"evidence: {len(missing)} of {len(runs)} runs not done:\n  " + "\n  ".join(missing)
-        if collect:
-            raise RunsIncomplete(text)
-        print(f"{text}\nthe page is written by the process that finishes the last run (or by the same command with "
-              "--collect once they are done)", flush=True)
-        return None
-    frames = []
-    for recipe, (configs, chosen) in plans.items():
-        for cfg in configs.values():
-            for table in chosen:
-                run_sweep(cfg, table, seeds=seeds, variants=claim_variants(table), progress=progress, collect=True)
-                per_run = pd.read_csv(sweep_dir(cfg, table) / f"table{table}-runs.csv")
-                per_run.insert(0, "protocol", cfg.data.protocol)
-                per_run.insert(0, "recipe", recipe)
-                per_run.insert(0, "table", table)
-                frames.append(per_run)
-    runs = pd.concat(frames, ignore_index=True)
-    claims = evaluate_claims(runs)
-    first = next(iter(plans.values()))[0]
-    reports_dir = resolve(next(iter(first.values())).reports_dir)
-    out = Path(out) if out else reports_dir / ("evidence.md" if scale == "full" else f"evidence-{scale}.md")
-    write_evidence(out, claims, runs, scale, seeds, protocols, diagnostics=diagnostics(first, runs),
-                   notes=_read_notes(out), recipes=list(plans))
-    return out
-
-
-def diagnostics(configs: dict, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The diagnostic tables of the evidence page, by section title."""
-    from ..pipeline import load_protocol
-
-    data = {p: load_protocol(cfg, progress=False) for p, cfg in configs.items()}
-    labels = pd.concat([pseudo_label_quality(cfg, data[p]) for p, cfg in configs.items()], ignore_index=True)
-    if len(labels):
-        labels = labels.drop(columns="protocol").drop_duplicates(["source", "pseudo labels", "part"])
-        labels = labels.round(3).reset_index(drop=True)
-    stripes = pd.DataFrame({cfg.data.protocol: stripe_quality(cfg, data[p]) for p, cfg in configs.items()}).T.round(3)
-    checkpoints = {start_checkpoint(cfg) for cfg in configs.values()}
-    floors = pd.DataFrame([{"protocol": cfg.data.protocol, "baseline": name, **m}
-                           for p, cfg in configs.items() for name, m in target_baselines(cfg, data[p]).items()])
-    return {
-        "Models that learned nothing on the same targets (random features; colour histograms)": floors,
-        "Pseudo labels on the source training images against the true part boxes (Table 9 trains with these)":
-            labels,
-        "Predicted part masks on the target against the true part boxes, per variant (mean over seeds)":
-            part_mask_iou(runs),
-        "Fixed stripes (Table 8 'stripe-like') on the target against the true part boxes": stripes,
-        "The CLIP the runs start from: zero-shot attribute retrieval, mean balanced accuracy (Table 6 needs "
-        "language knowledge)": clip_zero_shot(next(iter(checkpoints)) if len(checkpoints) == 1 else None),
-    }
-
-
-def _read_notes(page: Path) -> str | None:
+def read_notes(page: Path) -> str | None:
     """``<page stem>-notes.md`` beside the page: a reading of the results written after looking at the data
     (kept by hand, included verbatim)."""
     notes = page.with_name(f"{page.stem}-notes.md")
     return notes.read_text() if notes.is_file() else None
 
 
-# diagnostics: what the variants train with and how good it is, to read a failing claim against
-
-def pseudo_label_quality(cfg, data) -> pd.DataFrame:
-    """Per source domain, pseudo labels (raw / calibrated) and part: IoU against the true part boxes of the
-    boxes (box IoU) and of the patch masks voted from them (patch IoU), on the source training images: what
-    Table 9's two variants train with. Rows only for pseudo labels already made and domains with truth."""
-    import copy
-
-    import torch
-
-    from ..data.samples import PARTS
-    from ..eval.masks import mask_iou, truth_patch_masks
-    from ..grounding.calibration import iou_against_truth
-    from ..grounding.simulated import dataset_truth
-    from ..grounding.steps import grounding_paths
-    from ..grounding.voting import load_masks
-    from ..pipeline import source_datasets
-
-    rows = []
-    for ds in source_datasets(data):
-        truth = dataset_truth(ds)
-        if truth is None:
-            continue
-        for calibrate in (False, True):
-            run = copy.deepcopy(cfg).update({"calibrate": calibrate})
-            paths = grounding_paths(run, ds.name)
-            if not (paths.masks.is_file() and paths.calibrated.is_file()):
-                continue
-            box = iou_against_truth(pd.read_parquet(paths.calibrated), truth,
-                                    columns="calibrated" if calibrate else "raw")
-            store = load_masks(paths.masks)
-            keys = [s.key for s in ds.train if s.key in store]
-            target = truth_patch_masks(truth, keys, (run.data.height, run.data.width), run.grounding.patch_size)
-            patch = mask_iou(torch.as_tensor(store.stack(keys)).float(), torch.as_tensor(target))
-            for j, part in enumerate(PARTS):
-                rows.append({"protocol": cfg.data.protocol, "source": ds.name,
-                             "pseudo labels": "calibrated" if calibrate else "raw", "part": part,
-                             "box IoU": float(box[part]), "patch IoU": float(patch[j])})
-    return pd.DataFrame(rows)
-
-
-def stripe_quality(cfg, data) -> dict[str, float]:
-    """IoU of Table 8's fixed stripes against the true part masks of the target's test images, per part
-    (empty when the target has no truth)."""
-    import torch
-
-    from ..data.samples import PARTS
-    from ..eval.masks import mask_iou, truth_patch_masks
-    from ..grounding.simulated import dataset_truth
-    from ..model.ammsa import stripe_part_masks
-
-    truth = dataset_truth(data.datasets.get(data.protocol.target))
-    if truth is None:
-        return {}
-    keys = [s.key for s in (*data.query, *data.gallery)]
-    size, patch = (cfg.data.height, cfg.data.width), cfg.grounding.patch_size
-    truth = torch.as_tensor(truth_patch_masks(truth, keys, size, patch))
-    stripes = stripe_part_masks((size[0] // patch, size[1] // patch), PARTS).float()
-    iou = mask_iou(stripes.unsqueeze(0).expand(len(keys), -1, -1), truth)
-    return {part: float(v) for part, v in zip(PARTS, iou)}
-
-
-def target_baselines(cfg, data) -> dict[str, dict[str, float]]:
-    """mAP and Rank-1 on the target of models that learned nothing (random features, mean of 20 draws) and of
-    the training-free colour histograms: the floor the variants are read against."""
-    from ..pipeline import chance_level, evaluate_baselines
-
-    out = {"random features": chance_level(data.query, data.gallery, cfg)}
-    out.update(evaluate_baselines(data.query, data.gallery, cfg, progress=False))
-    return {name: {"mAP": round(m["mAP"], 2), "Rank-1": round(m["Rank-1"], 2)} for name, m in out.items()}
-
-
-def part_mask_iou(runs: pd.DataFrame) -> pd.DataFrame:
-    """Predicted-mask IoU against the true part boxes on the target per part, mean over seeds, read from
-    each run's ``metrics/train.json`` (``run`` column)."""
-    rows = []
-    for rec in runs.itertuples(index=False):
-        path = resolve(rec.run) / "metrics" / "train.json"
-        iou = json.loads(path.read_text()).get("mask_iou_truth", {}) if path.is_file() else {}
-        rows.append({"recipe": getattr(rec, "recipe", "workbook"), "protocol": rec.protocol, "table": rec.table,
-                     "variant": rec.variant, **iou})
-    frame = pd.DataFrame(rows)
-    parts = [c for c in ("head", "upper", "legs") if c in frame.columns]
-    if not parts:
-        return pd.DataFrame()
-    return (frame.groupby(["recipe", "protocol", "table", "variant"], sort=False)[parts].mean().round(3)
-            .reset_index())
-
-
-def clip_zero_shot(checkpoint: str | Path | None) -> pd.DataFrame:
-    """Mean zero-shot attribute retrieval (balanced accuracy) of the CLIP the runs start from, before and
-    after language pretraining, from the checkpoint's report (empty without one)."""
-    if not checkpoint:
-        return pd.DataFrame()
-    from ..pretrain import report_file
-
-    path = report_file(checkpoint)
-    if not path.is_file():
-        return pd.DataFrame()
-    zs = json.loads(path.read_text()).get("zero_shot", {})
-    return pd.DataFrame({run: {mode: v["balanced_accuracy"] for mode, v in zs[run]["mean"].items()}
-                         for run in zs}).T.round(3)
-
-
 def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: str, seeds, protocols,
-                   diagnostics: dict[str, pd.DataFrame] | None = None, notes: str | None = None,
-                   recipes: Sequence[str] = ("workbook",)) -> None:
+                   settings: dict, recipes: Mapping[str, Sequence[int]],
+                   diagnostics: dict[str, pd.DataFrame] | None = None, notes: str | None = None) -> None:
+    """The page at ``path``: ``settings`` = the scale's ``overrides`` (and ``multi_source``), ``recipes`` = the
+    tables run under each recipe, ``notes`` = the hand-written reading (:func:`read_notes`)."""
     runs = runs if "recipe" in runs.columns else runs.assign(recipe="workbook")
     summary = (runs.groupby(["recipe", "protocol", "table", "variant"], sort=False)[["mAP", "Rank-1", "mask IoU"]]
                .agg(["mean", "std"]).round(2))
@@ -396,12 +110,12 @@ def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: 
         "runs whose folders are listed in the per-run table at the end (`reports/<protocol>/sweep-runs/`; each "
         "keeps `config.yaml`, the loss histories and `metrics/train.json`).",
         "",
-        f"Settings on top of `configs/<protocol>.yaml`: `{json.dumps(SCALES[scale]['overrides'])}`"
-        + (f"; multi-source protocols also `{json.dumps(SCALES[scale]['multi_source'])}`"
-           if "multi_source" in SCALES[scale] else "")
+        f"Settings on top of `configs/<protocol>.yaml`: `{json.dumps(settings['overrides'])}`"
+        + (f"; multi-source protocols also `{json.dumps(settings['multi_source'])}`"
+           if "multi_source" in settings else "")
         + ("; `pretrained: pretrain-clip` = starting from the language-pretrained CLIP of `muva pretrain-clip --out "
            "data/clip --backbone small --seed 0` (made first when missing)"
-           if SCALES[scale]["overrides"].get("pretrained") == "pretrain-clip" else
+           if settings["overrides"].get("pretrained") == "pretrain-clip" else
            "; starting from random weights (`pretrained: none`)") + ".",
         "",
         "A direction *holds* when the difference of the two variants' means exceeds twice its standard error "
@@ -409,7 +123,7 @@ def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: 
         "the paper's difference (better minus worse, in points) on MA->MS and MS->MA.",
         "",
         "Training recipes (`recipe:`, README 'Choices'): "
-        + "; ".join(f"`{r}` for Tables {', '.join(map(str, RECIPE_TABLES[r]))}" for r in recipes)
+        + "; ".join(f"`{r}` for Tables {', '.join(map(str, recipes[r]))}" for r in recipes)
         + ". Each claim is judged per recipe and protocol.",
         "",
         f"mAP verdicts: {', '.join(f'{k} {v}' for k, v in held.items()) or 'none'}.",

@@ -7,13 +7,14 @@ from pathlib import Path
 import pandas as pd
 
 from ..paths import resolve
+from .index import SUMMARIES
 from .paper import MAIN_RESULTS
 
 
 def collect_runs(reports_dir: str | Path) -> pd.DataFrame:
     """One row per run folder under ``reports_dir`` that has a ``metrics.json`` with metrics."""
     rows = []
-    for path in sorted(resolve(reports_dir).glob("*/*/metrics.json")):
+    for path in sorted(resolve(reports_dir).glob(SUMMARIES)):
         rec = json.loads(path.read_text())
         m = rec.get("metrics") or {}
         if "mAP" in m:  # `muva run` / `muva train` records, not `muva baseline` output
@@ -34,3 +35,8 @@ def paper_comparison(reports_dir: str | Path) -> pd.DataFrame:
                      "ours Rank-1": None if ours is None else ours["Rank-1"],
                      "run": None if ours is None else ours["run"]})
     return pd.DataFrame(rows).set_index("protocol")
+
+
+def format_table(frame: pd.DataFrame, title: str) -> str:
+    """A titled plain-text table (two decimals), as the CLI prints it."""
+    return f"\n{title}\n" + frame.round(2).to_string() + "\n"

@@ -1,7 +1,10 @@
-"""One training run of a protocol, end to end, resumable: masks -> stage 1 -> stage 2 -> evaluation.
+"""The training of one opened run, resumable: masks -> stage 1 -> stage 2 -> evaluation.
 
-Layout of a run folder (``RunConfig.run_dir`` or ``reports/<protocol>/run-<config hash>``, see
-:mod:`muva_core.paths`)::
+:func:`muva_core.runs.open_run` starts the run (checks, lock, claim); :func:`prepare_training` builds the masks and
+the model into a :class:`RunContext`; :func:`stage1`, :func:`stage2` and :func:`finish_run` train and evaluate it
+(:func:`muva_core.runs.train_protocol` calls them in order; notebooks 04-05 one by one).
+Layout of a run folder (``RunConfig.run_dir`` or ``reports/<protocol>/run-<config hash>``; names in
+:class:`muva_core.paths.RunFiles`)::
 
     config.yaml                    the resolved configuration
     checkpoints/stage1-last.safetensors, stage1.safetensors
@@ -12,7 +15,7 @@ Layout of a run folder (``RunConfig.run_dir`` or ``reports/<protocol>/run-<confi
 
 Every step writes atomically; ``train.resume`` continues from the last finished epoch, and a
 resumed CPU run ends with the same metrics as an uninterrupted one. A folder made with other settings
-is refused (:func:`muva_core.paths.claim_run_folder`); ``resume=false`` starts it afresh. The folder is
+is refused (:func:`muva_core.runs.claim_run_folder`); ``resume=false`` starts it afresh. The folder is
 locked while the run works (:mod:`muva_core.locks`): a second process never trains it at the same time.
 """
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,17 +34,16 @@ import torch
 from ..config import RunConfig
 from ..eval import evaluate_features
 from ..eval.features import extract_features, resolve_device, sample_arrays
-from ..eval.masks import mask_iou, truth_patch_masks
+from ..eval.masks import mask_iou
+from ..grounding.voting import truth_patch_masks
 from ..io import atomic_path
-from ..locks import LockHeld, check_held, hold, shared_data
+from ..locks import check_held, shared_data
 from ..model.factory import BuiltModel, MUVAReID, build_muva, part_indices
-from ..notebook import record
-from ..paths import check_run_folder, claim_run_folder, run_folder
+from ..paths import RunFiles
 from ..precision import precision_plan
 from ..progress import epoch_line, report
-from ..seeding import seed_everything
 from .checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
-from .distributed import DistInfo, barrier, broadcast_tensor, init_distributed, shutdown
+from .distributed import DistInfo, barrier
 from .memory import PrototypeMemory, all_gather_variable
 from .stage1 import (build_stage1_optimizer, grad_scaler, stage1_centroids, text_prototypes, train_stage1,
                      visual_centroids)
@@ -73,7 +74,8 @@ def _read_history(path: Path, upto_epoch: int) -> pd.DataFrame | None:
     return frame[frame["epoch"] <= upto_epoch]
 
 
-def _device(cfg: RunConfig, info: DistInfo) -> torch.device:
+def training_device(cfg: RunConfig, info: DistInfo) -> torch.device:
+    """The device a (torchrun) process trains on: its local GPU under torchrun, else ``cfg.device``."""
     if info.enabled and torch.cuda.is_available() and cfg.device in ("auto", "cuda"):
         return torch.device(f"cuda:{info.local_rank}")
     return resolve_device(cfg.device)
@@ -123,9 +125,9 @@ def run_stage1(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
     """Stage 1 with resume; leaves the text prototypes (TPM, the raw text features of every identity) in
     ``built.model.text_prototypes``."""
     model, prompts = built.model, built.prompts
-    ckpt = folder / "checkpoints"
-    final, last = ckpt / "stage1.safetensors", ckpt / "stage1-last.safetensors"
-    hist_path = folder / "history_stage1.csv"
+    files = RunFiles(folder)
+    final, last = files.checkpoint("stage1"), files.checkpoint("stage1-last")
+    hist_path = files.history(1)
     flat = cfg.to_flat()
     prompts.to(device)
     if cfg.train.resume and final.is_file():
@@ -169,8 +171,8 @@ def run_stage1(cfg: RunConfig, built: BuiltModel, train, masks, device, info: Di
 def run_stage2(cfg: RunConfig, built: BuiltModel, train, masks, device, info: DistInfo, folder: Path,
                progress: bool = True, evaluate: Callable | None = None) -> pd.DataFrame:
     model = built.model
-    ckpt = folder / "checkpoints" / "stage2-last.safetensors"
-    hist_path = folder / "history_stage2.csv"
+    files = RunFiles(folder)
+    ckpt, hist_path = files.checkpoint("stage2-last"), files.history(2)
     t = cfg.train
     memory = PrototypeMemory(model.classifier.out_features, model.encoder.feat_dim, momentum=t.memory_momentum,
                              temperature=t.imp_temperature).to(device)
@@ -282,81 +284,53 @@ def diagnostics(cfg: RunConfig, data, device) -> Callable[[MUVAReID], dict]:
 
 @dataclass
 class RunContext:
-    """Everything the steps of one run share (built once by :func:`prepare_run`)."""
+    """Everything the steps of one run share (built once by :func:`prepare_training` on an opened run)."""
 
-    cfg: RunConfig
-    data: object
+    run: object            # the muva_core.runs.Run that open_run returned
     masks: object
     built: BuiltModel
     device: torch.device
     info: DistInfo
-    folder: Path
-    started: float = field(default_factory=time.perf_counter)
-    wait: bool = False
-    lock: ExitStack = field(default_factory=ExitStack)
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.run.cfg
+
+    @property
+    def data(self):
+        return self.run.data
+
+    @property
+    def folder(self) -> Path:
+        return self.run.folder
+
+    @property
+    def started(self) -> float:
+        return self.run.started
 
     def locked(self):
         """The run folder's lock for one step (rank 0; re-entrant, so a no-op while the run holds it)."""
-        return hold(self.folder, wait=self.wait) if self.info.main else nullcontext()
+        return self.run.locked()
 
 
-def _lock_run(folder: Path, info: DistInfo, device, wait: bool, stack: ExitStack) -> None:
-    """Rank 0 takes the run folder's lock into ``stack``; under torchrun every rank learns whether it did, and
-    all stop with the holder's name when it did not."""
-    held = None
-    if info.main:
-        try:
-            stack.enter_context(hold(folder, wait=wait))
-        except LockHeld as err:
-            held = err
-    if info.enabled:
-        flag = broadcast_tensor(torch.tensor([float(held is not None)], device=device), info)
-        if held is None and flag.item():
-            raise RuntimeError(f"rank 0 could not lock the run folder {folder} (another process holds it)")
-    if held is not None:
-        raise held
-
-
-def prepare_run(cfg: RunConfig, progress: bool = True, wait: bool = False, keep_lock: bool = False) -> RunContext:
-    """Data, part masks (labelled / calibrated / voted when not cached), the model, the run folder.
-
-    Everything that can be checked is checked before work starts: the configuration, the run folder
-    (made with the same settings, or refused), the datasets, the batch plan. Then the run folder is locked
-    (:mod:`muva_core.locks`; another process's live lock raises :class:`~muva_core.locks.LockHeld`, or is
-    waited for with ``wait``). With ``keep_lock`` the returned context keeps holding it until
-    ``ctx.lock.close()`` (:func:`train_protocol`); otherwise each step takes it again while it works (a
-    notebook's kernel holds no lock between cells)."""
+def prepare_training(run, info: DistInfo, device: torch.device, progress: bool = True) -> RunContext:
+    """The part masks (labelled / calibrated / voted when not cached) and the model of an opened, claimed run
+    (:func:`muva_core.runs.open_run`, which holds the folder's lock while this works)."""
+    from ..data.protocols import source_datasets
     from ..grounding.steps import prepare_masks, run_masks
-    from ..pipeline import preflight, source_datasets
 
-    info = init_distributed(cfg.device)
-    seed_everything(cfg.seed)
-    device = _device(cfg, info)
-    folder = run_folder(cfg)
-    cfg.validate()
-    check_run_folder(cfg, folder)
-    with shared_data(cfg):
-        data = preflight(cfg, progress=progress and info.main)
-    stack = ExitStack()
-    try:
-        _lock_run(folder, info, device, wait, stack)
-        if info.main:
-            claim_run_folder(cfg, folder)
-            report(f"precision: {precision_plan(device, cfg).note}", echo=progress)
-            if not cfg.grounding.masks_file:
-                with shared_data(cfg):
-                    prepare_masks(cfg, source_datasets(data), progress=progress)
-        barrier(info)
-        masks = run_masks(cfg, source_datasets(data))
-        masks.require([s.key for s in data.train])
-        built = build_muva(cfg, data.num_classes, _id_domains(data))
-        built.model.to(device)
-    except BaseException:
-        stack.close()
-        raise
-    if not keep_lock:
-        stack.close()
-    return RunContext(cfg, data, masks, built, device, info, folder, wait=wait, lock=stack)
+    cfg, data = run.cfg, run.data
+    if info.main:
+        report(f"precision: {precision_plan(device, cfg).note}", echo=progress)
+        if not cfg.grounding.masks_file:
+            with shared_data(cfg):
+                prepare_masks(cfg, source_datasets(data), progress=progress)
+    barrier(info)
+    masks = run_masks(cfg, source_datasets(data))
+    masks.require([s.key for s in data.train])
+    built = build_muva(cfg, data.num_classes, _id_domains(data))
+    built.model.to(device)
+    return RunContext(run, masks, built, device, info)
 
 
 def stage1(ctx: RunContext, progress: bool = True) -> pd.DataFrame:
@@ -381,33 +355,18 @@ def finish_run(ctx: RunContext, progress: bool = True) -> tuple[dict, dict]:
         cfg = ctx.cfg
         with ctx.locked():
             check_held(ctx.folder)
-            save_checkpoint(ctx.folder / "model.safetensors", model=ctx.built.model, epoch=cfg.train.stage2_epochs,
+            save_checkpoint(ctx.run.model, model=ctx.built.model, epoch=cfg.train.stage2_epochs,
                             config=cfg.to_flat(), extra={"stage": "final", "num_classes": ctx.data.num_classes},
                             rng=False)
             metrics, iou = evaluate_model(cfg, ctx.built.model, ctx.data, ctx.device, progress)
             heldout = evaluate_heldout(cfg, ctx.built.model, ctx.data, ctx.device, progress)
-            record(cfg, "train", {"protocol": ctx.data.protocol.name, "metrics": metrics, "mask_iou_truth": iou,
+            ctx.run.record("train", {"protocol": ctx.data.protocol.name, "metrics": metrics, "mask_iou_truth": iou,
                                   "heldout_source": heldout, "precision": precision_plan(ctx.device, cfg).note,
                                   "seconds": round(time.perf_counter() - ctx.started, 2),
                                   "num_classes": ctx.data.num_classes, "train_images": len(ctx.data.train),
                                   "trained_by": {"host": socket.gethostname(), "pid": os.getpid()}})
     barrier(ctx.info)
     return metrics, iou
-
-
-def train_protocol(cfg: RunConfig, progress: bool = True, wait: bool = False) -> RunResult:
-    """The whole pipeline for ``cfg.data.protocol``; resumable; torchrun-aware (stage 2 under DDP). The run
-    folder is locked throughout (another process's live lock raises
-    :class:`~muva_core.locks.LockHeld`, or is waited for with ``wait``)."""
-    ctx = prepare_run(cfg, progress, wait=wait, keep_lock=True)
-    try:
-        h1 = stage1(ctx, progress)
-        h2 = stage2(ctx, progress)
-        metrics, iou = finish_run(ctx, progress)
-        return RunResult(ctx.folder, metrics, h1, h2, iou, time.perf_counter() - ctx.started)
-    finally:
-        ctx.lock.close()
-        shutdown(ctx.info)
 
 
 def load_trained(cfg: RunConfig, path: str | Path, num_classes: int, device="cpu") -> MUVAReID:

@@ -14,7 +14,7 @@ A testable core plus a thin ipywidgets layer:
 
 Build it from a run folder holding ``model.safetensors`` (:meth:`PartMaskExplorer.from_run`), from
 the protocol's mask files alone (:meth:`PartMaskExplorer.from_masks`, pseudo labels only), or let
-:meth:`PartMaskExplorer.from_config` choose. Masks are ``[P, Npatch]`` over the patch grid of the
+:func:`muva_core.notebook.part_mask_explorer` choose. Masks are ``[P, Npatch]`` over the patch grid of the
 network input, flattened row-wise; the mask logits of layer ``l`` are the running sums of the
 residual mask predictors (eq. 5), their sigmoid the probabilities shown.
 """
@@ -410,17 +410,18 @@ class PartMaskExplorer:
         run's mask files when they are in the cache."""
         from ..config import RunConfig
         from ..eval.features import resolve_device, test_transform
-        from ..pipeline import load_protocol
+        from ..paths import RunFiles
+        from ..data.protocols import load_protocol
         from ..train.checkpoint import read_checkpoint_info
         from ..train.run import load_trained
 
-        folder = Path(folder)
-        model_path = folder / "model.safetensors"
+        files = RunFiles(folder)
+        model_path = files.model
         if not model_path.is_file():
             raise FileNotFoundError(f"{model_path}: no trained model in this run folder (train one with notebook 05 "
                                     "or `muva train`, or build the explorer from the mask file alone)")
-        if (folder / "config.yaml").is_file():
-            cfg = RunConfig.from_yaml(folder / "config.yaml")
+        if files.config.is_file():
+            cfg = RunConfig.from_yaml(files.config)
         else:
             cfg = RunConfig().update(read_checkpoint_info(model_path)["config"], source=str(model_path))
         data = load_protocol(cfg, progress=progress)
@@ -440,7 +441,7 @@ class PartMaskExplorer:
     def from_masks(cls, cfg, paths: Mapping[str, str | Path] | None = None, progress: bool = False) -> "PartMaskExplorer":
         """Pseudo labels only: the protocol's mask files (``paths``: dataset -> file; default: the
         cached files of ``cfg``'s grounding settings)."""
-        from ..pipeline import load_protocol
+        from ..data.protocols import load_protocol
 
         data = load_protocol(cfg, progress=progress)
         if paths is None:
@@ -455,17 +456,6 @@ class PartMaskExplorer:
 
             store = load_protocol_masks({k: Path(v) for k, v in paths.items()})
         return cls._from_protocol(cfg, data, None, store, "pseudo labels" + (f" {store.path}" if store.path else ""))
-
-    @classmethod
-    def from_config(cls, cfg, progress: bool = False) -> "PartMaskExplorer":
-        """From the run folder when it holds a trained model, else from the protocol's mask files. A ``run_dir``
-        that was given must exist."""
-        from ..paths import existing_run_folder, run_folder
-
-        folder = existing_run_folder(cfg.run_dir, require_config=False) if cfg.run_dir else run_folder(cfg)
-        if (folder / "model.safetensors").is_file():
-            return cls.from_run(folder, device=cfg.device, progress=progress)
-        return cls.from_masks(cfg, progress=progress)
 
     @staticmethod
     def _existing_masks(cfg, data):
@@ -542,7 +532,7 @@ class PartMaskExplorer:
 
     def truth(self, sample: Sample) -> tuple[np.ndarray, dict[str, tuple[float, ...] | None]] | None:
         """Ground truth of an image: patch masks ``[P, Npatch]`` and boxes in input pixels, or None."""
-        from ..eval.masks import truth_patch_masks
+        from ..grounding.voting import truth_patch_masks
 
         if self._truth is None or sample.key not in self._truth.index:
             return None

@@ -15,6 +15,9 @@ from matplotlib.figure import Figure
 
 from .plots import PART_COLOURS, blend_parts, display_image
 
+QUERY_SORTS: tuple[str, ...] = ("AP, worst first", "AP, best first", "file name")
+"""The orders in which the queries of a ranked list can be browsed."""
+
 __all__ = ["FRAME_COLOURS", "Panel", "display_image", "gallery_title", "plot_ranked_rows", "query_title"]
 
 FRAME_COLOURS = {"query": "#1f77b4", True: "#2ca02c", False: "#d62728", None: "#7f7f7f"}

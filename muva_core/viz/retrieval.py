@@ -14,10 +14,14 @@ from __future__ import annotations
 import dataclasses
 import html
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from matplotlib.figure import Figure
 
-from ..inference.ranked import QUERY_SORTS, RankedLists
+from .ranked import QUERY_SORTS
+
+if TYPE_CHECKING:  # annotations only: the lists are built by muva_core.inference (above this package)
+    from ..inference.ranked import RankedLists
 
 __all__ = ["ALL_CAMERAS", "RetrievalExplorer", "RetrievalState"]
 
@@ -59,23 +63,6 @@ class RetrievalExplorer:
         self.state = self.default_state()
         self.controls: dict = {}
         self.image_widget = self.caption_widget = None
-
-    @classmethod
-    def from_config(cls, cfg, progress: bool = False) -> "RetrievalExplorer":
-        """The trained model of ``cfg``'s run folder on its protocol's target (notebook 09's parameters)."""
-        from ..eval.features import resolve_device
-        from ..inference.ranked import ranked_lists_of_model
-        from ..notebook import trained_run
-        from ..pipeline import load_protocol
-        from ..train.run import load_trained
-
-        folder = trained_run(cfg)
-        data = load_protocol(cfg, progress=progress)
-        device = resolve_device(cfg.device)
-        model = load_trained(cfg, folder / "model.safetensors", data.num_classes, device)
-        lists = ranked_lists_of_model(model, data.query, data.gallery, cfg, device, progress=progress)
-        return cls(lists, (cfg.data.height, cfg.data.width), cfg.model.mask_threshold,
-                   source=f"{folder} on {data.protocol.target} ({data.protocol.name})")
 
     # ------------------------------------------------------------------ choices
     @property

@@ -24,11 +24,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from ..paths import portable, resolve
+from ..paths import RunFiles, portable, resolve
 from ..config import RunConfig
 from ..data.protocols import get_protocol, protocol_slug
 from ..io import atomic_path
-from .paper import ABLATIONS
+from ..report.paper import ABLATIONS
 
 VARIANTS: dict[int, dict[str, dict]] = {
     5: {code: {"granularity": code} for code in ABLATIONS[5]},
@@ -70,7 +70,7 @@ def sweep_dir(cfg: RunConfig, table: int) -> Path:
 def variant_config(cfg: RunConfig, table: int, variant: str, seed: int) -> RunConfig:
     """The run configuration of one (variant, seed); its folder is named by the configuration's hash, so a
     variant that several tables share (the full model is in Tables 5, 6, 8 and 9) is trained once."""
-    from .runner import config_hash
+    from ..config import config_hash
 
     run = copy.deepcopy(cfg).update({**VARIANTS[table][variant], "seed": seed})
     slug = protocol_slug(get_protocol(cfg.data.protocol).name)
@@ -80,7 +80,7 @@ def variant_config(cfg: RunConfig, table: int, variant: str, seed: int) -> RunCo
 
 def run_record(run: RunConfig) -> Path:
     """A run's ``metrics/train.json``: there once the run is done."""
-    return resolve(run.run_dir) / "metrics" / "train.json"
+    return RunFiles(resolve(run.run_dir)).record("train")
 
 
 class RunsIncomplete(RuntimeError):
@@ -102,7 +102,7 @@ def pending_runs(runs: Iterable[tuple[str, RunConfig]]) -> list[str]:
             state = f"being trained by {describe(*lock)}"
         elif lock:
             state = f"stopped: its holder died ({describe(*lock)}); run the command again to resume it"
-        elif (folder / "config.yaml").is_file():
+        elif RunFiles(folder).config.is_file():
             state = "started, not finished: run the command again to resume it"
         else:
             state = "not started"
@@ -130,7 +130,7 @@ def prepare_shared(runs: Sequence[RunConfig], progress: bool = True) -> None:
 
     from ..grounding.steps import prepare_masks
     from ..locks import shared_data
-    from ..pipeline import load_protocol, source_datasets
+    from ..data.protocols import load_protocol, source_datasets
 
     seen = set()
     for run in runs:
@@ -145,7 +145,7 @@ def train_run(run: RunConfig, wait: bool = False, progress: bool = True) -> tupl
     """Train one run unless it is done or another process holds its lock: ``("trained" | "done" | "held", who
     holds it)``. With ``wait`` a held run is waited for (then trained, unless its holder finished it)."""
     from ..locks import LockHeld, hold
-    from ..train.run import train_protocol
+    from ..runs import train_protocol
 
     if run_record(run).is_file():
         return "done", None

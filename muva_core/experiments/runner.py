@@ -24,9 +24,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
-from ..config import ConfigError, RunConfig, protocol_config_path, resolve_config  # noqa: F401 (re-exported)
+from ..config import ConfigError, RunConfig
 from ..io import write_json
-from ..paths import config_hash, notebook_dir, project_root, resolve  # noqa: F401 (config_hash re-exported)
+from ..report.index import write_reports_index
+from ..paths import RunFiles, notebook_dir, resolve
 
 PIPELINE = ("01_grounding", "02_calibration", "03_mask_voting", "04_stage1_prompts", "05_stage2_reid", "06_evaluate",
             "07_figures")
@@ -53,17 +54,15 @@ def run_notebooks(cfg: RunConfig, steps: Sequence[str] = PIPELINE, run_id: str |
     """Execute ``steps`` in order into the run folder; returns the folder.
 
     Before any kernel starts: the steps exist, the configuration is checked, the run folder holds the same
-    configuration (or is refused, see :func:`muva_core.paths.claim_run_folder`), the datasets are there
-    and the batches can be formed; a failed check leaves no folder behind. Before a paper protocol the doctor's
+    configuration (or is refused), the datasets are there and the batches can be formed: :func:`muva_core.runs.open_run`;
+    a failed check leaves no folder behind. Before a paper protocol the doctor's
     short form is printed (:func:`muva_core.report.doctor.short_report`). Each notebook runs with its
     kernel in ``notebooks/``, as JupyterLab starts it; its progress lines (epochs, resumes) are printed
     here while it runs. ``command`` is the command line that reproduces the run (in ``metrics.json``).
     The run folder is locked while the notebooks run (their kernels inherit the lock, see
     :mod:`muva_core.locks`): another process's live lock raises :class:`~muva_core.locks.LockHeld` naming its
     holder, or is waited for with ``wait``."""
-    from ..locks import hold, shared_data
-    from ..paths import check_run_folder, run_folder
-    from ..pipeline import preflight
+    from ..runs import open_run
 
     if not steps:
         raise ValueError("no notebooks to run (--steps matched none)")
@@ -77,42 +76,40 @@ def run_notebooks(cfg: RunConfig, steps: Sequence[str] = PIPELINE, run_id: str |
         unknown = [k for k in _notebook_parameters(source) if k not in cfg.to_flat()]
         if unknown:
             raise ConfigError(f"{source}: parameters that are not config keys: {unknown}")
-    folder = run_folder(cfg, run_id)
-    check_run_folder(cfg, folder)
-    with shared_data(cfg):
-        data = preflight(cfg, progress=progress)
-    if progress and not data.protocol.synthetic:  # a paper protocol: what decides whether it can reproduce the paper
-        from .doctor import short_report
+    fresh = not cfg.train.resume
+    run = open_run(cfg, progress=progress, wait=wait, keep_lock=True, run_id=run_id)
+    try:
+        if progress and not run.data.protocol.synthetic:  # a paper protocol: what decides whether it can reproduce it
+            from ..report.doctor import short_report
 
-        print(short_report(cfg, data), flush=True)
-    with hold(folder, wait=wait):
-        return _execute(cfg, folder, sources, force, progress, kernel_name, command)
+            print(short_report(cfg, run.data), flush=True)
+        if fresh:  # started afresh once, by open_run; the notebooks then continue in the fresh folder
+            cfg.train.resume = True
+        return _execute(run, sources, force, progress, kernel_name, command)
+    finally:
+        run.close()
 
 
-def _execute(cfg: RunConfig, folder: Path, sources: dict[str, Path], force: bool, progress: bool, kernel_name: str,
+def _execute(run, sources: dict[str, Path], force: bool, progress: bool, kernel_name: str,
              command: str | None) -> Path:
-    """The notebooks of :func:`run_notebooks`, run in the locked, checked run folder."""
+    """The notebooks of :func:`run_notebooks`, run in the opened (checked, locked, claimed) run folder."""
     import os
 
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
-    from ..paths import claim_run_folder
     from ..progress import ENV, ProgressTail
 
-    fresh = not cfg.train.resume
-    claim_run_folder(cfg, folder)
-    if fresh:  # started afresh once, here; the notebooks then continue in the fresh folder
-        cfg.train.resume = True
-    (folder / "notebooks").mkdir(exist_ok=True)
-    state_path = folder / "steps.json"
+    cfg, folder = run.cfg, run.folder
+    run.notebooks.mkdir(exist_ok=True)
+    state_path = run.steps
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     params = cfg.to_flat()
-    log = folder / "progress.log"
+    log = run.progress_log
     logging.getLogger("papermill").setLevel(logging.ERROR)  # not "unknown parameter" for every key
     for name, source in sources.items():
         digest = hashlib.sha1(source.read_bytes() + json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
-        out = folder / "notebooks" / f"{name}.ipynb"
+        out = run.notebook(name)
         if not force and state.get(name, {}).get("hash") == digest and out.is_file():
             if progress:
                 print(f"[{name}] unchanged since the last run: skipped")
@@ -144,7 +141,7 @@ def _execute(cfg: RunConfig, folder: Path, sources: dict[str, Path], force: bool
             print(f"[{name}] done in {seconds:.1f} s", flush=True)
     summary = summarise_run(folder, cfg, state)
     summary["command"] = command or f"muva run --protocol '{cfg.data.protocol}'"
-    write_json(folder / "metrics.json", summary)
+    write_json(run.summary, summary)
     write_reports_index(resolve(cfg.reports_dir))
     return folder
 
@@ -158,15 +155,15 @@ def summarise_run(folder: Path, cfg: RunConfig, state: dict) -> dict:
     """The run's headline numbers from the notebooks' records: the model's metrics on the target, beside them
     (notebook 06) the chance level (random features) and the colour-histogram baselines on the same split, the
     predicted-mask IoU against the true part boxes, and the CLIP the run started from."""
-    from ..pipeline import clip_start
+    from ..pretrain.provision import clip_start
 
-    metrics_dir = folder / "metrics"
+    files = RunFiles(folder)
     summary: dict = {"protocol": cfg.data.protocol, "run_dir": str(folder),
                      "seconds": round(sum(s.get("seconds", 0) for s in state.values()), 2),
                      "steps": {k: v.get("seconds") for k, v in state.items()},
                      "clip_start": clip_start(cfg)}
     for step in ("06_evaluate", "05_stage2", "train"):
-        path = metrics_dir / f"{step}.json"
+        path = files.record(step)
         if path.is_file():
             rec = json.loads(path.read_text())
             summary["metrics"] = rec.get("metrics")
@@ -178,7 +175,7 @@ def summarise_run(folder: Path, cfg: RunConfig, state: dict) -> dict:
     m, chance = summary.get("metrics") or {}, summary.get("chance_level") or {}
     if m.get("mAP") is not None and chance.get("mAP"):
         summary["mAP_over_chance"] = round(m["mAP"] / chance["mAP"], 2)
-    cal = metrics_dir / "02_calibration.json"
+    cal = files.record("02_calibration")
     if cal.is_file():
         summary["calibration_iou"] = json.loads(cal.read_text()).get("iou")
     summary.update(training_summary(folder, cfg))
@@ -191,11 +188,12 @@ def training_summary(folder: Path, cfg: RunConfig) -> dict:
     per-epoch diagnostics (``eval_every``: held-out and target mAP by epoch), and the zero-shot accuracy of the
     language-pretrained CLIP it started from."""
     out: dict = {}
-    train = folder / "metrics" / "train.json"
+    files = RunFiles(folder)
+    train = files.record("train")
     if train.is_file():
         rec = json.loads(train.read_text())
         out.update({k: rec[k] for k in ("num_classes", "train_images", "heldout_source", "precision") if k in rec})
-    hist = folder / "history_stage2.csv"
+    hist = files.history(2)
     if hist.is_file():
         import pandas as pd
 
@@ -211,37 +209,6 @@ def training_summary(folder: Path, cfg: RunConfig) -> dict:
 
     if uses_pretrain_clip(cfg) and config_clip_path(cfg).is_file():
         out["clip_zero_shot"] = read_pretrain_info(config_clip_path(cfg)).get("zero_shot")
-    return out
-
-
-def write_reports_index(reports_dir: Path) -> Path:
-    """``reports/README.md``: one row per run (protocol, config, mAP, Rank-1, time, notebooks)."""
-    reports_dir = Path(reports_dir)
-    rows = []
-    for path in sorted(reports_dir.glob("*/*/metrics.json")):
-        rec = json.loads(path.read_text())
-        m = rec.get("metrics") or {}
-        folder = path.parent
-        if "mAP" not in m and "steps" not in rec:
-            continue  # not a `muva run` folder (e.g. `muva baseline` output)
-        rel = folder.relative_to(reports_dir)
-        cfg = RunConfig.from_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else None
-        model = f"{cfg.model.backbone}, {cfg.model.granularity}, {cfg.model.mask_mode}" if cfg else "?"
-        nbs = " ".join(f"[{p.stem[:2]}]({rel}/notebooks/{p.name})" for p in sorted((folder / "notebooks").glob("*.ipynb")))
-        fmt = lambda v: f"{v:.1f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
-        rr = rec.get("metrics_reranked") or {}
-        rows.append(f"| {rec.get('protocol')} | [{rel.name}]({rel}/config.yaml) | {model} | {fmt(m.get('mAP'))} | "
-                    f"{fmt(m.get('Rank-1'))} | {fmt(rr.get('mAP'))} / {fmt(rr.get('Rank-1'))} | "
-                    f"{fmt(rec.get('seconds'))} | {nbs} |")
-    text = ["# Runs", "", "Generated by `muva run` (muva_core/report/runner.py); one row per run folder.", "",
-            "| protocol | run (config) | model | mAP | Rank-1 | re-ranked mAP / R-1 | time (s) | notebooks |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows, ""]
-    out = reports_dir / "README.md"
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    from ..io import atomic_path
-
-    with atomic_path(out) as tmp:
-        tmp.write_text("\n".join(text))
     return out
 
 
@@ -263,49 +230,38 @@ def parse_steps(text: str | None) -> list[str]:
     return chosen
 
 
-RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
+DEMO_PROTOCOL = "synth:A2B"
+"""The protocol of ``make demo`` / ``muva demo``."""
+
+DEMO_FIGURES = {
+    "07_figure7_predicted_masks.png": ("reports/demo-part-masks.png",
+                                       "figure 7 (predicted part masks on the unseen domain)"),
+    "06_ranked_lists.png": ("reports/demo-ranked-lists.png", "ranked lists (best, median, worst target query by AP)"),
+}
+"""What ``muva demo`` copies from the run's figures to the paths the README shows (run figure -> (path, what))."""
 
 
-def results_table(reports_dir: Path) -> str:
-    """The README's results table: one row per run folder with metrics, and the command that made it. Beside the
-    model: the valid queries of the target split, the chance level (random features, mean of 20 draws) and the
-    global colour-histogram baseline on the same split (mAP / Rank-1), where notebook 06 recorded them."""
-    from ..pipeline import clip_start
+def demo_summary(folder: Path, publish: bool) -> list[str]:
+    """The lines ``muva demo`` prints after its run: the chance level and the colour histograms beside the model,
+    and (``publish``: the demo's own run) where its Figure 7 and ranked lists were copied (:data:`DEMO_FIGURES`)."""
+    import shutil
 
-    lines = ["| protocol | model | mAP | Rank-1 | Rank-5 | mINP | re-ranked mAP / R-1 | valid queries | chance mAP / R-1 | "
-             "colour histogram mAP / R-1 | mask IoU vs truth (head / upper / legs) | time | command |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for path in sorted(Path(reports_dir).glob("*/*/metrics.json")):
-        rec = json.loads(path.read_text())
-        m = rec.get("metrics")
-        folder = path.parent
-        if not m or "mAP" not in m or not (folder / "config.yaml").is_file():
-            continue  # not a `muva run` folder (e.g. `muva baseline` output)
-        cfg = RunConfig.from_yaml(folder / "config.yaml")
-        model = f"{cfg.model.backbone} CLIP ({clip_start(cfg)}), {cfg.model.granularity}, {cfg.model.mask_mode} masks"
-        iou = rec.get("mask_iou_truth") or {}
-        iou_txt = " / ".join(f"{iou[p]:.2f}" for p in ("head", "upper", "legs") if p in iou) or "-"
-
-        def pair(r: dict | None) -> str:
-            return f"{r['mAP']:.1f} / {r['Rank-1']:.1f}" if r and "mAP" in r and "Rank-1" in r else "-"
-
-        hist = (rec.get("baselines") or {}).get("hist-global")
-        queries = m.get("num_valid_queries", "-")
-        lines.append(f"| {rec['protocol']} | {model} | {m['mAP']:.1f} | {m['Rank-1']:.1f} | {m['Rank-5']:.1f} | "
-                     f"{m['mINP']:.1f} | {pair(rec.get('metrics_reranked'))} | {queries} | "
-                     f"{pair(rec.get('chance_level'))} | {pair(hist)} | {iou_txt} | "
-                     f"{rec.get('seconds', 0):.0f} s | `{rec.get('command', '')}` |")
-    return "\n".join(lines)
-
-
-def update_readme_results(readme: Path, reports_dir: Path) -> bool:
-    """Rewrite the README block between the results markers from ``reports_dir``; True when it changed."""
-    text = readme.read_text()
-    if RESULTS_START not in text or RESULTS_END not in text:
-        raise ValueError(f"{readme}: no {RESULTS_START} ... {RESULTS_END} block to fill")
-    head, rest = text.split(RESULTS_START, 1)
-    _, tail = rest.split(RESULTS_END, 1)
-    new = f"{head}{RESULTS_START}\n{results_table(reports_dir)}\n{RESULTS_END}{tail}"
-    if new != text:
-        readme.write_text(new)
-    return new != text
+    files = RunFiles(folder)
+    summary = json.loads(files.summary.read_text())
+    lines = []
+    chance, hist = summary.get("chance_level"), (summary.get("baselines") or {}).get("hist-global")
+    m = summary.get("metrics") or {}
+    if chance and m:
+        lines.append(f"beside it on the same {m.get('num_valid_queries')} queries: random features mAP "
+                     f"{chance['mAP']:.1f} Rank-1 {chance['Rank-1']:.1f} (mean of 20 draws; the model: "
+                     f"{summary.get('mAP_over_chance')}x)"
+                     + (f", colour histograms mAP {hist['mAP']:.1f} Rank-1 {hist['Rank-1']:.1f}" if hist else ""))
+    for name, (path, what) in DEMO_FIGURES.items():
+        figure = files.figures / name
+        if publish and figure.is_file():
+            target = resolve(path)
+            if not target.is_file() or target.read_bytes() != figure.read_bytes():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(figure, target)
+            lines.append(f"{what}: {target}")
+    return lines
