@@ -83,42 +83,6 @@ def folders_tried(cls, root: Path) -> list[str]:
     return tried
 
 
-def ensure_pretrained_clip(cfg: RunConfig, progress: bool = True) -> Path | None:
-    """The language-pretrained CLIP that ``pretrained: pretrain-clip`` names (:func:`muva_core.pretrain.config_clip_path`,
-    ``<data_root>/clip/clip-<backbone>-seed0.safetensors``): made by ``muva pretrain-clip`` with the default settings
-    when it is missing (an interrupted pretraining resumes at its last epoch), reused when its settings are the
-    same, refused (:class:`~muva_core.pretrain.CheckpointExistsError`, naming the settings that differ) when they
-    are not. None when the configuration starts from other weights (``checkpoint_path``, an open_clip tag, none)."""
-    from .pretrain import CheckpointExistsError, config_clip_spec, pretrain_clip, uses_pretrain_clip
-
-    if not uses_pretrain_clip(cfg):
-        return None
-    spec = config_clip_spec(cfg)
-    try:
-        return pretrain_clip(progress=progress, **spec)
-    except CheckpointExistsError as err:
-        raise CheckpointExistsError(
-            f"pretrained={cfg.model.pretrained}: {err}. The file was made with other settings than this version's "
-            f"`muva pretrain-clip --out {spec['out_dir']} --backbone {spec['backbone']} --seed {spec['seed']}`; "
-            "move it away (or add --overwrite to that command) to make the one this configuration needs, or start "
-            "from it as it is with -p checkpoint_path=<file> -p pretrained=none") from None
-
-
-def clip_start(cfg: RunConfig) -> str:
-    """The weights the run's CLIP starts from, in words: ``random init``, ``language-pretrained`` (``pretrained:
-    pretrain-clip``), the checkpoint file, or the open_clip tag."""
-    m = cfg.model
-    if m.checkpoint_path:
-        return m.checkpoint_path
-    if m.pretrained in ("none", ""):
-        return "random init"
-    if m.pretrained == "pretrain-clip":
-        return "language-pretrained: muva pretrain-clip"
-    if m.pretrained == "auto":
-        return "openai" if m.backbone == "vit-b-16" else "random init"
-    return m.pretrained
-
-
 def check_checkpoint(cfg: RunConfig) -> None:
     if cfg.model.checkpoint_path and not resolve(cfg.model.checkpoint_path).is_file():
         raise FileNotFoundError(f"checkpoint_path={cfg.model.checkpoint_path}: no such file "
@@ -153,8 +117,11 @@ def preflight(cfg: RunConfig, progress: bool = True):
     """Everything a run can check before it starts working: the datasets are there, the checkpoint exists, the
     imported masks of ``masks_file`` fit the patch grid and cover every training image (the
     language-pretrained CLIP of ``pretrained: pretrain-clip`` is made when missing, see
-    :func:`ensure_pretrained_clip`), the protocol's data loads (the synthetic set is generated when missing), the
-    batches can be formed, and every image of the splits it reads can be decoded. Returns the protocol's data."""
+    :func:`~muva_core.pretrain.provision.ensure_pretrained_clip`), the protocol's data loads (the synthetic set is
+    generated when missing), the batches can be formed, and every image of the splits it reads can be decoded.
+    Returns the protocol's data."""
+    from .pretrain.provision import ensure_pretrained_clip
+
     cfg.validate()
     check_datasets_present(cfg)
     check_checkpoint(cfg)

@@ -29,8 +29,9 @@ def small_clip(monkeypatch, pretrain_root):
     """``pretrained: pretrain-clip`` pretrains the tiny CLIP on the small pretraining set for 2 epochs (seconds)."""
     import muva_core.pretrain as pretrain
 
-    monkeypatch.setattr(pretrain, "CONFIG_CLIP_OPTIONS",
-                        {"scale": "small", "epochs": 2, "synth_root": str(pretrain_root), "eval_images": 20})
+    # one dict (muva_core.pretrain.provision's, re-exported by the package): its items are patched, not the name
+    for key, value in {"scale": "small", "epochs": 2, "synth_root": str(pretrain_root), "eval_images": 20}.items():
+        monkeypatch.setitem(pretrain.CONFIG_CLIP_OPTIONS, key, value)
     return pretrain
 
 
@@ -58,7 +59,8 @@ def test_every_synthetic_config_starts_from_the_language_pretrained_clip_and_the
 
 def test_preflight_makes_the_clip_once_reuses_it_and_refuses_other_settings(small_synth_root, tmp_path, small_clip):
     from muva_core.model.factory import build_muva
-    from muva_core.pipeline import ensure_pretrained_clip, preflight
+    from muva_core.pipeline import preflight
+    from muva_core.pretrain.provision import ensure_pretrained_clip
 
     cfg = RunConfig().update({"protocol": "synth:A2B", "synth_root": str(small_synth_root), "synth_scale": "small",
                               "data_root": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache"),

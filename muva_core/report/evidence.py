@@ -158,7 +158,7 @@ def protocol_configs(base_cfg: dict, scale: str, protocols: Sequence[str], progr
     last); the pretrained CLIP a configuration starts from is made here (with ``make_clip``), once, before any
     run, by one process at a time (:func:`muva_core.pipeline.ensure_pretrained_clip`)."""
     from ..locks import shared_data
-    from ..pipeline import ensure_pretrained_clip
+    from ..pretrain.provision import ensure_pretrained_clip
     from .runner import resolve_config
 
     extra = {"recipe": recipe} if recipe else {}
@@ -173,7 +173,8 @@ def protocol_configs(base_cfg: dict, scale: str, protocols: Sequence[str], progr
 def start_checkpoint(cfg) -> str | None:
     """The CLIP file a run configuration starts from (``checkpoint_path``, or the one ``pretrained: pretrain-clip``
     names), None for random weights or an open_clip tag."""
-    from ..pretrain import config_clip_path, uses_pretrain_clip
+    from ..model.checkpoints import config_clip_path
+    from ..pretrain.provision import uses_pretrain_clip
 
     if uses_pretrain_clip(cfg):
         return str(config_clip_path(cfg))
@@ -370,7 +371,7 @@ def clip_zero_shot(checkpoint: str | Path | None) -> pd.DataFrame:
     after language pretraining, from the checkpoint's report (empty without one)."""
     if not checkpoint:
         return pd.DataFrame()
-    from ..pretrain import report_file
+    from ..pretrain.files import report_file
 
     path = report_file(checkpoint)
     if not path.is_file():

@@ -158,7 +158,7 @@ def summarise_run(folder: Path, cfg: RunConfig, state: dict) -> dict:
     """The run's headline numbers from the notebooks' records: the model's metrics on the target, beside them
     (notebook 06) the chance level (random features) and the colour-histogram baselines on the same split, the
     predicted-mask IoU against the true part boxes, and the CLIP the run started from."""
-    from ..pipeline import clip_start
+    from ..pretrain.provision import clip_start
 
     metrics_dir = folder / "metrics"
     summary: dict = {"protocol": cfg.data.protocol, "run_dir": str(folder),
@@ -207,7 +207,9 @@ def training_summary(folder: Path, cfg: RunConfig) -> dict:
             rows = h[["epoch", *cols]].dropna(how="all", subset=cols)
             out["by_epoch"] = {c: {int(e): round(float(v), 2) for e, v in zip(rows["epoch"], rows[c]) if v == v}
                                for c in cols}
-    from ..pretrain import config_clip_path, read_pretrain_info, uses_pretrain_clip
+    from ..model.checkpoints import config_clip_path
+    from ..pretrain.files import read_pretrain_info
+    from ..pretrain.provision import uses_pretrain_clip
 
     if uses_pretrain_clip(cfg) and config_clip_path(cfg).is_file():
         out["clip_zero_shot"] = read_pretrain_info(config_clip_path(cfg)).get("zero_shot")
@@ -270,7 +272,7 @@ def results_table(reports_dir: Path) -> str:
     """The README's results table: one row per run folder with metrics, and the command that made it. Beside the
     model: the valid queries of the target split, the chance level (random features, mean of 20 draws) and the
     global colour-histogram baseline on the same split (mAP / Rank-1), where notebook 06 recorded them."""
-    from ..pipeline import clip_start
+    from ..pretrain.provision import clip_start
 
     lines = ["| protocol | model | mAP | Rank-1 | Rank-5 | mINP | re-ranked mAP / R-1 | valid queries | chance mAP / R-1 | "
              "colour histogram mAP / R-1 | mask IoU vs truth (head / upper / legs) | time | command |",
