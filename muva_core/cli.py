@@ -385,46 +385,17 @@ def _image_size(text: str) -> tuple[int, int]:
 
 def cmd_pretrain_clip(args) -> int:
     """Contrastive CLIP pretraining on captioned synthetic pedestrians (muva_core.pretrain)."""
-    import json
-
-    from .pretrain import pretrain_clip, report_file
+    from .pretrain.loop import pretrain_clip
+    from .pretrain.provision import pretrain_clip_summary
 
     options = {} if args.keep_tokens is None else {"keep_tokens": args.keep_tokens}
     if args.color_jitter:
         options["color_jitter"] = True
+    image_size = _image_size(args.image_size)
     path = pretrain_clip(args.out, backbone=args.backbone, seed=args.seed, epochs=args.epochs, scale=args.scale,
                          synth_root=args.synth_root, overwrite=args.overwrite, progress=not args.quiet,
-                         image_size=_image_size(args.image_size), reid_root=args.reid_root, **options)
-    report = json.loads(report_file(path).read_text()) if report_file(path).is_file() else {}
-    zs = report.get("zero_shot", {})
-    if zs.get("pretrained"):
-        modes = list(zs["pretrained"]["mean"])
-        print(f"zero-shot attribute retrieval on {report['data']['heldout_images']} held-out images of "
-              f"{report['data']['heldout_identities']} unseen identities, random init -> pretrained "
-              "(accuracy / balanced accuracy, whose chance is 1 / values):")
-        def row(run: str, mode: str, attr: str) -> dict:
-            return zs[run]["mean"][mode] if attr == "mean" else zs[run][mode][attr]
-
-        for attr in [*zs["pretrained"][modes[0]], "mean"]:
-            cells = [f"{m} {row('random', m, attr)['accuracy']:.2f} -> {row('pretrained', m, attr)['accuracy']:.2f}"
-                     f" / {row('random', m, attr)['balanced_accuracy']:.2f} -> "
-                     f"{row('pretrained', m, attr)['balanced_accuracy']:.2f}" for m in modes]
-            ref = row("pretrained", modes[0], attr)
-            print(f"  {attr:14s} " + "   ".join(cells)
-                  + f"   (chance {ref['balanced_chance']:.2f}, majority {ref['majority']:.2f})")
-    for d, res in (zs.get("reid_domains") or {}).items():   # each domain, then their mean
-        print(f"  Re-ID domain {d:4s} balanced accuracy " + "   ".join(
-            f"{m} {(res['mean'] if d != 'mean' else res)[m]['balanced_accuracy']:.2f}"
-            for m in (res["mean"] if d != "mean" else res)))
-    print(f"checkpoint: {path}")
-    from .config import RunConfig
-    from .pretrain import config_clip_path
-
-    h, w = _image_size(args.image_size)
-    if path.resolve() == config_clip_path(RunConfig().update({"backbone": args.backbone, "height": h,
-                                                               "width": w})).resolve():
-        print(f"configs with `pretrained: pretrain-clip` and backbone {args.backbone} (the synthetic ones) start from it")
-    print(f"use it: muva train -p checkpoint_path={path} -p backbone={args.backbone} -p pretrained=none ...")
+                         image_size=image_size, reid_root=args.reid_root, **options)
+    print(pretrain_clip_summary(path, args.backbone, image_size))
     return 0
 
 

@@ -29,8 +29,9 @@ def small_clip(monkeypatch, pretrain_root):
     """``pretrained: pretrain-clip`` pretrains the tiny CLIP on the small pretraining set for 2 epochs (seconds)."""
     import muva_core.pretrain as pretrain
 
-    monkeypatch.setattr(pretrain, "CONFIG_CLIP_OPTIONS",
-                        {"scale": "small", "epochs": 2, "synth_root": str(pretrain_root), "eval_images": 20})
+    # one dict (muva_core.pretrain.provision's, re-exported by the package): its items are patched, not the name
+    for key, value in {"scale": "small", "epochs": 2, "synth_root": str(pretrain_root), "eval_images": 20}.items():
+        monkeypatch.setitem(pretrain.CONFIG_CLIP_OPTIONS, key, value)
     return pretrain
 
 

@@ -232,8 +232,9 @@ def test_an_interrupted_pretraining_resumes_at_its_last_epoch_and_ends_with_the_
     """Interrupted in its second epoch: the first epoch's state is on disk (``.partial``), the rerun continues from
     it (the first epoch is not trained again) and writes the same weights as the uninterrupted ``tiny_ckpt``."""
     import muva_core.pretrain as pretrain
+    from muva_core.pretrain import loop
 
-    real = pretrain.contrastive_step
+    real = loop.contrastive_step
     calls = {"n": 0}
     steps_per_epoch = json.loads(report_file(tiny_ckpt).read_text())["steps"] // TINY["epochs"]
 
@@ -243,7 +244,7 @@ def test_an_interrupted_pretraining_resumes_at_its_last_epoch_and_ends_with_the_
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pretrain, "contrastive_step", interrupted)
+    monkeypatch.setattr(loop, "contrastive_step", interrupted)     # the name pretrain_clip calls
     out = tmp_path / "clip"
     with pytest.raises(KeyboardInterrupt):
         pretrain_clip(out, synth_root=pt_root, **TINY)

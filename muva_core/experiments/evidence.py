@@ -48,7 +48,7 @@ SCALES: dict[str, dict] = {
     "full": {
         "seeds": (0, 1, 2),
         # pretrained: pretrain-clip = the language-pretrained CLIP (muva pretrain-clip --out data/clip --backbone
-        # small --seed 0), made before the runs when missing (muva_core.pipeline.ensure_pretrained_clip);
+        # small --seed 0), made before the runs when missing (muva_core.pretrain.provision.ensure_pretrained_clip);
         # short stage 2 (4 epochs, no warm-up, lr / 10 for the last) to fit 81 runs into ~2 h on 2 cores
         "overrides": {"synth_scale": "evidence", "synth_root": "data/synthetic-evidence", "backbone": "small",
                       "pretrained": "pretrain-clip", "stage2_lr": 2.0e-4, "stage2_epochs": 4, "warmup_epochs": 0,
@@ -85,7 +85,7 @@ def protocol_configs(base_cfg: dict, scale: str, protocols: Sequence[str], progr
                      recipe: str | None = None, make_clip: bool = True) -> dict:
     """Each protocol's resolved configuration at ``scale`` (under ``recipe`` when given; the user's overrides
     last); the pretrained CLIP a configuration starts from is made here (with ``make_clip``), once, before any
-    run, by one process at a time (:func:`muva_core.pipeline.ensure_pretrained_clip`)."""
+    run, by one process at a time (:func:`muva_core.pretrain.provision.ensure_pretrained_clip`)."""
     from ..locks import shared_data
     from ..pretrain.provision import ensure_pretrained_clip
     from ..config import resolve_config
@@ -102,7 +102,8 @@ def protocol_configs(base_cfg: dict, scale: str, protocols: Sequence[str], progr
 def start_checkpoint(cfg) -> str | None:
     """The CLIP file a run configuration starts from (``checkpoint_path``, or the one ``pretrained: pretrain-clip``
     names), None for random weights or an open_clip tag."""
-    from ..pretrain import config_clip_path, uses_pretrain_clip
+    from ..model.checkpoints import config_clip_path
+    from ..pretrain.provision import uses_pretrain_clip
 
     if uses_pretrain_clip(cfg):
         return str(config_clip_path(cfg))
@@ -295,7 +296,7 @@ def clip_zero_shot(checkpoint: str | Path | None) -> pd.DataFrame:
     after language pretraining, from the checkpoint's report (empty without one)."""
     if not checkpoint:
         return pd.DataFrame()
-    from ..pretrain import report_file
+    from ..pretrain.files import report_file
 
     path = report_file(checkpoint)
     if not path.is_file():

@@ -16,6 +16,7 @@ from torch import nn
 from ..paths import resolve
 from ..data.samples import PARTS
 from .backbone import BackboneConfig, build_clip
+from .checkpoints import PRETRAINED_TAG, config_clip_path
 from .muva import MUVAConfig, MUVAEncoder, parts_from_code
 from .prompts import PromptConfig, PromptLearner
 
@@ -57,9 +58,7 @@ def build_muva(cfg, num_classes: int, id_domains: torch.Tensor | None = None) ->
     m = cfg.model
     pretrained = None if m.pretrained in ("none", "", None) else m.pretrained
     checkpoint = str(resolve(m.checkpoint_path)) if m.checkpoint_path else None
-    if pretrained == "pretrain-clip":  # the language-pretrained CLIP of `muva pretrain-clip` (muva_core.pretrain)
-        from ..pretrain import config_clip_path
-
+    if pretrained == PRETRAINED_TAG:  # the language-pretrained CLIP of `muva pretrain-clip` (muva_core.pretrain)
         pretrained, checkpoint = None, checkpoint or str(config_clip_path(cfg))
     clip, tokenizer = build_clip(BackboneConfig(
         name=m.backbone, pretrained=pretrained, checkpoint_path=checkpoint,

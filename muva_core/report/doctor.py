@@ -231,7 +231,7 @@ def checkpoint_report(cfg: RunConfig) -> dict:
     if tag in ("none", ""):
         return {"status": "random", "note": f"random {m.backbone} weights (the paper starts from OpenAI's CLIP)"}
     if tag == "pretrain-clip":
-        from ..pretrain import config_clip_path
+        from ..model.checkpoints import config_clip_path
 
         path = config_clip_path(cfg)
         return {"status": "recognised" if path.is_file() else "missing", "path": str(path),

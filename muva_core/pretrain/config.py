@@ -1,0 +1,83 @@
+"""What decides a pretrained CLIP's weights: :class:`PretrainConfig` (the checkpoint's reuse key), the default
+epochs per backbone and the format and caption versions that enter the key."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["PRETRAIN_FORMAT", "PRETRAIN_FORMAT_VERSION", "CAPTIONS_VERSION", "DEFAULT_EPOCHS", "PretrainConfig"]
+
+PRETRAIN_FORMAT = "muva-clip-pretrain"
+PRETRAIN_FORMAT_VERSION = 1
+CAPTIONS_VERSION = "1"
+"""Bumped whenever :mod:`muva_core.data.captions` changes what it writes (part of the reuse key)."""
+
+DEFAULT_EPOCHS: dict[str, int] = {"tiny": 10, "mini": 3, "small": 3, "vit-b-16": 5}
+"""Epochs over the ``pretrain`` train split (~4.3k images, ~67 steps of 64) when ``epochs`` is not given."""
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that decides the pretrained weights (the checkpoint's reuse key).
+
+    backbone:   named CLIP config (``tiny`` | ``small``; see :data:`~muva_core.model.backbone.NAMED_CONFIGS`)
+    seed:       model initialisation and batch order
+    epochs:     passes over the training images
+    batch_size: image-caption pairs per contrastive step
+    lr / weight_decay / warmup_frac: AdamW peak learning rate, decay of weight matrices, warm-up share
+    p_global:   probability of a global caption (else a part caption with the part masked in)
+    min_part_visible: a part is captioned only when at least this fraction is visible
+    part_pad:   pixels added around a part box before masking
+    keep_tokens: patch tokens kept per training image (FLIP-style token dropping; 32 of 128 by default): for a part caption the tokens on the part first, then random ones; for a global
+                caption random ones; 0 = all. Evaluation and later use always see every token.
+    scale / data_seed: the pretraining synthetic set (``SCALES[scale]``, domains P, Q, R)
+    eval_images: held-out images for the zero-shot report (0 = skip the report)
+    image_size: (H, W) of the input; 256x128 = MUVA's grid
+    color_jitter: the photometric jitter of :func:`muva_core.data.transforms.photometric_jitter` on every
+                training image (lighting and camera changes; in the reuse key only when on)
+    """
+
+    backbone: str = "small"
+    seed: int = 0
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.1
+    p_global: float = 0.2
+    min_part_visible: float = 0.5
+    part_pad: int = 4
+    keep_tokens: int = 32
+    scale: str = "pretrain"
+    data_seed: int = 0
+    eval_images: int = 200
+    image_size: tuple[int, int] = (256, 128)
+    color_jitter: bool = False
+
+    def __post_init__(self) -> None:
+        from ..data.synthetic import SCALES
+        from ..model.backbone import NAMED_CONFIGS
+
+        if self.backbone not in NAMED_CONFIGS:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {sorted(NAMED_CONFIGS)}")
+        if self.scale not in SCALES:
+            raise ValueError(f"unknown synthetic scale {self.scale!r}; expected one of {sorted(SCALES)}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {self.epochs} and {self.batch_size}")
+        if not 0.0 <= self.p_global <= 1.0:
+            raise ValueError(f"p_global must be in [0, 1], got {self.p_global}")
+        self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
+
+    def settings(self) -> dict[str, Any]:
+        """The reuse key: this config plus the generator and caption versions."""
+        from ..data.synthetic import GENERATOR_VERSION
+
+        d = dataclasses.asdict(self)
+        d["image_size"] = list(self.image_size)
+        if not d["color_jitter"]:   # added later: in the key only when on, so earlier checkpoints keep theirs
+            del d["color_jitter"]
+        d.update(generator_version=GENERATOR_VERSION, captions_version=CAPTIONS_VERSION,
+                 format_version=PRETRAIN_FORMAT_VERSION)
+        return d
+

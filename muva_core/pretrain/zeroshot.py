@@ -1,0 +1,140 @@
+"""Zero-shot attribute retrieval: how well the CLIP's image features find the prompt of each attribute's true
+value, on whole images and on the attribute's part masked in; on held-out pretraining images and on the Re-ID
+domains; and the report's lines as ``muva pretrain-clip`` prints them."""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.captions import ZERO_SHOT_ATTRIBUTES, zero_shot_prompts
+from ..data.samples import PARTS
+from .data import PretrainImages, load_pretrain_images, masked_part_images, normalise_images
+from .model import encode_text
+
+__all__ = ["zero_shot_accuracy", "evaluate_zero_shot", "evaluate_zero_shot_domains", "format_zero_shot_report"]
+
+
+def zero_shot_accuracy(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor,
+                       balanced: bool = False) -> float:
+    """Share of images whose most similar (cosine) text is their true value.
+
+    image_features ``[N, E]``, text_features ``[K, E]`` (one per value), labels ``[N]`` value
+    indices, ``-1`` = not applicable (skipped). balanced=True: the mean over the values present
+    of the share of their images classified right (chance = 1 / values present, whatever the
+    class frequencies). NaN when no label applies.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    keep = labels >= 0
+    if not bool(keep.any()):
+        return float("nan")
+    img = nn.functional.normalize(image_features[keep].float(), dim=-1)
+    txt = nn.functional.normalize(text_features.float(), dim=-1)
+    pred = (img @ txt.T).argmax(dim=1)
+    y = labels[keep]
+    hit = (pred == y).float()
+    if not balanced:
+        return float(hit.mean())
+    return float(torch.stack([hit[y == c].mean() for c in torch.unique(y)]).mean())
+
+
+@torch.no_grad()
+def _encode_images(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([model.encode_image(x[s:s + batch_size]) for s in range(0, x.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def evaluate_zero_shot(model, tokenizer, data: PretrainImages, attributes: Sequence[str] | None = None,
+                       modes: Sequence[str] = ("global", "part"), part_pad: int = 4, batch_size: int = 64,
+                       progress: bool = False) -> dict[str, Any]:
+    """Zero-shot attribute classification of ``data`` by the most similar prompt among each attribute's values.
+
+    modes: ``global`` = whole image vs "A photo of a person in a red shirt."; ``part`` = the
+    attribute's part masked in vs "A photo of the upper body of a person in a red shirt.".
+    Returns ``{mode: {attribute: {accuracy, chance, majority, balanced_accuracy, balanced_chance, n,
+    values}}, "mean": {mode: {...the same, averaged over the attributes}}}``: chance = 1 / number of
+    values, majority = share of the commonest value, balanced_chance = 1 / values present.
+    """
+    from tqdm.auto import tqdm
+
+    attributes = list(attributes or ZERO_SHOT_ATTRIBUTES)
+    was_training = model.training
+    model.eval()
+    index = list(range(len(data)))
+    feats: dict[str, torch.Tensor] = {}
+    jobs = (["global"] if "global" in modes else []) + (list(PARTS) if "part" in modes else [])
+    for g in tqdm(jobs, desc="zero-shot features", disable=not progress):
+        x = normalise_images(data.images) if g == "global" else masked_part_images(data, index, g, part_pad)
+        feats[g] = _encode_images(model, x, batch_size)
+    out: dict[str, Any] = {}
+    for mode in modes:
+        res = {}
+        for a in attributes:
+            spec = ZERO_SHOT_ATTRIBUTES[a]
+            prompts = zero_shot_prompts(a, mode)
+            values = list(prompts)
+            txt = encode_text(model, tokenizer([prompts[v] for v in values]))
+            labels = torch.tensor([values.index(v) if (v := spec.value_of(at)) is not None else -1
+                                   for at in data.attrs])
+            img = feats["global" if mode == "global" else spec.part]
+            n = int((labels >= 0).sum())
+            counts = np.bincount(labels[labels >= 0].numpy(), minlength=len(values))
+            res[a] = {"accuracy": zero_shot_accuracy(img, txt, labels), "chance": 1.0 / len(values),
+                      "majority": float(counts.max() / max(1, n)),
+                      "balanced_accuracy": zero_shot_accuracy(img, txt, labels, balanced=True),
+                      "balanced_chance": 1.0 / max(1, int((counts > 0).sum())), "n": n, "values": len(values)}
+        out[mode] = res
+    keys = ("accuracy", "chance", "majority", "balanced_accuracy", "balanced_chance")
+    out["mean"] = {m: {k: float(np.nanmean([r[k] for r in out[m].values()])) for k in keys} for m in modes}
+    model.train(was_training)
+    return out
+
+
+def evaluate_zero_shot_domains(model, tokenizer, root: str | os.PathLike, domains: Sequence[str], limit: int,
+                               image_size: Sequence[int], part_pad: int = 4, seed: int = 0,
+                               progress: bool = False) -> dict[str, Any]:
+    """:func:`evaluate_zero_shot` on the test images (query + gallery) of generated Re-ID domains (``synth_A`` ..
+    ``synth_D``: other people, cameras and lighting than the pretraining domains), ``limit`` images of each:
+    ``{domain: {"global": ..., "part": ..., "mean": ...}, "mean": {mode: {...}}}`` (the mean over the domains)."""
+    out: dict[str, Any] = {}
+    for d in domains:
+        data = load_pretrain_images(root, "test", domains=[d], limit=limit, seed=seed).resized(image_size)
+        out[d] = evaluate_zero_shot(model, tokenizer, data, part_pad=part_pad, progress=progress)
+    if out:
+        modes = list(next(iter(out.values()))["mean"])
+        out["mean"] = {m: {k: float(np.mean([out[d]["mean"][m][k] for d in domains])) for k in out[domains[0]]["mean"][m]}
+                       for m in modes}
+    return out
+
+
+
+def format_zero_shot_report(report: dict[str, Any]) -> str:
+    """The zero-shot accuracies of a pretraining report (:func:`~muva_core.pretrain.files.read_pretrain_report`), one
+    line per attribute and their mean (random init -> pretrained, accuracy / balanced accuracy, with chance and
+    majority), then one line per Re-ID domain and their mean; ``""`` when the report has none."""
+    lines: list[str] = []
+    zs = report.get("zero_shot", {})
+    if zs.get("pretrained"):
+        modes = list(zs["pretrained"]["mean"])
+        lines.append(f"zero-shot attribute retrieval on {report['data']['heldout_images']} held-out images of "
+                     f"{report['data']['heldout_identities']} unseen identities, random init -> pretrained "
+                     "(accuracy / balanced accuracy, whose chance is 1 / values):")
+
+        def row(run: str, mode: str, attr: str) -> dict:
+            return zs[run]["mean"][mode] if attr == "mean" else zs[run][mode][attr]
+
+        for attr in [*zs["pretrained"][modes[0]], "mean"]:
+            cells = [f"{m} {row('random', m, attr)['accuracy']:.2f} -> {row('pretrained', m, attr)['accuracy']:.2f}"
+                     f" / {row('random', m, attr)['balanced_accuracy']:.2f} -> "
+                     f"{row('pretrained', m, attr)['balanced_accuracy']:.2f}" for m in modes]
+            ref = row("pretrained", modes[0], attr)
+            lines.append(f"  {attr:14s} " + "   ".join(cells)
+                         + f"   (chance {ref['balanced_chance']:.2f}, majority {ref['majority']:.2f})")
+    for d, res in (zs.get("reid_domains") or {}).items():   # each domain, then their mean
+        lines.append(f"  Re-ID domain {d:4s} balanced accuracy " + "   ".join(
+            f"{m} {(res['mean'] if d != 'mean' else res)[m]['balanced_accuracy']:.2f}"
+            for m in (res["mean"] if d != "mean" else res)))
+    return "\n".join(lines)
