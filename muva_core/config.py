@@ -227,7 +227,7 @@ class RunConfig:
             try:
                 section = self.section_of(key)
             except KeyError:
-                raise ConfigError(_unknown_key_message(key, source, list(self.to_flat()))) from None
+                raise ConfigError(unknown_key_message(key, source, list(self.to_flat()))) from None
             target = self if section is None else getattr(self, section)
             value = _coerce(target, key, value, source)
             check_value(key, value, source)
@@ -439,7 +439,7 @@ def check_value(key: str, value: Any, source: str = "configuration") -> None:
             raise ConfigError(f"{source}: key {key!r} must be {_range_text(low, high, low_inc, high_inc)}, got {value!r}")
 
 
-def _unknown_key_message(key: str, source: str, known: list[str], list_known: bool = True) -> str:
+def unknown_key_message(key: str, source: str, known: list[str], list_known: bool = True) -> str:
     close = difflib.get_close_matches(key, known, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     listing = f" (known keys: {', '.join(sorted(known))})" if list_known else ""

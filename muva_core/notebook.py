@@ -14,7 +14,7 @@ import ast
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import ConfigError, RunConfig, _unknown_key_message, resolve_config
+from .config import ConfigError, RunConfig, unknown_key_message, resolve_config
 from .paths import RunFiles, resolve
 from .runs import Recorded, Run, run_folder
 
@@ -61,7 +61,7 @@ def config_from_namespace(namespace: Mapping[str, Any]) -> RunConfig:
         params = parameters_from_history(history)
         unknown = [k for k in params if k not in known]
         if unknown:
-            raise ConfigError(_unknown_key_message(unknown[0], "notebook parameters cell", sorted(known), list_known=False)
+            raise ConfigError(unknown_key_message(unknown[0], "notebook parameters cell", sorted(known), list_known=False)
                               + (f" (also not config keys: {', '.join(unknown[1:])})" if unknown[1:] else "")
                               + "; every name in the parameters cell must be a config key")
     else:

@@ -22,7 +22,7 @@ def test_choices_mirror_the_registries():
     from muva_core.model.backbone import NAMED_CONFIGS
     from muva_core.model.muva import MASK_MODES
 
-    assert set(CHOICES["synth_scale"]) == set(SCALES) - {"pretrain"}    # "pretrain": the CLIP pretraining set
+    assert set(CHOICES["synth_scale"]) == set(SCALES) - {"pretrain", "pretrain-wide"}  # the CLIP pretraining sets
     assert set(CHOICES["backend"]) == set(available_backends())
     assert set(CHOICES["backbone"]) == set(NAMED_CONFIGS)
     assert set(CHOICES["metric"]) == set(METRICS)

@@ -109,7 +109,7 @@ def patch_grid(model: CLIP) -> tuple[int, int]:
     return tuple(model.visual.grid_size)  # type: ignore[return-value]
 
 
-def _build_architecture(cfg: BackboneConfig) -> CLIP:
+def build_architecture(cfg: BackboneConfig) -> CLIP:
     spec = NAMED_CONFIGS[cfg.name]
     if "open_clip_name" in spec:
         model = open_clip.create_model(
@@ -243,7 +243,7 @@ def build_clip(cfg: BackboneConfig | None = None) -> tuple[CLIP, SimpleTokenizer
     cfg = cfg or BackboneConfig()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = _build_architecture(cfg)
+        model = build_architecture(cfg)
     path = _resolve_checkpoint(cfg)
     if path is not None:
         load_clip_weights(model, path, interpolation=cfg.pos_interpolation)

@@ -204,7 +204,7 @@ def checkpoint_report(cfg: RunConfig) -> dict:
     """The CLIP weights the run starts from: recognised, to be downloaded, random, or missing."""
     m = cfg.model
     if m.checkpoint_path:
-        from ..model.backbone import BackboneConfig, _build_architecture, is_torchscript_archive, read_clip_state_dict
+        from ..model.backbone import BackboneConfig, build_architecture, is_torchscript_archive, read_clip_state_dict
 
         path = resolve(m.checkpoint_path)
         if not path.is_file():
@@ -214,7 +214,7 @@ def checkpoint_report(cfg: RunConfig) -> dict:
             state = read_clip_state_dict(path)
         except RuntimeError as err:
             return {"status": "not recognised", "path": str(path), "note": str(err)}
-        arch = _build_architecture(BackboneConfig(name=m.backbone, pretrained=None,
+        arch = build_architecture(BackboneConfig(name=m.backbone, pretrained=None,
                                                   image_size=(cfg.data.height, cfg.data.width))).state_dict()
         missing = [k for k in arch if k not in state]
         unexpected = [k for k in state if k not in arch]
