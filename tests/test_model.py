@@ -434,3 +434,32 @@ def test_inference_features_normalised(visual, images):
     f = enc.inference_features(images)
     assert f.shape == (B, 4 * 64)
     assert torch.allclose(f.norm(dim=-1), torch.ones(B), atol=1e-5)
+
+
+def test_the_model_package_imports_nothing_above_it():
+    """``muva_core/model`` imports only ``config``, ``paths``, ``io`` and ``data`` of the project (and itself), counting
+    imports inside functions: the pretrained CLIP's file name lives in ``model/checkpoints.py`` (issue 21)."""
+    import ast
+    from pathlib import Path
+
+    import muva_core.model
+
+    allowed = {"config", "paths", "io", "data", "model"}
+    bad = []
+    for path in sorted(Path(muva_core.model.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1:                 # from .x: inside model/
+                    continue
+                if node.level == 2:                 # from ..x import y / from .. import y
+                    tops = [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
+                elif (node.module or "").startswith("muva_core"):
+                    tops = [(node.module.split(".") + [""])[1] or a.name for a in node.names]
+                else:
+                    continue
+            elif isinstance(node, ast.Import):
+                tops = [a.name.split(".")[1] for a in node.names if a.name.startswith("muva_core.")]
+            else:
+                continue
+            bad += [f"{path.name}:{node.lineno}: {t}" for t in tops if t not in allowed]
+    assert not bad, bad

@@ -225,6 +225,29 @@ def test_checkpoint_name_carries_a_non_default_input_size(tmp_path):
     assert checkpoint_file(tmp_path, "small", 1, (128, 64)).name == "clip-small-128x64-seed1.safetensors"
 
 
+def test_the_model_factory_and_the_provisioning_name_the_same_file(tmp_path, monkeypatch):
+    """The factory loads ``model.checkpoints.config_clip_path``; ``ensure_pretrained_clip`` makes the file the spec
+    names: the same one, and options cannot rename it. ``muva pretrain-clip`` says when the run configs use it."""
+    from muva_core.config import RunConfig
+    from muva_core.model.checkpoints import config_clip_path
+    from muva_core.pretrain import provision
+
+    cfg = RunConfig().update({"backbone": "tiny", "pretrained": "pretrain-clip", "data_root": str(tmp_path),
+                              "height": 128, "width": 64})
+    spec = provision.config_clip_spec(cfg)
+    named = checkpoint_file(spec["out_dir"], spec["backbone"], spec["seed"], spec["image_size"])
+    assert named == config_clip_path(cfg) == tmp_path / "clip" / "clip-tiny-128x64-seed0.safetensors"
+    monkeypatch.setitem(provision.CONFIG_CLIP_OPTIONS, "seed", 1)
+    with pytest.raises(ValueError, match=r"CONFIG_CLIP_OPTIONS may not set \['seed'\]"):
+        provision.config_clip_spec(cfg)
+    monkeypatch.delitem(provision.CONFIG_CLIP_OPTIONS, "seed")
+    default = config_clip_path(RunConfig().update({"backbone": "tiny"}))
+    text = provision.pretrain_clip_summary(default, "tiny", (256, 128))
+    assert text.splitlines()[0] == f"checkpoint: {default}"        # no report beside it: no zero-shot lines
+    assert "(the synthetic ones) start from it" in text
+    assert "start from it" not in provision.pretrain_clip_summary(named, "tiny", (128, 64))
+
+
 # ---- resumable, keyed, refused when the settings differ (issue 13) ---------------------------------
 
 def test_an_interrupted_pretraining_resumes_at_its_last_epoch_and_ends_with_the_same_weights(

@@ -4,12 +4,15 @@ words, and what ``muva pretrain-clip`` prints about a checkpoint."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..model.checkpoints import CONFIG_CLIP_SEED, PRETRAINED_TAG, config_clip_dir, config_clip_path
 from .files import CheckpointExistsError, read_pretrain_report
 from .loop import pretrain_clip
 from .zeroshot import format_zero_shot_report
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 __all__ = ["CONFIG_CLIP_OPTIONS", "uses_pretrain_clip", "config_clip_spec", "ensure_pretrained_clip", "clip_start",
            "pretrain_clip_summary"]
@@ -23,13 +26,13 @@ shrink it). The file's name (out_dir, backbone, seed, image_size) comes from the
 _NAMING_KEYS = ("out_dir", "backbone", "seed", "image_size")
 
 
-def uses_pretrain_clip(cfg) -> bool:
+def uses_pretrain_clip(cfg: RunConfig) -> bool:
     """Whether a :class:`~muva_core.config.RunConfig` starts from the CLIP of ``muva pretrain-clip`` (``pretrained:
     pretrain-clip`` and no ``checkpoint_path``, which would win)."""
     return cfg.model.pretrained == PRETRAINED_TAG and not cfg.model.checkpoint_path
 
 
-def config_clip_spec(cfg) -> dict[str, Any]:
+def config_clip_spec(cfg: RunConfig) -> dict[str, Any]:
     """The :func:`~muva_core.pretrain.loop.pretrain_clip` arguments of the CLIP ``pretrained: pretrain-clip`` names
     for ``cfg``: its backbone, input size and ``data_root``, seed :data:`CONFIG_CLIP_SEED`, the default settings
     otherwise (plus :data:`CONFIG_CLIP_OPTIONS`)."""
@@ -44,7 +47,7 @@ def config_clip_spec(cfg) -> dict[str, Any]:
             **CONFIG_CLIP_OPTIONS}
 
 
-def ensure_pretrained_clip(cfg, progress: bool = True) -> Path | None:
+def ensure_pretrained_clip(cfg: RunConfig, progress: bool = True) -> Path | None:
     """The language-pretrained CLIP that ``pretrained: pretrain-clip`` names (:func:`config_clip_path`,
     ``<data_root>/clip/clip-<backbone>-seed0.safetensors``): made by ``muva pretrain-clip`` with the default settings
     when it is missing (an interrupted pretraining resumes at its last epoch), reused when its settings are the
@@ -64,7 +67,7 @@ def ensure_pretrained_clip(cfg, progress: bool = True) -> Path | None:
             "from it as it is with -p checkpoint_path=<file> -p pretrained=none") from None
 
 
-def clip_start(cfg) -> str:
+def clip_start(cfg: RunConfig) -> str:
     """The weights the run's CLIP starts from, in words: ``random init``, ``language-pretrained`` (``pretrained:
     pretrain-clip``), the checkpoint file, or the open_clip tag."""
     m = cfg.model
