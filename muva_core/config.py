@@ -81,7 +81,7 @@ class ModelConfig:
 
     backbone: str = "vit-b-16"         # vit-b-16 (the paper) | small | mini | tiny (random weights, CPU tests/demos)
     pretrained: str = "auto"           # open_clip tag (openai); auto = openai for vit-b-16, random for small/tiny; none;
-                                       # pretrain-clip = the CLIP of `muva pretrain-clip`, made when missing (pretrain.py)
+                                       # pretrain-clip = the CLIP of `muva pretrain-clip`, made when missing (muva_core.pretrain)
     checkpoint_path: str = ""          # local CLIP weights (.safetensors / .pt); wins over pretrained
     granularity: str = "G+H+U+L"       # Table 5: G, G+H, G+U, G+L, G+H+U, G+H+L, G+U+L, G+H+U+L
     mask_mode: str = "predicted"       # predicted (AM-MSA) | stripe (Table 8)
