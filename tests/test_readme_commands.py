@@ -1,9 +1,12 @@
-"""Every command line of the README, run as a user types it, with small parameters.
+"""Every command line of the README and of the docs/ pages, run as a user types it, with small parameters.
 
-``README_COMMANDS`` lists each command of the README's shell blocks with the test below that runs it; a
-command added to the README without a test here fails :func:`test_every_readme_command_is_run_by_a_test`.
-Commands that need what these machines lack (real datasets, pretrained weights) run on the tiny
-real-layout dataset trees and tiny random-weight models the tests build, with the same flags.
+``README_COMMANDS`` lists each command of the README's shell blocks with the test below that runs it, and
+``DOCS_COMMANDS`` those of the docs/ pages that the README does not show; a command added to the README or to a
+page without a test fails :func:`test_every_readme_command_is_run_by_a_test` or
+:func:`test_every_docs_command_is_run_by_a_test`. Pages with a command test of their own (docs/cluster.md,
+docs/reproducing-the-paper.md) are checked against that test's table. Commands that need what these machines lack
+(real datasets, pretrained weights) run on the tiny real-layout dataset trees and tiny random-weight models the
+tests build, with the same flags.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from muva_core.runs import run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
+EVIDENCE = "tests/test_evidence.py::test_small_scale_study_produces_every_table"
 OWN_IMAGES = "tests/test_own_images.py::test_own_images_page_commands"
 
 README_COMMANDS = {
@@ -31,24 +35,16 @@ README_COMMANDS = {
     "make lab": "test_make_lab_is_muva_lab (tests/test_explorer_browser.py starts it)",
     "muva protocols": "test_synthetic_workbook_commands",
     "muva run --protocol MS2MA": "test_real_layout_commands",
-    "muva run --protocol 'D+MS+C3->MA' -p backend=florence2": "test_real_layout_commands",
     "muva train --protocol synth:B2C -p stage2_epochs=8": "test_synthetic_workbook_commands",
     "muva eval --run reports/synth_A2B/run-XXXX --protocol synth:A2D": "test_synthetic_workbook_commands",
     "muva eval --run reports/synth_A2B/run-XXXX --rerank k-reciprocal": "test_synthetic_workbook_commands",
     "muva export-onnx --run reports/synth_A2B/run-XXXX --out muva.onnx": "test_synthetic_workbook_commands",
     "muva sweep --table 8 --protocol synth:A2B --seeds 0,1,2": "test_synthetic_workbook_commands",
     "muva pretrain-clip --out data/clip --backbone small --seed 0": "test_synthetic_workbook_commands",
-    "muva train --protocol synth:A2B -p checkpoint_path=data/clip/clip-small-seed0.safetensors -p pretrained=none":
-        "test_synthetic_workbook_commands",
-    "muva evidence --scale full --jobs 2": "tests/test_evidence.py::test_small_scale_study_produces_every_table "
-                                           "(the same study at --scale small, --jobs 2)",
+    "muva evidence --scale full --jobs 2": f"{EVIDENCE} (the same study at --scale small, --jobs 2)",
     "muva report": "test_synthetic_workbook_commands",
     "muva ground --dataset market1501 --root data --backend cogvlm --trust-remote-code --out boxes.parquet":
         "test_real_layout_commands",
-    "muva ground ... --shard 0/4 --out boxes.parquet": "test_real_layout_commands",
-    "muva merge-shards --out boxes.parquet --count 4": "test_real_layout_commands",
-    "torchrun --nproc_per_node 8 -m muva_core.cli ground --dataset msmt17 --root data --backend florence2 "
-    "--out boxes.parquet": "test_real_layout_commands",
     "muva calibrate --boxes boxes.parquet --out calibrated.parquet --report calibration.json":
         "test_real_layout_commands",
     "muva vote --boxes calibrated.parquet --out masks.safetensors": "test_real_layout_commands",
@@ -56,41 +52,166 @@ README_COMMANDS = {
     "muva embed --run reports/synth_A2B/run-XXXX --images crops/ --out crops.parquet": OWN_IMAGES,
     "muva search --run reports/synth_A2B/run-XXXX --query probe.jpg --gallery crops/ --top 10 --out search/":
         OWN_IMAGES,
-    "muva datasets configs/datasets/mine.yaml": OWN_IMAGES,
-    "muva eval --run reports/synth_A2B/run-XXXX --dataset configs/datasets/mine.yaml": OWN_IMAGES,
     "muva train --config configs/street_to_B.yaml": OWN_IMAGES,
 }
+
+DOCS_COMMANDS = {
+    # docs/demo.md
+    "muva demo -p pretrained=none": "test_synthetic_workbook_commands (its small settings include -p pretrained=none)",
+    "muva baseline --protocol synth:A2B": "test_synthetic_workbook_commands",
+    "muva eval --run reports/synth_A2B/run-XXXX --protocol synth:B2A": "test_synthetic_workbook_commands",
+    # docs/real-data.md
+    "muva datasets market1501 --root data": "test_real_layout_commands",
+    "muva run --protocol 'D+MS+C3->MA' -p backend=florence2": "test_real_layout_commands",
+    "muva train --protocol synth:A2B -p checkpoint_path=data/clip/clip-small-seed0.safetensors -p pretrained=none":
+        "test_synthetic_workbook_commands",
+    # docs/grounding.md
+    "muva ground ... --shard 0/4 --out boxes.parquet": "test_real_layout_commands",
+    "muva merge-shards --out boxes.parquet --count 4": "test_real_layout_commands",
+    "torchrun --nproc_per_node 8 -m muva_core.cli ground --dataset msmt17 --root data --backend florence2 "
+    "--out boxes.parquet": "test_real_layout_commands",
+    # docs/run-folders.md
+    "muva run --protocol synth:A2B": "test_synthetic_workbook_commands",
+    "muva run --protocol synth:A2B --steps 04-06": "test_synthetic_workbook_commands",
+    # docs/evidence.md
+    "muva evidence --scale small": f"{EVIDENCE} (in 2 shards)",
+    # docs/tests.md
+    "make test-fast": "test_make_test_is_the_ci_command",
+    # docs/own-images.md, whose test runs every command of the page
+    "muva embed --run reports/synth_A2B/run-XXXX --images 'crops/*.jpg' --out crops.npz": OWN_IMAGES,
+    "muva embed --onnx muva.onnx --images crops/ --out crops-onnx.parquet": OWN_IMAGES,
+    "muva search --run reports/synth_A2B/run-XXXX --query probes/ --gallery crops.parquet --top 5 "
+    "--out search-probes/ --masks": OWN_IMAGES,
+    "muva datasets configs/datasets/mine.yaml": OWN_IMAGES,
+    "muva datasets configs/datasets/street.yaml --scan-images": OWN_IMAGES,
+    "muva eval --run reports/synth_A2B/run-XXXX --dataset configs/datasets/mine.yaml": OWN_IMAGES,
+    "muva run --config configs/street_to_B.yaml --steps 01": OWN_IMAGES,
+}
+
+# pages whose runnable blocks have a command test of their own: page -> (module, its command table, the test
+# that also checks the page's "# template" blocks, or None where the page may have none)
+OWN_PAGE_TESTS = {
+    "cluster.md": ("test_cluster", "CLUSTER_COMMANDS",
+                   "tests/test_cluster.py::test_every_command_of_the_cluster_page_is_run_or_a_template_the_cli_parses"),
+    "reproducing-the-paper.md": ("test_reproducing_doc", "DOC_COMMANDS", None),
+}
+
+README_LIMIT = 10_000   # characters: the README a newcomer reads in five minutes (issue 21)
+
+
+def shell_blocks(text: str) -> list[list[str]]:
+    """The lines of a markdown text's ```bash blocks."""
+    return [block.splitlines() for block in re.findall(r"```bash\n(.*?)```", text, re.S)]
+
+
+def is_template(block: list[str]) -> bool:
+    """A block that shows a script for a cluster (its first lines say ``# template``), not a command to type."""
+    return any(line.startswith("# template") for line in block[:2])
+
+
+def block_commands(block: list[str]) -> list[str]:
+    out = []
+    for line in block:
+        line = line.split(" #")[0].strip()
+        if line and not line.startswith("#"):
+            out.append(line)
+    return out
 
 
 def readme_commands() -> list[str]:
     """The command lines of the README's ```bash blocks (comments stripped)."""
-    text = (ROOT / "README.md").read_text()
-    out = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.splitlines():
-            line = line.split(" #")[0].strip()
-            if line and not line.startswith("#"):
-                out.append(line)
-    return out
+    return [c for block in shell_blocks((ROOT / "README.md").read_text()) for c in block_commands(block)]
+
+
+def _assert_test_exists(command: str, where: str) -> None:
+    name = where.split()[0]
+    if "::" in name:
+        file, test = name.split("::")
+        assert f"def {test}(" in (ROOT / file).read_text(), (command, where)
+    else:
+        assert f"def {name}(" in Path(__file__).read_text(), (command, where)
 
 
 def test_every_readme_command_is_run_by_a_test():
     commands = readme_commands()
     missing = [c for c in commands if c not in README_COMMANDS]
     assert not missing, f"README commands that no test runs (add them to README_COMMANDS): {missing}"
-    here = Path(__file__).read_text()
+    gone = [c for c in README_COMMANDS if c not in commands]
+    assert not gone, f"README_COMMANDS lists commands the README no longer shows (move them to DOCS_COMMANDS): {gone}"
     for command, where in README_COMMANDS.items():
-        name = where.split()[0]
-        if "::" in name:
-            file, test = name.split("::")
-            assert f"def {test}(" in (ROOT / file).read_text(), (command, where)
-        else:
-            assert f"def {name}(" in here, (command, where)
+        _assert_test_exists(command, where)
+
+
+def test_every_docs_command_is_run_by_a_test():
+    import importlib
+
+    pages = sorted((ROOT / "docs").glob("*.md"))
+    assert pages, "no docs/ pages"
+    seen, missing = set(), []
+    for page in pages:
+        table = {**README_COMMANDS, **DOCS_COMMANDS}
+        own = OWN_PAGE_TESTS.get(page.name)
+        if own:
+            module, name, _ = own
+            table = getattr(importlib.import_module(module), name)
+        for block in shell_blocks(page.read_text()):
+            if is_template(block):
+                assert own and own[2], f"docs/{page.name}: a '# template' block that no test checks"
+                _assert_test_exists(page.name, own[2])
+                continue
+            for command in block_commands(block):
+                seen.add(command)
+                if command not in table:
+                    missing.append(f"docs/{page.name}: {command}")
+    assert not missing, f"docs/ commands that no test runs (add them to DOCS_COMMANDS): {missing}"
+    gone = [c for c in DOCS_COMMANDS if c not in seen]
+    assert not gone, f"DOCS_COMMANDS lists commands no docs/ page shows any more: {gone}"
+    for command, where in DOCS_COMMANDS.items():
+        _assert_test_exists(command, where)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _prose(text: str) -> str:
+    """The text without its fenced code blocks (their lines are not headings and hold no links)."""
+    return re.sub(r"```.*?```", "", text, flags=re.S)
+
+
+def test_readme_is_short_and_every_relative_link_of_readme_and_docs_resolves():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme) <= README_LIMIT, f"README.md has {len(readme)} characters; at most {README_LIMIT}"
+    broken, checked = [], 0
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", _prose(page.read_text())):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):        # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            checked += 1
+            if not file.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and file.suffix == ".md":
+                headings = re.findall(r"^#+ +(.+)$", _prose(file.read_text()), re.M)
+                if anchor not in {_slug(h) for h in headings}:
+                    broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert checked > 10
+    assert not broken, broken
+    # every docs/ page is linked from the README or from another page
+    linked = set()
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        linked |= {(page.parent / t).resolve() for t in re.findall(r"\]\(([^)#\s]+)", _prose(page.read_text()))}
+    unlinked = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if p.resolve() not in linked]
+    assert not unlinked, f"docs/ pages that neither the README nor another page links: {unlinked}"
 
 
 def test_make_test_is_the_ci_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text().splitlines()[-1]
     assert "\ntest: install browser\n\t$(BIN)/python -m pytest $(PYTEST_ARGS)\n" in (ROOT / "Makefile").read_text()
+    assert ('\ntest-fast: install\n\t$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)\n'
+            in (ROOT / "Makefile").read_text())
     assert "\ndemo: install\n\t$(BIN)/muva demo\n" in (ROOT / "Makefile").read_text()
 
 
@@ -144,6 +265,8 @@ def test_synthetic_workbook_commands(small_synth_root, tmp_path, capsys, monkeyp
     assert "[05_stage2_reid] stage 2 epoch 1/1" in out
     out = _run("muva run --protocol synth:A2B", p, capsys=capsys)
     assert out.count("skipped") == 7
+    out = _run("muva run --protocol synth:A2B --steps 04-06", p, capsys=capsys)
+    assert out.count("skipped") == 3 and "[04_stage1_prompts]" in out and "[07_figures]" not in out
     out = _run("muva run --protocol synth:A2B --steps 08", p, capsys=capsys)
     assert (demo / "notebooks" / "08_part_mask_explorer.ipynb").is_file()
 
@@ -154,6 +277,8 @@ def test_synthetic_workbook_commands(small_synth_root, tmp_path, capsys, monkeyp
 
     out = _run(f"muva eval --run {demo} --protocol synth:A2D", capsys=capsys)
     assert out.startswith("synth:A2D: mAP") or "\nsynth:A2D: mAP" in out
+    out = _run(f"muva eval --run {demo} --protocol synth:B2A", capsys=capsys)       # held-out A (docs/demo.md)
+    assert out.startswith("synth:B2A: mAP") or "\nsynth:B2A: mAP" in out
     out = _run(f"muva eval --run {demo} --rerank k-reciprocal", capsys=capsys)
     assert "k-reciprocal re-ranking" in out and "synth:A2B: mAP" in out
     out = _run(f"muva export-onnx --run {demo} --out {tmp_path / 'muva.onnx'}", capsys=capsys)
