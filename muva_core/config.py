@@ -109,7 +109,7 @@ class TrainConfig:
     stage1_lr: float = 3.5e-4
     stage1_warmup_epochs: int = 5
     stage1_batch_ids: int = 64         # identities per stage-1 step
-    cmp_temperature: float = 0.0       # 0 = 1 / CLIP's logit scale (see README); 1.0 = the paper's eq. 1; recipe key
+    cmp_temperature: float = 0.0       # 0 = 1 / CLIP's logit scale (see docs/recipes.md); 1.0 = the paper's eq. 1; recipe key
     cmp_normalize: str = "per_granularity"  # L_cmp / VPM-1 normalisation: per_granularity (/ sqrt(G)) | whole vector
     vpm1_mean: str = "normalized"      # VPM-1 averages per-granularity normalised features | raw features
     stage1_sampling: str = "identities"  # identities (stage1_batch_ids distinct ids a step) | images (P x K images)
@@ -328,7 +328,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "i2tce_similarity": "cosine", "i2tce_logit_scale": 0.0,
         "rmp_weight_decay": -1.0, "mask_dice_smooth": 1.0, "lr_schedule": "workbook", "amp_dtype": "bfloat16",
     },
-    # the authors' code, RikoLi/MUVA @ 8965263 (file and line of each value in README "Choices ...")
+    # the authors' code, RikoLi/MUVA @ 8965263 (file and line of each value in docs/recipes.md)
     "reference": {
         "norm": "half",                                   # configs/*.yml PIXEL_MEAN = PIXEL_STD = 0.5
         "test_resize": "bilinear",                        # test transforms: T.Resize's default interpolation

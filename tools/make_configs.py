@@ -30,7 +30,7 @@ def paper_config(name: str) -> str:
         "model": {"backbone": "vit-b-16", "pretrained": "openai", "rmp_heads": heads},
     }
     head = (f"# {name}: {' + '.join(proto.sources)} -> {proto.target}. The paper's settings (section 4.2);\n"
-            "# the datasets go under data/ (see README). Grounding with CogVLM needs environment-cogvlm.yml;\n"
+            "# the datasets go under data/ (see docs/real-data.md). Grounding with CogVLM needs environment-cogvlm.yml;\n"
             "# any other backend works too (-p backend=florence2 ...). recipe: reference = the authors' training\n"
             "# recipe (RikoLi/MUVA @ 8965263; -p recipe=workbook for the project's own, any key overrides it).\n")
     return head + yaml.safe_dump(body, sort_keys=False)

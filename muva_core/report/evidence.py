@@ -122,7 +122,7 @@ def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: 
         "(Welch), *reversed* when it is below minus twice, else it is *within seed noise*. The paper columns give "
         "the paper's difference (better minus worse, in points) on MA->MS and MS->MA.",
         "",
-        "Training recipes (`recipe:`, README 'Choices'): "
+        "Training recipes (`recipe:`, docs/recipes.md): "
         + "; ".join(f"`{r}` for Tables {', '.join(map(str, recipes[r]))}" for r in recipes)
         + ". Each claim is judged per recipe and protocol.",
         "",
