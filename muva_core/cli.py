@@ -391,6 +391,8 @@ def cmd_pretrain_clip(args) -> int:
     options = {} if args.keep_tokens is None else {"keep_tokens": args.keep_tokens}
     if args.color_jitter:
         options["color_jitter"] = True
+    if args.loss:
+        options["loss"] = args.loss
     image_size = _image_size(args.image_size)
     path = pretrain_clip(args.out, backbone=args.backbone, seed=args.seed, epochs=args.epochs, scale=args.scale,
                          synth_root=args.synth_root, overwrite=args.overwrite, progress=not args.quiet,
@@ -642,6 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 32 of the 128 at 256x128; all when at least the grid size)")
     p.add_argument("--color-jitter", action="store_true", help="photometric jitter (lighting, camera) on every "
                    "training image")
+    p.add_argument("--loss", choices=["clip", "multi_positive"], default=None, help="contrastive loss (default clip: "
+                   "one positive per image; multi_positive: every caption of the batch true of an image is one)")
     p.add_argument("--reid-root", default=None, help="a generated synthetic Re-ID set (e.g. data/synthetic): the "
                    "report adds zero-shot accuracy on the test images of its domains A-D")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint made with other settings")

@@ -303,3 +303,62 @@ def test_a_resume_state_with_other_settings_is_refused_unless_overwritten(pt_roo
     path = pretrain_clip(out, synth_root=pt_root, overwrite=True, **TINY)
     assert path.is_file() and not partial.exists()
     assert json.loads(report_file(path).read_text())["resumed_from_epoch"] == 0
+
+
+def test_multi_positive_batches_mark_every_caption_true_of_an_image(train_data):
+    from muva_core.data.captions import facts_true_of
+    from muva_core.pretrain.loop import multi_positive_loss
+
+    idx = list(range(48))
+    clip = make_batch(train_data, idx, np.random.default_rng(4), PretrainConfig(backbone="tiny"))
+    multi_cfg = PretrainConfig(backbone="tiny", loss="multi_positive")
+    multi = make_batch(train_data, idx, np.random.default_rng(4), multi_cfg)
+    assert clip.texts == multi.texts and torch.equal(clip.images, multi.images)   # the same batch, only targets
+    assert clip.positives is None and multi.positives.shape == (48, 48)
+    pos = multi.positives
+    assert bool(pos.diagonal().all())                        # a caption is true of its own image
+    assert int(pos.sum()) > 48, "some caption of the batch is true of another image too"
+    for i, j in zip(*torch.nonzero(pos & ~torch.eye(48, dtype=torch.bool), as_tuple=True)):
+        assert multi.granularities[i] == multi.granularities[j]
+    assert "loss" not in PretrainConfig().settings() and multi_cfg.settings()["loss"] == "multi_positive"
+    with pytest.raises(ValueError, match="loss must be one of"):
+        PretrainConfig(loss="triplet")
+    # the loss: equal to ClipLoss with only the diagonal, and it pulls a second true caption in
+    from open_clip.loss import ClipLoss
+
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    scale = torch.tensor(10.0)
+    eye = torch.eye(6, dtype=torch.bool)
+    assert torch.allclose(multi_positive_loss(img, txt, scale, eye), ClipLoss()(img, txt, scale), atol=1e-6)
+    both = eye.clone()
+    both[0, 1] = True
+    txt2 = txt.clone()
+    txt2[1] = img[0]                                          # caption 1 is true of image 0 and lies on it
+    assert multi_positive_loss(img, txt2, scale, both) < multi_positive_loss(img, txt2, scale, eye)
+    assert facts_true_of(frozenset(), train_data.attrs[0], train_data.attrs[1])   # no facts: true of anyone
+
+
+def test_caption_facts_name_what_the_caption_rests_on():
+    from muva_core.data.captions import caption, caption_facts, facts_true_of
+
+    rng = np.random.default_rng(0)
+    people = [syn.sample_identity(rng) for _ in range(100)]
+    for g in ("global", "head", "upper", "legs"):
+        for seed in range(20):
+            text, facts = caption_facts(people[seed], g, np.random.default_rng(seed))
+            assert text == caption(people[seed], g, np.random.default_rng(seed))   # same draws, same text
+            assert facts_true_of(facts, people[seed], people[seed])
+            if facts and g != "global":
+                assert {p for p, _ in facts} == {g}, (text, facts)                # a part caption reads its part
+            # every identity it is true of has the same values where it looked
+            for other in people:
+                if facts_true_of(facts, people[seed], other):
+                    assert all(people[seed][p].get(k) == other[p].get(k) for p, k in facts)
+    # "The legs of a person wearing shoes." rests on nothing: true of everyone
+    assert facts_true_of(caption_facts(people[1], "legs", np.random.default_rng(1))[1], people[1], people[50])
+    # "a person in a red shirt" is true of every person in a red shirt whatever else they wear
+    red = [p for p in people if p["upper"]["garment"] == "red"]
+    if len(red) >= 2:
+        assert facts_true_of(frozenset({("upper", "garment")}), red[0], red[1])

@@ -38,7 +38,9 @@ __all__ = [
     "color_word",
     "attribute_value",
     "caption",
+    "caption_facts",
     "captions",
+    "facts_true_of",
     "zero_shot_prompts",
 ]
 
@@ -276,6 +278,38 @@ def caption(attrs: dict, granularity: str, rng: np.random.Generator) -> str:
     if granularity == "global":
         return _global_caption(attrs, rng)
     return _part_caption(attrs, granularity, rng)
+
+
+class _Reads(dict):
+    """A part's attribute dict that records which keys the caption functions read."""
+
+    def __init__(self, part: str, values: dict, log: set) -> None:
+        super().__init__(values)
+        self._part, self._log = part, log
+
+    def __getitem__(self, key):
+        self._log.add((self._part, key))
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._log.add((self._part, key))
+        return super().get(key, default)
+
+
+def caption_facts(attrs: dict, granularity: str, rng: np.random.Generator) -> tuple[str, frozenset]:
+    """:func:`caption` and the facts it rests on: the ``(part, key)`` attributes the caption read to say what it
+    says (the values it names, and those that decided what it leaves out, e.g. "no hat"). The caption is true of
+    every identity that has the same values at those keys (:func:`facts_true_of`). Same text and random draws as
+    :func:`caption` with the same ``rng``."""
+    log: set = set()
+    recorded = {**attrs, **{p: _Reads(p, attrs[p], log) for p in PARTS if isinstance(attrs.get(p), dict)}}
+    text = caption(recorded, granularity, rng)
+    return text, frozenset(log)
+
+
+def facts_true_of(facts: frozenset, source: dict, other: dict) -> bool:
+    """Whether a caption of ``source`` resting on ``facts`` (:func:`caption_facts`) is true of ``other``."""
+    return all(source[p].get(k) == other[p].get(k) for p, k in facts)
 
 
 def captions(attrs: dict, seed: int = 0, per_granularity: int = 3) -> dict[str, list[str]]:

@@ -17,6 +17,10 @@ DEFAULT_EPOCHS: dict[str, int] = {"tiny": 10, "mini": 3, "small": 3, "vit-b-16":
 """Epochs over the ``pretrain`` train split (~4.3k images, ~67 steps of 64) when ``epochs`` is not given."""
 
 
+PRETRAIN_LOSSES = ("clip", "multi_positive")
+"""The contrastive losses of :class:`PretrainConfig` (``loss``)."""
+
+
 @dataclass
 class PretrainConfig:
     """Everything that decides the pretrained weights (the checkpoint's reuse key).
@@ -34,6 +38,11 @@ class PretrainConfig:
     scale / data_seed: the pretraining synthetic set (``SCALES[scale]``, domains P, Q, R)
     eval_images: held-out images for the zero-shot report (0 = skip the report)
     image_size: (H, W) of the input; 256x128 = MUVA's grid
+    loss:       ``clip``: open_clip's ClipLoss (each image's own caption is its only positive); ``multi_positive``:
+                every caption of the batch that is true of an image is a positive for it (same granularity, the
+                same values at every attribute the caption rests on, :func:`muva_core.data.captions.caption_facts`),
+                soft-target cross-entropy both ways, so two people in red shirts are not pushed apart by "a person
+                in a red shirt" (in the key only when not ``clip``)
     color_jitter: the photometric jitter of :func:`muva_core.data.transforms.photometric_jitter` on every
                 training image (lighting and camera changes; in the reuse key only when on)
     """
@@ -54,6 +63,7 @@ class PretrainConfig:
     eval_images: int = 200
     image_size: tuple[int, int] = (256, 128)
     color_jitter: bool = False
+    loss: str = "clip"
 
     def __post_init__(self) -> None:
         from ..data.synthetic import SCALES
@@ -67,6 +77,8 @@ class PretrainConfig:
             raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {self.epochs} and {self.batch_size}")
         if not 0.0 <= self.p_global <= 1.0:
             raise ValueError(f"p_global must be in [0, 1], got {self.p_global}")
+        if self.loss not in PRETRAIN_LOSSES:
+            raise ValueError(f"loss must be one of {PRETRAIN_LOSSES}, got {self.loss!r}")
         self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
 
     def settings(self) -> dict[str, Any]:
@@ -77,6 +89,8 @@ class PretrainConfig:
         d["image_size"] = list(self.image_size)
         if not d["color_jitter"]:   # added later: in the key only when on, so earlier checkpoints keep theirs
             del d["color_jitter"]
+        if d["loss"] == "clip":     # likewise
+            del d["loss"]
         d.update(generator_version=GENERATOR_VERSION, captions_version=CAPTIONS_VERSION,
                  format_version=PRETRAIN_FORMAT_VERSION)
         return d

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..data.captions import caption
+from ..data.captions import caption_facts, facts_true_of
 from ..data.samples import PARTS, DatasetError
 from .config import PretrainConfig
 
@@ -156,6 +156,7 @@ class Batch:
     texts: list[str]
     granularities: list[str]
     keep: torch.Tensor | None
+    positives: torch.Tensor | None = None   # [B, B] bool: caption j is true of image i (``loss: multi_positive``)
 
 
 def _token_priority(box: np.ndarray, grid: tuple[int, int], patch: int, pad: int) -> np.ndarray:
@@ -184,7 +185,7 @@ def make_batch(data: PretrainImages, index: Sequence[int], rng: np.random.Genera
     n_tok = grid[0] * grid[1]
     k = int(cfg.keep_tokens)
     keep = [] if 0 < k < n_tok else None
-    texts, grans = [], []
+    texts, grans, facts = [], [], []
     for b, i in enumerate(index):
         boxes = data.boxes[i].copy()
         if rng.random() < 0.5:
@@ -197,7 +198,9 @@ def make_batch(data: PretrainImages, index: Sequence[int], rng: np.random.Genera
                 g = visible[int(rng.integers(len(visible)))]
         if g != "global":
             x[b] *= _part_mask(boxes[PARTS.index(g)], h, w, cfg.part_pad)
-        texts.append(caption(data.attrs[i], g, rng))
+        text, fact = caption_facts(data.attrs[i], g, rng)
+        texts.append(text)
+        facts.append(fact)
         grans.append(g)
         if keep is not None:
             score = rng.random(n_tok)
@@ -205,5 +208,10 @@ def make_batch(data: PretrainImages, index: Sequence[int], rng: np.random.Genera
                 score += _token_priority(boxes[PARTS.index(g)], grid, patch, cfg.part_pad)
             keep.append(np.sort(np.argsort(-score, kind="stable")[:k]))
     keep_t = torch.from_numpy(np.stack(keep)).long() if keep is not None else None
-    return Batch(images=x, texts=texts, granularities=grans, keep=keep_t)
+    positives = None
+    if cfg.loss == "multi_positive":
+        attrs = [data.attrs[i] for i in index]
+        positives = torch.tensor([[gi == gj and facts_true_of(fj, aj, ai) for gj, fj, aj in zip(grans, facts, attrs)]
+                                  for gi, ai in zip(grans, attrs)])
+    return Batch(images=x, texts=texts, granularities=grans, keep=keep_t, positives=positives)
 

@@ -23,15 +23,30 @@ from .files import (CheckpointExistsError, checkpoint_file, partial_file, pretra
 from .model import TokenSelect, build_pretrain_clip, encode_text, make_optimizer
 from .zeroshot import evaluate_zero_shot, evaluate_zero_shot_domains
 
-__all__ = ["contrastive_step", "pretrain_clip"]
+__all__ = ["contrastive_step", "multi_positive_loss", "pretrain_clip"]
+
+
+def multi_positive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                        positives: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE with several positives: ``positives[i, j]`` = caption j is true of image i (the diagonal
+    always). Each image's target is uniform over its true captions, each caption's over the images it is true of;
+    with only the diagonal true it equals open_clip's ClipLoss."""
+    logits = logit_scale * image_features @ text_features.T
+    pos = positives.to(logits.device).float()
+    pos = torch.maximum(pos, torch.eye(len(pos), device=logits.device))
+    i2t = -(pos / pos.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+    t2i = -(pos / pos.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
+    return (i2t + t2i) / 2
 
 
 def contrastive_step(model: nn.Module, tokenizer, images: torch.Tensor, texts: Sequence[str],
                      optimizer: torch.optim.Optimizer | None, loss_fn: nn.Module | None = None,
-                     keep: torch.Tensor | None = None) -> float:
-    """One ClipLoss step on (image, caption) pairs; returns the loss. ``optimizer=None``: loss only.
+                     keep: torch.Tensor | None = None, positives: torch.Tensor | None = None) -> float:
+    """One contrastive step on (image, caption) pairs; returns the loss. ``optimizer=None``: loss only.
 
     keep: ``[B, K]`` patch tokens to keep per image (needs the model from :func:`build_pretrain_clip`).
+    positives: ``[B, B]`` captions true of each image: :func:`multi_positive_loss` instead of ``loss_fn``
+    (open_clip's ClipLoss by default).
     """
     from open_clip.loss import ClipLoss
 
@@ -46,7 +61,10 @@ def contrastive_step(model: nn.Module, tokenizer, images: torch.Tensor, texts: S
         with torch.set_grad_enabled(optimizer is not None):
             img_f = nn.functional.normalize(model.encode_image(images), dim=-1)
             txt_f = nn.functional.normalize(encode_text(model, tokens), dim=-1)
-            loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
+            if positives is not None:
+                loss = multi_positive_loss(img_f, txt_f, model.logit_scale.exp(), positives)
+            else:
+                loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
     finally:
         if isinstance(selector, TokenSelect):
             selector.index = None
@@ -220,7 +238,7 @@ def pretrain_clip(out_dir: str | os.PathLike, backbone: str = "small", seed: int
                     bt = make_batch(train, order[s * batch:(s + 1) * batch], rng, cfg,
                                     patch=int(model.visual.patch_size[0]))
                     losses.append(contrastive_step(model, tokenizer, bt.images, bt.texts, optimizer, loss_fn,
-                                                   keep=bt.keep))
+                                                   keep=bt.keep, positives=bt.positives))
                     scheduler.step()
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch + 1)
