@@ -203,7 +203,7 @@ def evaluate_baselines(query, gallery, cfg: RunConfig, progress: bool = True) ->
     """mAP / CMC / mINP of each colour-histogram baseline on one query/gallery split."""
     import numpy as np
 
-    from .baselines import extract_histograms
+    from .eval.baselines import extract_histograms
     from .eval import evaluate_features
 
     results = {}

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data.samples import Sample
+from ..data.samples import Sample
 
 
 def colour_histogram(image: Image.Image, bins: int = 8, stripes: int = 1, size=(256, 128)) -> np.ndarray:
@@ -37,7 +37,7 @@ def extract_histograms(
     samples: Sequence[Sample], bins: int = 8, stripes: int = 1, progress: bool = True, desc: str = "histograms"
 ) -> np.ndarray:
     """Histogram features for every sample, ``[N, 3 * bins * stripes]`` float32."""
-    from .data.datasets import read_image
+    from ..data.datasets import read_image
 
     out = [
         colour_histogram(read_image(s.path), bins=bins, stripes=stripes)
