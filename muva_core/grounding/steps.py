@@ -130,7 +130,7 @@ def run_grounding(cfg: RunConfig, dataset, backend: GroundingBackend | None = No
                          progress=progress)
 
 
-def calibration_windows(name: str, key: str = "windows"):
+def calibration_windows(name: str, key: str = "windows") -> str | dict[str, tuple[float, float]]:
     """The ``windows`` argument of :func:`calibrate_boxes` for a configured name: ``"stripes"`` (the fixed
     stripe windows) or ``"data"`` (learnt from the table); any other name is an error naming ``key``."""
     if name not in ("stripes", "data"):
