@@ -107,28 +107,15 @@ def _device_for_rank(device: str) -> str:
 
 
 def cmd_ground(args) -> int:
-    from .data.declared import open_dataset
-    from .grounding.labelling import label_dataset, label_dataset_distributed, parse_shard, summarize_labels
-    from .grounding.steps import build_backend, select_splits
+    from .grounding.labelling import parse_shard
+    from .grounding.steps import ground_file
 
     cfg = RunConfig().update({"backend": args.backend, "ground_model": args.model or "", "synth_seed": args.seed,
                               "trust_remote_code": args.trust_remote_code, "device": _device_for_rank(args.device),
                               **({"synth_root": args.root} if args.root else {})})
-    ds = open_dataset(args.dataset, args.root)
-    samples = select_splits(ds, args.splits)
-    backend = build_backend(cfg, ds)
-    common = dict(batch_size=args.batch_size or None, progress=not args.quiet, resume=not args.no_resume)
-    if args.shard:  # one shard by hand (several machines): merge later with `muva merge-shards`
-        table = label_dataset(samples, backend, args.out, shard=parse_shard(args.shard), **common)
-    else:  # plain run, or under torchrun / accelerate: each rank its shard, rank 0 merges
-        table = label_dataset_distributed(samples, backend, args.out, **common)
-    summary = summarize_labels(table)
-    status = ", ".join(f"{k} {v}" for k, v in sorted(summary["status"].items(), key=lambda kv: -kv[1]))
-    print(f"{ds.name}: {summary['images']} images labelled by {args.backend} "
-          f"({summary['seconds_per_image']:.3f} s/image); boxes by status: {status}")
-    if summary["unreadable_images"] or summary["error_images"]:
-        print(f"  {summary['unreadable_images']} unreadable images, {summary['error_images']} images the backend "
-              f"failed on (rows with status unreadable / error; the reason is in the raw column of {args.out})")
+    print(ground_file(cfg, args.dataset, args.root, args.out, splits=args.splits,
+                      shard=parse_shard(args.shard) if args.shard else None, batch_size=args.batch_size,
+                      progress=not args.quiet, resume=not args.no_resume))
     return 0
 
 
@@ -141,51 +128,20 @@ def cmd_merge_shards(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    import pandas as pd
+    from .grounding.calibration import parse_img_size
+    from .grounding.steps import calibrate_file
 
-    from .grounding.calibration import DEFAULT_WINDOWS, calibrate_boxes, parse_img_size
-    from .io import write_json, write_parquet
-
-    boxes = pd.read_parquet(args.boxes)
-    windows = "data" if args.windows == "data" else DEFAULT_WINDOWS
-    table, report = calibrate_boxes(boxes, img_size=parse_img_size(args.img_size), method=args.method, windows=windows)
-    write_parquet(args.out, table)
-    if args.report:
-        write_json(args.report, report.to_dict())
-    print(report)
-    fixed = (table["status"].astype(str) != boxes["status"].astype(str)).sum() if "status" in boxes.columns else 0
-    if fixed:
-        print(f"{fixed} rows got a status other than their input one (see the status column of {args.out})")
-    print(f"wrote {args.out}")
+    print(calibrate_file(args.boxes, args.out, img_size=parse_img_size(args.img_size), method=args.method,
+                         windows=args.windows, report=args.report))
     return 0
 
 
 def cmd_vote(args) -> int:
-    import pandas as pd
-
-    from .grounding.boxes import describe_fixes
     from .grounding.calibration import parse_img_size
-    from .grounding.voting import MaskStore, mask_statistics
+    from .grounding.steps import vote_file
 
-    table = pd.read_parquet(args.boxes)
-    columns = "calibrated" if "cal_x0" in table.columns and not args.raw else "raw"
-    box_img_size = parse_img_size(args.img_size)
-    store = MaskStore.from_table(table, img_size=(args.height, args.width), patch=args.patch, rule=args.rule,
-                                 min_coverage=args.min_coverage, columns=columns, source=str(args.boxes),
-                                 box_img_size=box_img_size)
-    store.save(args.out)
-    print(mask_statistics(store.masks).round(3).to_string())
-    problems = store.meta["box_problems"]
-    status = ", ".join(f"{k} {v}" for k, v in sorted(problems["status"].items(), key=lambda kv: -kv[1])) or "no status column"
-    print(f"{problems['rows']} boxes; by status: {status}")
-    if columns == "calibrated":
-        rules = ", ".join(f"{k} {v}" for k, v in problems["rules"].items())
-        print(f"replaced by calibration: {problems['replaced']}" + (f" ({rules})" if rules else ""))
-    print(f"bad coordinates met while voting: {describe_fixes(problems['fixes'])}")
-    if box_img_size is None and not {"img_w", "img_h"} <= set(table.columns):
-        print(f"note: the table has no img_w/img_h columns: its boxes were taken to be in {args.height}x{args.width} "
-              "input pixels; pass --img-size HxW (the labelled images' size) if they are not")
-    print(f"wrote {len(store)} masks ({columns} boxes, grid {store.grid}) to {args.out}")
+    print(vote_file(args.boxes, args.out, img_size=(args.height, args.width), patch=args.patch, rule=args.rule,
+                    min_coverage=args.min_coverage, raw=args.raw, box_img_size=parse_img_size(args.img_size)))
     return 0
 
 

@@ -91,6 +91,11 @@ def trained_model(cfg: RunConfig) -> Path:
     return Run.of(cfg, require_config=True).trained_model()
 
 
+def model_file(cfg: RunConfig) -> Path:
+    """Where ``cfg``'s run folder keeps its trained model (``model.safetensors``; it may not exist yet)."""
+    return Run.of(cfg).model
+
+
 def figures_dir(cfg: RunConfig) -> Path:
     return Run(cfg).figures
 

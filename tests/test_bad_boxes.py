@@ -215,3 +215,52 @@ def test_cli_ground_stale_resume_state_names_a_real_flag(synth_with_truth: Path,
     assert "boxes by status:" in printed and "ok" in printed
     assert out.is_file() and not parts_dir.exists()
     assert main(argv) == 0  # complete output: resumed (nothing to do)
+
+
+def test_the_cli_steps_are_library_functions_a_notebook_calls(tmp_path, capsys):
+    """calibrate_file / vote_file (grounding.steps) write what `muva calibrate` / `muva vote` write and print it;
+    a bad windows name is refused, naming the argument, before anything is written."""
+    from muva_core.grounding.steps import calibrate_file, vote_file
+
+    raw = tmp_path / "boxes.parquet"
+    bad_table().to_parquet(raw)
+    cal, rep = tmp_path / "cal.parquet", tmp_path / "rep.json"
+    done = calibrate_file(raw, cal, report=rep)
+    assert done.changed_status == 3 and done.out == cal
+    assert done.report.fixed_total() == {"inverted": 1, "clipped": 1, "missing": 1}
+    assert json.loads(rep.read_text()) == done.report.to_dict()
+    assert main(["calibrate", "--boxes", str(raw), "--out", str(tmp_path / "cli.parquet")]) == 0
+    assert capsys.readouterr().out == str(done).replace(str(cal), str(tmp_path / "cli.parquet")) + "\n"
+    pd.testing.assert_frame_equal(pd.read_parquet(cal), pd.read_parquet(tmp_path / "cli.parquet"))
+
+    voted = vote_file(cal, tmp_path / "m.safetensors", patch=16, rule="coverage", min_coverage=0.3)
+    assert voted.columns == "calibrated" and not voted.sizes_assumed and len(voted.store) == 40
+    saved = load_masks(tmp_path / "m.safetensors")
+    np.testing.assert_array_equal(saved.masks, voted.store.masks)
+    assert saved.meta["rule"] == "coverage" and saved.meta["min_coverage"] == 0.3
+    assert main(["vote", "--boxes", str(cal), "--out", str(tmp_path / "m.safetensors"), "--rule", "coverage",
+                 "--min-coverage", "0.3"]) == 0
+    assert capsys.readouterr().out == str(voted) + "\n"
+    assert vote_file(cal, tmp_path / "r.safetensors", raw=True).columns == "raw"
+
+    with pytest.raises(ValueError, match="windows: expected 'stripes' or 'data', got 'stripe'"):
+        calibrate_file(raw, tmp_path / "never.parquet", windows="stripe")
+    assert not (tmp_path / "never.parquet").exists()
+
+
+def test_ground_file_labels_a_dataset_and_says_what_it_did(synth_with_truth: Path, tmp_path: Path):
+    """`muva ground`'s library function, with a shard given as the CLI's --shard 1/2 parses it."""
+    from muva_core.config import RunConfig
+    from muva_core.grounding.labelling import parse_shard, shard_path
+    from muva_core.grounding.steps import ground_file
+
+    cfg = RunConfig().update({"backend": "synthetic", "synth_root": str(synth_with_truth)})
+    out = tmp_path / "boxes.parquet"
+    done = ground_file(cfg, "synth_A", synth_with_truth, out, splits="train,query", progress=False)
+    table = pd.read_parquet(out)
+    assert done.dataset == "synth_A" and done.summary["images"] == table["key"].nunique() > 0
+    assert str(done).startswith(f"synth_A: {done.summary['images']} images labelled by synthetic")
+    assert set(table["key"].str.split("/").str[1]) == {"bounding_box_train", "query"}
+    half = ground_file(cfg, "synth_A", synth_with_truth, out, splits="train,query", shard=parse_shard("1/2"),
+                       progress=False)
+    assert shard_path(out, 1, 2).is_file() and 0 < half.summary["images"] < done.summary["images"]

@@ -17,7 +17,7 @@ def test_every_numeric_key_has_a_range():
 
 def test_choices_mirror_the_registries():
     from muva_core.data.synthetic import SCALES
-    from muva_core.eval.metrics import METRICS
+    from muva_core.eval.distance import METRICS
     from muva_core.grounding import available_backends
     from muva_core.model.backbone import NAMED_CONFIGS
     from muva_core.model.muva import MASK_MODES

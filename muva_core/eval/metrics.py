@@ -24,33 +24,35 @@ finds the rank of each positive by binary search, then corrects for the removed 
 and for exact ties. A float32 block is ranked all at once: the kept values of all its rows are
 sorted together as int64 keys (row, order-preserving float bits); other dtypes row by row, with the
 same rule. The NaN check (one more pass) is skipped by ``evaluate_features`` when the features'
-norms show that no distance can be NaN. The distance blocks are one ``addmm`` each into a reused
-buffer (precomputed norms), so features-to-metrics costs about one GEMM of the same features
-(``benchmarks/eval_scale.py`` measures the ratio).
+norms show that no distance can be NaN. The distance blocks (:mod:`muva_core.eval.distance`) are
+one ``addmm`` each into a reused buffer (precomputed norms), so features-to-metrics costs about one
+GEMM of the same features (``benchmarks/eval_scale.py`` measures the ratio).
 
 k-reciprocal re-ranking (``evaluate_features(..., rerank="k-reciprocal")``) is in
 :mod:`muva_core.eval.rerank`; its blocks are ranked by the same routine.
 """
 from __future__ import annotations
 
-import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-METRICS: tuple[str, ...] = ("euclidean", "cosine")
-"""Supported distances: squared euclidean (as torchreid) and cosine distance ``1 - cos``."""
-
-DEFAULT_CHUNK_SIZE = 1024
-"""Query rows per distance block: 1024 x 82,161 gallery items is 336 MB of float32 (smaller blocks
-make the GEMM slower: each call re-packs the whole gallery)."""
+from muva_core.eval.distance import (
+    DEFAULT_CHUNK_SIZE,
+    as_features,
+    available_cores,
+    check_chunk_size,
+    distance_blocks,
+    distances_finite,
+    prepare_features,
+    ragged_arange,
+    torch_threads,
+)
+from muva_core.eval.rerank import KReciprocal
 
 RERANK_METHODS: tuple[str, ...] = ("none", "k-reciprocal")
 """``evaluate_features(rerank=...)``: plain distances, or k-reciprocal re-ranking (Zhong et al. 2017)."""
@@ -130,140 +132,6 @@ class ReIDMetrics:
 
 
 # --------------------------------------------------------------------------------------------
-# distances
-
-
-def _as_features(x: Any, name: str, device: torch.device | None = None) -> torch.Tensor:
-    """A 2-D float32 tensor view of ``x`` (no copy when it already is one)."""
-    if isinstance(x, torch.Tensor):
-        t = x.detach()
-    else:
-        with warnings.catch_warnings():  # read-only arrays are fine: the features are never written
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            t = torch.as_tensor(np.asarray(x))
-    if t.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [num, dim], got shape {tuple(t.shape)}")
-    if device is not None:
-        t = t.to(device)
-    return t.to(torch.float32)
-
-
-def _squared_norms(x: torch.Tensor, block: int = 8192) -> torch.Tensor:
-    """Row-wise squared L2 norms, in row blocks (no full-size temporary)."""
-    return torch.cat([b.pow(2).sum(dim=1) for b in x.split(block)]) if len(x) else x.new_empty(0)
-
-
-def _feature_pair(qf: Any, gf: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query and gallery features as float32 tensors on one device, of the same width, the gallery not empty."""
-    g = _as_features(gf, "gf")
-    q = _as_features(qf, "qf", device=g.device)
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(f"feature dims differ: qf has {q.shape[1]}, gf has {g.shape[1]}")
-    if g.shape[0] == 0:
-        raise ValueError("gf is empty: the gallery needs at least one item")
-    return q, g
-
-
-def _prepare(qf: Any, gf: Any, metric: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validated float32 features and the per-row terms of the distance (computed once)."""
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    q, g = _feature_pair(qf, gf)
-    if metric == "euclidean":
-        q_aux = _squared_norms(q)
-        g_aux = _squared_norms(g)
-    else:  # cosine: normalise the (small) query side, divide by the gallery norms per block
-        q = F.normalize(q, dim=1)
-        q_aux = q.new_empty(0)
-        g_aux = -1.0 / g.norm(dim=1).clamp_min(1e-12)
-    return q, g, q_aux, g_aux
-
-
-def _distance_block(q: torch.Tensor, q_aux: torch.Tensor, g: torch.Tensor, g_aux: torch.Tensor,
-                    metric: str, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Distances of a block of (prepared) query rows to the whole gallery, float32 [B, G].
-
-    One GEMM (``addmm``) per block, written into ``out`` when given (a [B, G] float32 tensor whose
-    rows are contiguous, e.g. a reused buffer or a row/column slice of a bigger matrix): no other
-    full-size temporary. The values do not depend on whether ``out`` is given.
-    """
-    if out is None:
-        out = q.new_empty((q.shape[0], g.shape[0]))
-    if metric == "euclidean":
-        # (|q|^2 + |g|^2) - 2 q.g, clamped at 0 (rounding can make it slightly negative)
-        torch.add(q_aux.unsqueeze(1), g_aux.unsqueeze(0), out=out)
-        return out.addmm_(q, g.T, beta=1.0, alpha=-2.0).clamp_(min=0.0)
-    torch.mm(q, g.T, out=out)  # q is unit-norm; g_aux = -1/|g|  ->  1 - cos
-    return out.mul_(g_aux.unsqueeze(0)).add_(1.0)
-
-
-def _distances_finite(prepared: tuple[torch.Tensor, ...], metric: str) -> bool:
-    """Whether every distance of these prepared features is finite (so no row can hold NaN).
-
-    Euclidean: ``|q.g| <= (|q|^2 + |g|^2) / 2``, so finite squared norms whose sum is finite bound
-    every term of the GEMM. Cosine: unit-norm finite queries and finite non-zero ``-1/|g|``.
-    """
-    q, g, q_aux, g_aux = prepared
-    if metric == "euclidean":
-        return bool(torch.isfinite(q_aux.max() + g_aux.max())) if len(q_aux) else True
-    return bool(torch.isfinite(q).all()) and bool((torch.isfinite(g_aux) & (g_aux != 0)).all())
-
-
-def _check_chunk_size(chunk_size: Any) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    return int(chunk_size)
-
-
-def _blocks(prepared: tuple[torch.Tensor, ...], metric: str, chunk_size: int, reuse: bool = False
-            ) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(start, block)`` over query blocks; with ``reuse`` every block is written into the same
-    buffer (so a block is only valid until the next one is requested)."""
-    chunk_size = _check_chunk_size(chunk_size)
-    q, g, q_aux, g_aux = prepared
-    buf = q.new_empty((min(chunk_size, q.shape[0]), g.shape[0])) if reuse else None
-    for start in range(0, q.shape[0], chunk_size):
-        stop = min(start + chunk_size, q.shape[0])
-        q_aux_blk = q_aux[start:stop] if q_aux.numel() else q_aux
-        with torch.no_grad():  # not around the yield: grad mode is thread-global
-            out = buf[: stop - start] if buf is not None else None
-            block = _distance_block(q[start:stop], q_aux_blk, g, g_aux, metric, out=out)
-        yield start, block
-
-
-def iter_distance_chunks(qf: Any, gf: Any, metric: str = "euclidean",
-                         chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(first_query_index, distances [B, num_gallery])`` blocks of the query-gallery
-    distance matrix, float32, on the features' device. Memory: one block at a time (each block is
-    a new tensor the caller may keep)."""
-    return _blocks(_prepare(qf, gf, metric), metric, chunk_size)
-
-
-def pairwise_distance(qf: Any, gf: Any, metric: str = "euclidean",
-                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
-    """Full query-gallery distance matrix [num_query, num_gallery], float32.
-
-    ``metric="euclidean"`` is the SQUARED euclidean distance (as torchreid; same ranking),
-    ``"cosine"`` is ``1 - cosine similarity``. Computed in query blocks of ``chunk_size`` rows
-    written straight into the result (no concatenation copy), exactly as ``evaluate_features``
-    does, so the two agree bit for bit at equal ``chunk_size``.
-    """
-    chunk_size = _check_chunk_size(chunk_size)
-    q, g, q_aux, g_aux = _prepare(qf, gf, metric)
-    out = q.new_empty((q.shape[0], g.shape[0]))
-    with torch.no_grad():
-        for start in range(0, q.shape[0], chunk_size):
-            stop = min(start + chunk_size, q.shape[0])
-            q_aux_blk = q_aux[start:stop] if q_aux.numel() else q_aux
-            _distance_block(q[start:stop], q_aux_blk, g, g_aux, metric, out=out[start:stop])
-    return out
-
-
-compute_distmat = pairwise_distance
-"""Alias of :func:`pairwise_distance`."""
-
-
-# --------------------------------------------------------------------------------------------
 # ranking
 
 
@@ -274,37 +142,6 @@ def _to_numpy_1d(x: Any, name: str) -> np.ndarray:
     if a.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
     return a
-
-
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Temporarily run torch CPU ops on ``n`` threads."""
-    old = torch.get_num_threads()
-    if n != old:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n != old:
-            torch.set_num_threads(old)
-
-
-def _ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + n)`` for each (s, n), as int64."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    ends = np.cumsum(lengths)
-    offsets = np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lengths), lengths)
-    return offsets + np.arange(total, dtype=np.int64)
 
 
 def _float32_keys(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -363,7 +200,7 @@ class _Ranker:
         # per query, ascending gallery index: positives (same id, other camera) and removed items
         # (same id, same camera), as CSR arrays
         counts = self._hi - self._lo
-        same = self._order[_ragged_arange(self._lo, counts)]
+        same = self._order[ragged_arange(self._lo, counts)]
         owner = np.repeat(np.arange(self.num_q), counts)
         removed = self.g_camids[same] == self.q_camids[owner]
         self._pos = same[~removed]
@@ -409,7 +246,7 @@ class _Ranker:
             raise ValueError("the distance matrix contains NaN")
         n_pos = n_pos[valid]
         p_row = np.repeat(valid, n_pos)                                  # block row of each positive
-        p_col = self._pos[_ragged_arange(self._pos_ptr[start + valid], n_pos)]
+        p_col = self._pos[ragged_arange(self._pos_ptr[start + valid], n_pos)]
         dp = rows[p_row, p_col]
         seg = np.concatenate([[0], np.cumsum(n_pos)])                    # positives of each valid row
         limit = np.full(b, -np.inf, dtype=np.float32)
@@ -427,7 +264,7 @@ class _Ranker:
         n_rem = (self._rem_ptr[qs + 1] - self._rem_ptr[qs])[p_row]
         if n_rem.any():  # the removed same-camera items never count
             pair = np.repeat(np.arange(len(dp)), n_rem)
-            r_col = self._rem[_ragged_arange(self._rem_ptr[start + p_row], n_rem)]
+            r_col = self._rem[ragged_arange(self._rem_ptr[start + p_row], n_rem)]
             dr = rows[p_row[pair], r_col]
             ahead = (dr < dp[pair]) | ((dr == dp[pair]) & (r_col < p_col[pair]))
             before -= np.bincount(pair, weights=ahead, minlength=len(dp)).astype(np.int64)
@@ -491,7 +328,7 @@ def evaluate(distmat: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: An
         raise ValueError(f"distmat must be 2-D [num_query, num_gallery], got shape {distmat.shape}")
     ranker = _Ranker(q_pids, g_pids, q_camids, g_camids, max_rank)
     ranker.check_shape(distmat.shape, "distmat")
-    n_threads = num_threads or _available_cores()
+    n_threads = num_threads or available_cores()
     step = DEFAULT_CHUNK_SIZE
     with ThreadPoolExecutor(n_threads) as pool:
         for start in tqdm(range(0, ranker.num_q, step), desc="evaluate", unit="block", disable=not progress):
@@ -522,15 +359,13 @@ def evaluate_features(qf: Any, gf: Any, q_pids: Any, g_pids: Any, q_camids: Any,
     if rerank not in RERANK_METHODS:
         raise ValueError(f"rerank must be one of {RERANK_METHODS}, got {rerank!r}")
     ranker = _Ranker(q_pids, g_pids, q_camids, g_camids, max_rank)
-    n_threads = num_threads or _available_cores()
+    n_threads = num_threads or available_cores()
     if rerank == "k-reciprocal":
-        from muva_core.eval.rerank import KReciprocal
-
-        n_q, n_g = _as_features(qf, "qf").shape[0], _as_features(gf, "gf").shape[0]
+        n_q, n_g = as_features(qf, "qf").shape[0], as_features(gf, "gf").shape[0]
         ranker.check_shape((n_q, n_g), "(len(qf), len(gf))")
         if ranker.num_q == 0:
             raise ValueError("qf is empty: there is no query to evaluate")
-        with _torch_threads(n_threads), ThreadPoolExecutor(n_threads) as pool:
+        with torch_threads(n_threads), ThreadPoolExecutor(n_threads) as pool:
             state = KReciprocal(qf, gf, k1, k2, lambda_value, metric=metric, chunk_size=chunk_size,
                                 progress=progress)
             for start, block in state.blocks():
@@ -543,14 +378,14 @@ def evaluate_features(qf: Any, gf: Any, q_pids: Any, g_pids: Any, q_camids: Any,
 def _rank_features(ranker: _Ranker, qf: Any, gf: Any, metric: str, chunk_size: int, n_threads: int,
                    progress: bool = False) -> None:
     """Score every query of ``ranker`` from the plain distances of ``qf`` / ``gf`` (blocks of ``chunk_size`` rows)."""
-    prepared = _prepare(qf, gf, metric)
+    prepared = prepare_features(qf, gf, metric)
     ranker.check_shape((prepared[0].shape[0], prepared[1].shape[0]), "(len(qf), len(gf))")
     if ranker.num_q == 0:
         raise ValueError("qf is empty: there is no query to evaluate")
-    check_nan = not _distances_finite(prepared, metric)
-    with _torch_threads(n_threads), ThreadPoolExecutor(n_threads) as pool:
+    check_nan = not distances_finite(prepared, metric)
+    with torch_threads(n_threads), ThreadPoolExecutor(n_threads) as pool:
         bar = tqdm(total=ranker.num_q, desc="evaluate_features", unit="query", disable=not progress)
-        for start, dist in _blocks(prepared, metric, chunk_size, reuse=True):
+        for start, dist in distance_blocks(prepared, metric, chunk_size, reuse=True):
             ranker.rank_block(dist.cpu().numpy(), start, pool, n_threads, check_nan)
             bar.update(dist.shape[0])
         bar.close()
@@ -563,7 +398,7 @@ def per_query_metrics(qf: Any, gf: Any, q_pids: Any, g_pids: Any, q_camids: Any,
     ``ap`` over the valid queries): ``ap`` and ``inp`` (NaN for a query with no positive), ``first_match`` (the
     0-based rank of its first positive, -1 without one) and ``num_positives``, each ``[num_query]``."""
     ranker = _Ranker(q_pids, g_pids, q_camids, g_camids, max_rank=1)
-    _rank_features(ranker, qf, gf, metric, _check_chunk_size(chunk_size), num_threads or _available_cores())
+    _rank_features(ranker, qf, gf, metric, check_chunk_size(chunk_size), num_threads or available_cores())
     valid = ranker.first >= 0
     return {"ap": np.where(valid, ranker.ap, np.nan), "inp": np.where(valid, ranker.inp, np.nan),
             "first_match": ranker.first.copy(), "num_positives": np.diff(ranker._pos_ptr)}

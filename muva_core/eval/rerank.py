@@ -40,15 +40,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from muva_core.eval.metrics import (
+from muva_core.eval.distance import (
     DEFAULT_CHUNK_SIZE,
     METRICS,
-    _feature_pair,
-    _available_cores,
-    _check_chunk_size,
-    _ragged_arange,
-    _squared_norms,
-    _torch_threads,
+    available_cores,
+    check_chunk_size,
+    feature_pair,
+    ragged_arange,
+    squared_norms,
+    torch_threads,
 )
 
 ITEM_BLOCK = 4096
@@ -88,9 +88,9 @@ class KReciprocal:
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         self.metric = metric
-        self.chunk_size = _check_chunk_size(chunk_size)
+        self.chunk_size = check_chunk_size(chunk_size)
         self.progress = progress
-        q, g = _feature_pair(qf, gf)
+        q, g = feature_pair(qf, gf)
         for name, x in (("qf", q), ("gf", g)):
             if not bool(torch.isfinite(x).all()):
                 raise ValueError(f"{name} contains NaN or inf: re-ranking needs finite features")
@@ -98,7 +98,7 @@ class KReciprocal:
             q, g = F.normalize(q, dim=1), F.normalize(g, dim=1)
             self._qa = self._ga = None
         else:
-            self._qa, self._ga = _squared_norms(q), _squared_norms(g)
+            self._qa, self._ga = squared_norms(q), squared_norms(g)
         self._q, self._g = q, g
         self.num_query, self.num_gallery = q.shape[0], g.shape[0]
         n = self.num_items = self.num_query + self.num_gallery
@@ -283,7 +283,7 @@ class KReciprocal:
         for a in range(0, n, ITEM_BLOCK):
             b = min(a + ITEM_BLOCK, n)
             t = self.rank[a:b, :kq].reshape(-1)                      # (i, a) major order
-            src = _ragged_arange(indptr[t], lengths[t])
+            src = ragged_arange(indptr[t], lengths[t])
             rows = np.repeat(np.repeat(np.arange(b - a, dtype=np.int64), kq), lengths[t])
             key = rows * n + indices[src]
             order = np.argsort(key, kind="stable")                   # keeps the k2 order per entry
@@ -322,7 +322,7 @@ class KReciprocal:
         terms, vals = self._q_terms[lo:hi], self._q_vals[lo:hi]
         rows = np.repeat(np.arange(stop - start, dtype=np.int64), np.diff(self._q_indptr[start:stop + 1]))
         counts = self._col_ptr[terms + 1] - self._col_ptr[terms]
-        src = _ragged_arange(self._col_ptr[terms], counts)
+        src = ragged_arange(self._col_ptr[terms], counts)
         key = np.repeat(rows * ng, counts) + self._col_rows[src]
         w = np.minimum(np.repeat(vals, counts), self._col_vals[src])
         return np.bincount(key, weights=w, minlength=(stop - start) * ng)
@@ -398,7 +398,7 @@ def k_reciprocal_distances(query_features: Any, gallery_features: Any, k1: int =
     exactly at equal ``chunk_size``. ``metric="euclidean"`` (the standard) uses the squared
     euclidean distance as the original distance, ``"cosine"`` uses ``1 - cos``.
     """
-    with _torch_threads(num_threads or _available_cores()):
+    with torch_threads(num_threads or available_cores()):
         state = KReciprocal(query_features, gallery_features, k1, k2, lambda_value, metric=metric,
                             chunk_size=chunk_size, progress=progress)
         out = np.empty((state.num_query, state.num_gallery), dtype=np.float32)

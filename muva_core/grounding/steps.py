@@ -11,6 +11,9 @@ a stale file:
 
 With ``masks_file`` set (the authors' masks, imported by ``muva import-masks``) none of these steps runs:
 :func:`run_masks` reads that file instead.
+
+The same three steps on files the user names (``muva ground`` / ``calibrate`` / ``vote``, or a notebook):
+:func:`ground_file`, :func:`calibrate_file` and :func:`vote_file`; each returns what it did, printable.
 """
 from __future__ import annotations
 
@@ -30,8 +33,8 @@ from ..io import write_json, write_parquet
 from .base import GroundingBackend, get_backend
 from .boxes import count_fixes, describe_fixes, sanitize_box_array
 from .calibration import DEFAULT_WINDOWS, CalibrationReport, calibrate_boxes
-from .labelling import label_dataset
-from .voting import MaskStore, load_masks
+from .labelling import label_dataset, label_dataset_distributed, summarize_labels
+from .voting import MaskStore, load_masks, mask_statistics
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,14 @@ def run_grounding(cfg: RunConfig, dataset, backend: GroundingBackend | None = No
                          progress=progress)
 
 
+def calibration_windows(name: str, key: str = "windows") -> str | dict[str, tuple[float, float]]:
+    """The ``windows`` argument of :func:`calibrate_boxes` for a configured name: ``"stripes"`` (the fixed
+    stripe windows) or ``"data"`` (learnt from the table); any other name is an error naming ``key``."""
+    if name not in ("stripes", "data"):
+        raise ValueError(f"{key}: expected 'stripes' or 'data', got {name!r}")
+    return "data" if name == "data" else DEFAULT_WINDOWS
+
+
 def run_calibration(cfg: RunConfig, dataset_name: str, boxes: pd.DataFrame) -> tuple[pd.DataFrame, CalibrationReport | None]:
     """Calibrate the raw boxes (or, with ``calibrate: false``, keep them as they are) and cache the result.
 
@@ -138,10 +149,8 @@ def run_calibration(cfg: RunConfig, dataset_name: str, boxes: pd.DataFrame) -> t
     g = cfg.grounding
     paths = grounding_paths(cfg, dataset_name)
     if g.calibrate:
-        if g.calib_windows not in ("stripes", "data"):
-            raise ValueError(f"calib_windows: expected 'stripes' or 'data', got {g.calib_windows!r}")
-        windows = "data" if g.calib_windows == "data" else DEFAULT_WINDOWS
-        table, report = calibrate_boxes(boxes, method=g.calib_method, windows=windows)
+        table, report = calibrate_boxes(boxes, method=g.calib_method,
+                                        windows=calibration_windows(g.calib_windows, "calib_windows"))
         write_json(paths.report, report.to_dict())
         fixes = report.fixed_total()
         if fixes:
@@ -269,3 +278,128 @@ def load_protocol_masks(paths: dict[str, Path]) -> MaskStore:
         return stores[0]
     keys = [k for s in stores for k in s.keys]
     return MaskStore(keys, np.concatenate([s.masks for s in stores]), stores[0].meta)
+
+
+# ---------------------------------------------------------------------------- the steps on named files
+
+
+def _by_count(counts: dict[str, int]) -> str:
+    """``"ok 40, missing 2"``: a status count, largest first."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+@dataclass
+class LabelledFile:
+    """What :func:`ground_file` did: ``summary`` is :func:`~muva_core.grounding.labelling.summarize_labels`
+    of the table written to ``out``."""
+
+    dataset: str
+    backend: str
+    out: Path
+    summary: dict
+
+    def __str__(self) -> str:
+        s = self.summary
+        lines = [f"{self.dataset}: {s['images']} images labelled by {self.backend} "
+                 f"({s['seconds_per_image']:.3f} s/image); boxes by status: {_by_count(s['status'])}"]
+        if s["unreadable_images"] or s["error_images"]:
+            lines.append(f"  {s['unreadable_images']} unreadable images, {s['error_images']} images the backend "
+                         f"failed on (rows with status unreadable / error; the reason is in the raw column of "
+                         f"{self.out})")
+        return "\n".join(lines)
+
+
+def ground_file(cfg: RunConfig, dataset: str, root: str | Path | None, out: str | Path, splits: str = "train",
+                shard: tuple[int, int] | None = None, batch_size: int | None = None, progress: bool = True,
+                resume: bool = True) -> LabelledFile:
+    """Label ``splits`` of ``dataset`` (a name under ``root``, or a dataset file) with ``cfg``'s grounding
+    expert into the parquet ``out`` (``muva ground``): resumable; with ``shard=(i, n)`` only that shard
+    (merge later with :func:`~muva_core.grounding.labelling.merge_shards`), else under torchrun / accelerate
+    each rank its shard and rank 0 merges."""
+    from ..data.declared import open_dataset
+
+    ds = open_dataset(dataset, root)
+    samples = select_splits(ds, splits)
+    backend = build_backend(cfg, ds)
+    common = dict(batch_size=batch_size or None, progress=progress, resume=resume)
+    if shard:  # one shard by hand (several machines)
+        table = label_dataset(samples, backend, out, shard=shard, **common)
+    else:  # plain run, or under torchrun / accelerate: each rank its shard, rank 0 merges
+        table = label_dataset_distributed(samples, backend, out, **common)
+    return LabelledFile(ds.name, cfg.grounding.backend, Path(out), summarize_labels(table))
+
+
+@dataclass
+class CalibratedFile:
+    """What :func:`calibrate_file` did: its report, the rows whose status calibration changed, the output."""
+
+    report: CalibrationReport
+    changed_status: int
+    out: Path
+
+    def __str__(self) -> str:
+        lines = [str(self.report)]
+        if self.changed_status:
+            lines.append(f"{self.changed_status} rows got a status other than their input one (see the status "
+                         f"column of {self.out})")
+        lines.append(f"wrote {self.out}")
+        return "\n".join(lines)
+
+
+def calibrate_file(boxes: str | Path, out: str | Path, img_size: tuple[int, int] | None = None,
+                   method: str = "robust_z", windows: str = "stripes",
+                   report: str | Path | None = None) -> CalibratedFile:
+    """Calibrate the labelling table ``boxes`` into the parquet ``out`` (``muva calibrate``), and write the
+    report as JSON to ``report`` when given. ``img_size=(H, W)``: the labelled images' size, for a table
+    without ``img_w``/``img_h`` columns; ``windows``: ``"stripes"`` or ``"data"``."""
+    windows = calibration_windows(windows)
+    table = pd.read_parquet(boxes)
+    calibrated, calibration = calibrate_boxes(table, img_size=img_size, method=method, windows=windows)
+    write_parquet(out, calibrated)
+    if report:
+        write_json(report, calibration.to_dict())
+    changed = (calibrated["status"].astype(str) != table["status"].astype(str)).sum() \
+        if "status" in table.columns else 0
+    return CalibratedFile(calibration, int(changed), Path(out))
+
+
+@dataclass
+class VotedFile:
+    """What :func:`vote_file` did: the saved store, which boxes it voted (``"calibrated"`` or ``"raw"``), and
+    whether the boxes were taken to be in input pixels for want of image sizes (``sizes_assumed``)."""
+
+    store: MaskStore
+    columns: str
+    out: Path
+    input_size: tuple[int, int]
+    sizes_assumed: bool
+
+    def __str__(self) -> str:
+        problems = self.store.meta["box_problems"]
+        lines = [mask_statistics(self.store.masks).round(3).to_string(),
+                 f"{problems['rows']} boxes; by status: {_by_count(problems['status']) or 'no status column'}"]
+        if self.columns == "calibrated":
+            rules = ", ".join(f"{k} {v}" for k, v in problems["rules"].items())
+            lines.append(f"replaced by calibration: {problems['replaced']}" + (f" ({rules})" if rules else ""))
+        lines.append(f"bad coordinates met while voting: {describe_fixes(problems['fixes'])}")
+        if self.sizes_assumed:
+            h, w = self.input_size
+            lines.append(f"note: the table has no img_w/img_h columns: its boxes were taken to be in {h}x{w} "
+                         "input pixels; pass --img-size HxW (the labelled images' size) if they are not")
+        lines.append(f"wrote {len(self.store)} masks ({self.columns} boxes, grid {self.store.grid}) to {self.out}")
+        return "\n".join(lines)
+
+
+def vote_file(boxes: str | Path, out: str | Path, img_size: tuple[int, int] = (256, 128), patch: int = 16,
+              rule: str = "center", min_coverage: float = 0.5, raw: bool = False,
+              box_img_size: tuple[int, int] | None = None) -> VotedFile:
+    """Vote the boxes of the table ``boxes`` into patch masks at the model input ``img_size=(H, W)`` and save
+    them to ``out`` (``muva vote``): the calibrated boxes when the table has them and ``raw`` is False, else
+    the raw ones. ``box_img_size=(H, W)``: the labelled images' size, for a table without ``img_w``/``img_h``."""
+    table = pd.read_parquet(boxes)
+    columns = "calibrated" if "cal_x0" in table.columns and not raw else "raw"
+    store = MaskStore.from_table(table, img_size=img_size, patch=patch, rule=rule, min_coverage=min_coverage,
+                                 columns=columns, source=str(boxes), box_img_size=box_img_size)
+    store.save(out)
+    sizes_assumed = box_img_size is None and not {"img_w", "img_h"} <= set(table.columns)
+    return VotedFile(store, columns, Path(out), (int(img_size[0]), int(img_size[1])), sizes_assumed)

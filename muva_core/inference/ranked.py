@@ -31,7 +31,7 @@ PICKS: tuple[str, ...] = ("best", "median", "worst")
 def top_k(qf, gf, k: int, metric: str = "euclidean", chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """``(indices [Q, k'], distances [Q, k'])`` of each query's ``k' = min(k, G)`` nearest gallery items, nearest
     first, ties by gallery index (the metrics' rule), computed ``chunk_size`` queries at a time."""
-    from ..eval.metrics import iter_distance_chunks
+    from ..eval.distance import iter_distance_chunks
 
     k = max(0, min(int(k), len(gf)))
     idx, dist = [np.zeros((0, k), np.int64)], [np.zeros((0, k), np.float32)]
