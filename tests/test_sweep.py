@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from muva_core.config import RunConfig
-from muva_core.report import sweep as sweep_module
+from muva_core.experiments import sweep as sweep_module
 from muva_core.report.paper import ABLATIONS
 from muva_core.experiments.sweep import VARIANTS, run_sweep, sweep_dir, variant_slug
 

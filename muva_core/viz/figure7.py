@@ -10,7 +10,8 @@ from matplotlib.patches import Rectangle
 
 from ..data.datasets import read_image
 from ..data.samples import Sample
-from ..eval.masks import mask_iou, truth_patch_masks
+from ..eval.masks import mask_iou
+from ..grounding.voting import truth_patch_masks
 from ..model.factory import part_indices
 from .plots import PART_COLOURS, mask_to_grid, overlay_mask
 
