@@ -191,3 +191,28 @@ def test_every_committed_run_folder_keeps_its_name():
     wrong = [f"{p.parent}: run-{config_hash(RunConfig.from_yaml(p))}" for p in folders
              if p.parent.name != f"run-{config_hash(RunConfig.from_yaml(p))}"]
     assert not wrong, "\n".join(wrong)
+
+
+def _defined_names(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            out.update(t.id for t in targets if isinstance(t, ast.Name))
+    return out
+
+
+def test_library_modules_import_names_from_their_homes_not_from_re_exports():
+    """A package's ``__init__`` may offer its names to users and notebooks; inside the library each name is
+    imported from the module that defines it."""
+    wrong = []
+    for module, targets in module_graph().items():
+        for target, names in targets.items():
+            if MODULES[target].name != "__init__.py" or target == module:
+                continue
+            defined = _defined_names(MODULES[target])
+            wrong += [f"{module} imports {n} from {target}" for n in names if n and n not in defined]
+    assert not wrong, "\n".join(wrong)

@@ -64,7 +64,7 @@ class RankedLists:
     grid: tuple[int, int] = (16, 8)
 
     def __post_init__(self) -> None:
-        from ..eval import per_query_metrics
+        from ..eval.metrics import per_query_metrics
         from ..eval.features import sample_arrays
 
         (qp, qc), (gp, gc) = sample_arrays(self.query), sample_arrays(self.gallery)
@@ -80,7 +80,7 @@ class RankedLists:
     # ------------------------------------------------------------------ one query
     def _row(self, q: int) -> tuple[np.ndarray, np.ndarray]:
         """The query's gallery order (protocol: same identity + same camera left out) and distances."""
-        from ..eval import pairwise_distance
+        from ..eval.distance import pairwise_distance
 
         if not 0 <= int(q) < len(self.query):
             raise IndexError(f"query {q} out of range ({len(self.query)} queries)")

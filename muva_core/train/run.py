@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from ..config import RunConfig
-from ..eval import evaluate_features
+from ..eval.metrics import evaluate_features
 from ..eval.features import extract_features, resolve_device, sample_arrays
 from ..eval.masks import mask_iou
 from ..grounding.voting import truth_patch_masks
