@@ -30,7 +30,7 @@ import pandas as pd
 
 from ..paths import RunFiles, resolve
 from ..report.evidence import CLAIMS, evaluate_claims, read_notes, write_evidence
-from .sweep import VARIANTS, RunsIncomplete, pending_runs, run_sweep, sweep_dir, train_runs, variant_config
+from .sweep import VARIANTS, all_done, pending_runs, run_sweep, sweep_dir, train_runs, variant_config
 
 TABLES = (5, 6, 8, 9)
 PROTOCOLS = ("synth:A2B", "synth:C2D", "synth:B+C+D->A")
@@ -147,12 +147,7 @@ def run_evidence(base_cfg, scale: str = "full", protocols: Sequence[str] = PROTO
     if not collect:
         train_runs(list(runs.values()), jobs=jobs, shard=shard, wait=wait, progress=progress, what="evidence")
     missing = pending_runs((f"{r.data.protocol}, recipe {r.recipe}, seed {r.seed}", r) for r in runs.values())
-    if missing:
-        text = f"evidence: {len(missing)} of {len(runs)} runs not done:\n  " + "\n  ".join(missing)
-        if collect:
-            raise RunsIncomplete(text)
-        print(f"{text}\nthe page is written by the process that finishes the last run (or by the same command with "
-              "--collect once they are done)", flush=True)
+    if not all_done(missing, len(runs), "evidence", "the page", collect):
         return None
     frames = []
     for recipe, (configs, chosen) in plans.items():

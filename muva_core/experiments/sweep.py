@@ -87,6 +87,19 @@ class RunsIncomplete(RuntimeError):
     """Runs a table needs are not done; the message names each and its state."""
 
 
+def all_done(missing: Sequence[str], total: int, what: str, output: str, collect: bool) -> bool:
+    """True when no run is ``missing``; else, with ``collect``, :class:`RunsIncomplete` naming them, without it
+    a printed list and False (``output`` is written by the process that finishes the last run)."""
+    if not missing:
+        return True
+    text = f"{what}: {len(missing)} of {total} runs not done:\n  " + "\n  ".join(missing)
+    if collect:
+        raise RunsIncomplete(text)
+    print(f"{text}\n{output} is written by the process that finishes the last run (or by the same command with "
+          "--collect once they are done)", flush=True)
+    return False
+
+
 def pending_runs(runs: Iterable[tuple[str, RunConfig]]) -> list[str]:
     """For each run (``(label, config)``) that is not done: its folder, its label and its state (being trained by
     whom, stopped, or not started)."""
@@ -257,14 +270,8 @@ def run_sweep(cfg: RunConfig, table: int, seeds: Sequence[int] = (0,), variants:
     runs = {f"{name}, seed {seed}": variant_config(cfg, table, name, seed) for name in names for seed in seeds}
     if not collect:
         train_runs(list(runs.values()), shard=shard, wait=wait, progress=progress, what=f"table {table}")
-    missing = pending_runs(runs.items())
-    if missing:
-        text = f"table {table} on {cfg.data.protocol}: {len(missing)} of {len(runs)} runs not done:\n  " + \
-            "\n  ".join(missing)
-        if collect:
-            raise RunsIncomplete(text)
-        print(f"{text}\nthe table is written by the process that finishes the last run (or by the same command "
-              "with --collect once they are done)", flush=True)
+    if not all_done(pending_runs(runs.items()), len(runs), f"table {table} on {cfg.data.protocol}", "the table",
+                    collect):
         return None
     rows = []
     for name in names:
