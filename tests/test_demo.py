@@ -57,17 +57,19 @@ def test_every_synthetic_config_starts_from_the_language_pretrained_clip_and_the
     assert not uses_pretrain_clip(resolve_config("synth:A2B", overrides={"checkpoint_path": "x.safetensors"}))
 
 
-def test_preflight_makes_the_clip_once_reuses_it_and_refuses_other_settings(small_synth_root, tmp_path, small_clip):
+def test_opening_a_run_makes_the_clip_once_reuses_it_and_refuses_other_settings(small_synth_root, tmp_path,
+                                                                             small_clip):
     from muva_core.model.factory import build_muva
     from muva_core.pretrain.provision import ensure_pretrained_clip
-    from muva_core.checks import preflight
+    from muva_core.runs import open_run
 
     cfg = RunConfig().update({"protocol": "synth:A2B", "synth_root": str(small_synth_root), "synth_scale": "small",
                               "data_root": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache"),
-                              "backbone": "tiny", "pretrained": "pretrain-clip", "batch_size": 16})
+                              "backbone": "tiny", "pretrained": "pretrain-clip", "batch_size": 16,
+                              "run_dir": str(tmp_path / "run")})
     path = tmp_path / "data" / "clip" / "clip-tiny-seed0.safetensors"
     assert small_clip.config_clip_path(cfg) == path and not path.exists()
-    data = preflight(cfg, progress=False)                  # made before the run, where check_checkpoint looks
+    data = open_run(cfg, progress=False, keep_lock=False).data   # made after the checks, before the run claims
     assert path.is_file() and data.num_classes > 0
     info = small_clip.read_pretrain_info(path)
     assert info["settings"]["epochs"] == 2 and info["settings"]["seed"] == 0 and info["backbone"] == "tiny"
@@ -81,7 +83,7 @@ def test_preflight_makes_the_clip_once_reuses_it_and_refuses_other_settings(smal
     # another version's settings: refused, naming what differs and the ways out; the file is kept
     small_clip.CONFIG_CLIP_OPTIONS["epochs"] = 3
     with pytest.raises(small_clip.CheckpointExistsError, match=r"epochs: 2 -> 3.*move it away.*pretrained=none"):
-        preflight(cfg, progress=False)
+        open_run(cfg, progress=False, keep_lock=False)
     assert path.stat().st_mtime_ns == mtime
     # configurations that start from other weights make nothing
     other = RunConfig().update({"data_root": str(tmp_path / "elsewhere"), "backbone": "tiny", "pretrained": "none"})
