@@ -362,3 +362,25 @@ def test_caption_facts_name_what_the_caption_rests_on():
     red = [p for p in people if p["upper"]["garment"] == "red"]
     if len(red) >= 2:
         assert facts_true_of(frozenset({("upper", "garment")}), red[0], red[1])
+
+
+def test_cli_passes_the_pretraining_options_through(monkeypatch, tmp_path):
+    """`muva pretrain-clip --scale pretrain-wide --color-jitter --loss multi_positive` reaches pretrain_clip as
+    settings (which then enter the reuse key), and a loss it does not know is refused by the parser."""
+    from muva_core.cli import main
+    from muva_core.pretrain import loop, provision
+
+    seen = {}
+
+    def fake(out_dir, **kwargs):
+        seen.update(kwargs)
+        return tmp_path / "clip.safetensors"
+
+    monkeypatch.setattr(loop, "pretrain_clip", fake)
+    monkeypatch.setattr(provision, "pretrain_clip_summary", lambda *a, **k: "summary")
+    assert main(["pretrain-clip", "--out", str(tmp_path), "--backbone", "tiny", "--scale", "pretrain-wide",
+                 "--color-jitter", "--loss", "multi_positive", "--quiet"]) == 0
+    assert seen["scale"] == "pretrain-wide" and seen["color_jitter"] is True and seen["loss"] == "multi_positive"
+    assert syn.SCALES["pretrain-wide"]["ids_per_domain"] == 4 * syn.SCALES["pretrain"]["ids_per_domain"]
+    with pytest.raises(SystemExit):
+        main(["pretrain-clip", "--out", str(tmp_path), "--loss", "triplet"])
