@@ -76,7 +76,7 @@ def test_one_process_and_three_sharing_the_sweep_write_the_same_table(small_synt
         raise AssertionError("finished runs must be read back, not retrained")
 
     with monkeypatch.context() as patched:
-        patched.setattr("muva_core.train.run.train_protocol", no_training)
+        patched.setattr("muva_core.runs.train_protocol", no_training)
         again = sweep_module.run_sweep(cfg, 8, seeds=[0, 1], progress=False)
     pd.testing.assert_frame_equal(again, summary)
 
