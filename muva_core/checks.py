@@ -7,7 +7,6 @@ per run start; ``muva doctor`` reads the same folder rules
 """
 from __future__ import annotations
 
-
 from .config import ConfigError, RunConfig
 from .paths import resolve
 

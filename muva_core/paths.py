@@ -63,11 +63,11 @@ class RunFiles:
 
     @property
     def records(self) -> Path:
-        """``metrics/``: what each step recorded (:meth:`record`)."""
+        """``metrics/``: what each step recorded (:meth:`record_path`)."""
         return self.folder / self.RECORDS
 
-    def record(self, step: str) -> Path:
-        """``metrics/<step>.json``."""
+    def record_path(self, step: str) -> Path:
+        """``metrics/<step>.json`` (:meth:`muva_core.runs.Run.record` writes it)."""
         return self.records / f"{step}.json"
 
     @property

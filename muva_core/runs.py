@@ -154,13 +154,13 @@ class Run(RunFiles):
     # ---- records ----
     def record(self, step: str, values: Mapping[str, Any]) -> Recorded:
         """Write a step's recorded values to ``metrics/<step>.json`` (atomically) and return the path."""
-        path = super().record(step)
+        path = self.record_path(step)
         write_json(path, dict(values))
         return Recorded(path)
 
     def read_record(self, step: str) -> dict:
         """What :meth:`record` wrote for ``step``."""
-        return json.loads(super().record(step).read_text())
+        return json.loads(self.record_path(step).read_text())
 
     def summary_record(self) -> dict:
         """``metrics.json``, the run's summary (``muva run``)."""

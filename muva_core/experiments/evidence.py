@@ -274,7 +274,7 @@ def part_mask_iou(runs: pd.DataFrame) -> pd.DataFrame:
     each run's ``metrics/train.json`` (``run`` column)."""
     rows = []
     for rec in runs.itertuples(index=False):
-        path = RunFiles(resolve(rec.run)).record("train")
+        path = RunFiles(resolve(rec.run)).record_path("train")
         iou = json.loads(path.read_text()).get("mask_iou_truth", {}) if path.is_file() else {}
         rows.append({"recipe": getattr(rec, "recipe", "workbook"), "protocol": rec.protocol, "table": rec.table,
                      "variant": rec.variant, **iou})

@@ -163,7 +163,7 @@ def summarise_run(folder: Path, cfg: RunConfig, state: dict) -> dict:
                      "steps": {k: v.get("seconds") for k, v in state.items()},
                      "clip_start": clip_start(cfg)}
     for step in ("06_evaluate", "05_stage2", "train"):
-        path = files.record(step)
+        path = files.record_path(step)
         if path.is_file():
             rec = json.loads(path.read_text())
             summary["metrics"] = rec.get("metrics")
@@ -175,7 +175,7 @@ def summarise_run(folder: Path, cfg: RunConfig, state: dict) -> dict:
     m, chance = summary.get("metrics") or {}, summary.get("chance_level") or {}
     if m.get("mAP") is not None and chance.get("mAP"):
         summary["mAP_over_chance"] = round(m["mAP"] / chance["mAP"], 2)
-    cal = files.record("02_calibration")
+    cal = files.record_path("02_calibration")
     if cal.is_file():
         summary["calibration_iou"] = json.loads(cal.read_text()).get("iou")
     summary.update(training_summary(folder, cfg))
@@ -189,7 +189,7 @@ def training_summary(folder: Path, cfg: RunConfig) -> dict:
     language-pretrained CLIP it started from."""
     out: dict = {}
     files = RunFiles(folder)
-    train = files.record("train")
+    train = files.record_path("train")
     if train.is_file():
         rec = json.loads(train.read_text())
         out.update({k: rec[k] for k in ("num_classes", "train_images", "heldout_source", "precision") if k in rec})

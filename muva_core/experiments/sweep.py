@@ -80,7 +80,7 @@ def variant_config(cfg: RunConfig, table: int, variant: str, seed: int) -> RunCo
 
 def run_record(run: RunConfig) -> Path:
     """A run's ``metrics/train.json``: there once the run is done."""
-    return RunFiles(resolve(run.run_dir)).record("train")
+    return RunFiles(resolve(run.run_dir)).record_path("train")
 
 
 class RunsIncomplete(RuntimeError):
