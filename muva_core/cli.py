@@ -349,6 +349,8 @@ def cmd_pretrain_clip(args) -> int:
         options["color_jitter"] = True
     if args.loss:
         options["loss"] = args.loss
+    if args.hard_negatives:
+        options["hard_negatives"] = args.hard_negatives
     image_size = _image_size(args.image_size)
     path = pretrain_clip(args.out, backbone=args.backbone, seed=args.seed, epochs=args.epochs, scale=args.scale,
                          synth_root=args.synth_root, overwrite=args.overwrite, progress=not args.quiet,
@@ -602,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "training image")
     p.add_argument("--loss", choices=["clip", "multi_positive"], default=None, help="contrastive loss (default clip: "
                    "one positive per image; multi_positive: every caption of the batch true of an image is one)")
+    p.add_argument("--hard-negatives", type=int, default=0, metavar="N", help="per image, N captions with one "
+                   "attribute changed (NegCLIP hard negatives) that it must rank below its own (default 0)")
     p.add_argument("--reid-root", default=None, help="a generated synthetic Re-ID set (e.g. data/synthetic): the "
                    "report adds zero-shot accuracy on the test images of its domains A-D")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint made with other settings")

@@ -364,6 +364,75 @@ def test_caption_facts_name_what_the_caption_rests_on():
         assert facts_true_of(frozenset({("upper", "garment")}), red[0], red[1])
 
 
+def test_hard_negatives_change_one_named_attribute_and_are_false_of_the_image():
+    """NegCLIP-style negatives: the same sentence with one attribute the caption names changed; never true of the
+    person; the caption itself is the one caption_facts draws with the same generator."""
+    from muva_core.data.captions import HARD_NEGATIVE_SWAPS, caption_facts, hard_negative_caption
+
+    rng = np.random.default_rng(1)
+    people = [syn.sample_identity(rng) for _ in range(60)]
+    made = 0
+    for n, person in enumerate(people):
+        for g in ("global", "head", "upper", "legs"):
+            text, facts, negs = hard_negative_caption(person, g, np.random.default_rng(n), count=2)
+            assert (text, facts) == caption_facts(person, g, np.random.default_rng(n))
+            assert len(negs) <= 2 and len(set(negs)) == len(negs) and text not in negs
+            for neg in negs:
+                made += 1
+                a, b = text.rstrip(".").split(), neg.rstrip(".").split()
+                # one attribute changed: the sentences share their start and their end around one short change
+                head = next(i for i, (x, y) in enumerate(zip(a + [None], b + [None])) if x != y)
+                tail = next(i for i, (x, y) in enumerate(zip(a[::-1] + [None], b[::-1] + [None])) if x != y)
+                assert max(len(a), len(b)) - head - tail <= 6, (text, neg)
+    assert made > 300
+    # a negative is false of its person: "red shoes" for a person in white shoes
+    import re
+
+    person = next(p for p in people if p["legs"]["shoes"] == "white")
+    shoe_edits = []
+    for seed in range(60):
+        text, facts, negs = hard_negative_caption(person, "legs", np.random.default_rng(seed), count=3)
+        if "white shoes" in text:
+            some = re.sub(r"\w+ shoes", "X shoes", text)
+            shoe_edits += [n for n in negs if re.sub(r"\w+ shoes", "X shoes", n) == some]
+    assert shoe_edits and not any("white shoes" in n for n in shoe_edits)
+    assert ("legs", "shoes") in HARD_NEGATIVE_SWAPS
+
+
+def test_hard_negatives_enter_the_batch_the_loss_and_the_key(train_data):
+    from open_clip.loss import ClipLoss
+
+    from muva_core.pretrain.loop import multi_positive_loss
+
+    idx = list(range(32))
+    cfg = PretrainConfig(backbone="tiny", hard_negatives=2)
+    plain = make_batch(train_data, idx, np.random.default_rng(3), PretrainConfig(backbone="tiny"))
+    hard = make_batch(train_data, idx, np.random.default_rng(3), cfg)
+    assert plain.negatives is None and 32 < len(hard.negatives) <= 64
+    assert not set(hard.negatives) & set(hard.texts[:1])
+    assert "hard_negatives" not in PretrainConfig().settings() and cfg.settings()["hard_negatives"] == 2
+    with pytest.raises(ValueError, match="hard_negatives must be in 0..8"):
+        PretrainConfig(hard_negatives=-1)
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    scale = torch.tensor(10.0)
+    assert torch.allclose(multi_positive_loss(img, txt, scale), ClipLoss()(img, txt, scale), atol=1e-6)
+    far = -img[:2]                                        # negatives far from every image cost almost nothing
+    near = img[:2] * 0.999 + 0.001 * txt[:2]              # negatives on images 0 and 1 cost more
+    base = multi_positive_loss(img, txt, scale)
+    assert multi_positive_loss(img, txt, scale, negatives=near) > multi_positive_loss(img, txt, scale, negatives=far)
+    assert multi_positive_loss(img, txt, scale, negatives=far) >= base
+    # a step with negatives runs and learns: the loss of the same batch falls
+    torch.manual_seed(0)
+    model, tok = build_pretrain_clip(cfg)
+    opt = make_optimizer(model, cfg)
+    first = contrastive_step(model, tok, hard.images, hard.texts, opt, keep=hard.keep, negatives=hard.negatives)
+    for _ in range(3):
+        last = contrastive_step(model, tok, hard.images, hard.texts, opt, keep=hard.keep, negatives=hard.negatives)
+    assert last < first
+
+
 def test_cli_passes_the_pretraining_options_through(monkeypatch, tmp_path):
     """`muva pretrain-clip --scale pretrain-wide --color-jitter --loss multi_positive` reaches pretrain_clip as
     settings (which then enter the reuse key), and a loss it does not know is refused by the parser."""
@@ -379,8 +448,9 @@ def test_cli_passes_the_pretraining_options_through(monkeypatch, tmp_path):
     monkeypatch.setattr(loop, "pretrain_clip", fake)
     monkeypatch.setattr(provision, "pretrain_clip_summary", lambda *a, **k: "summary")
     assert main(["pretrain-clip", "--out", str(tmp_path), "--backbone", "tiny", "--scale", "pretrain-wide",
-                 "--color-jitter", "--loss", "multi_positive", "--quiet"]) == 0
+                 "--color-jitter", "--loss", "multi_positive", "--hard-negatives", "2", "--quiet"]) == 0
     assert seen["scale"] == "pretrain-wide" and seen["color_jitter"] is True and seen["loss"] == "multi_positive"
+    assert seen["hard_negatives"] == 2
     assert syn.SCALES["pretrain-wide"]["ids_per_domain"] == 4 * syn.SCALES["pretrain"]["ids_per_domain"]
     with pytest.raises(SystemExit):
         main(["pretrain-clip", "--out", str(tmp_path), "--loss", "triplet"])

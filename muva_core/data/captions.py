@@ -23,6 +23,7 @@ Usage::
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -41,6 +42,8 @@ __all__ = [
     "caption_facts",
     "captions",
     "facts_true_of",
+    "HARD_NEGATIVE_SWAPS",
+    "hard_negative_caption",
     "zero_shot_prompts",
 ]
 
@@ -310,6 +313,83 @@ def caption_facts(attrs: dict, granularity: str, rng: np.random.Generator) -> tu
 def facts_true_of(facts: frozenset, source: dict, other: dict) -> bool:
     """Whether a caption of ``source`` resting on ``facts`` (:func:`caption_facts`) is true of ``other``."""
     return all(source[p].get(k) == other[p].get(k) for p, k in facts)
+
+
+HARD_NEGATIVE_SWAPS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("head", "hair"): HAIR_COLORS, ("head", "hair_length"): ("long", "short", "bald"),
+    ("head", "hat"): ("none", "cap", "beanie"), ("head", "hat_color"): GARMENT_COLORS,
+    ("upper", "garment"): GARMENT_COLORS, ("upper", "pattern"): ("plain", "stripes", "checks", "logo"),
+    ("upper", "pattern_color"): GARMENT_COLORS, ("upper", "logo_shape"): ("circle", "triangle", "star"),
+    ("upper", "sleeves"): ("short", "long"), ("upper", "bag"): ("none", "backpack", "shoulder_bag"),
+    ("upper", "bag_color"): BAG_COLORS,
+    ("legs", "lower"): ("trousers", "shorts", "skirt"), ("legs", "lower_color"): LOWER_COLORS,
+    ("legs", "shoes"): SHOE_COLORS,
+}
+"""The attributes a hard negative may change, with the values it chooses from (the caption vocabulary)."""
+
+
+def _swapped(attrs: dict, part: str, key: str, value: str, rng: np.random.Generator) -> dict:
+    """``attrs`` with ``attrs[part][key] = value``, and what the new value needs (a hat's or bag's colour, a
+    pattern's colour and logo shape) filled in or cleared."""
+    p = {**attrs[part], key: value}
+    if key in ("hat", "bag"):
+        colours = GARMENT_COLORS if key == "hat" else BAG_COLORS
+        if value == "none":
+            p[f"{key}_color"] = None
+        elif not p.get(f"{key}_color"):
+            p[f"{key}_color"] = colours[int(rng.integers(len(colours)))]
+    if key == "pattern":
+        if value == "plain":
+            p["pattern_color"], p["logo_shape"] = None, None
+        else:
+            if not p.get("pattern_color"):
+                p["pattern_color"] = GARMENT_COLORS[int(rng.integers(len(GARMENT_COLORS)))]
+            if value == "logo" and not p.get("logo_shape"):
+                p["logo_shape"] = ("circle", "triangle", "star")[int(rng.integers(3))]
+    return {**attrs, part: p}
+
+
+def _one_edit(text: str, other: str, longest: int = 6) -> bool:
+    """Whether ``other`` is ``text`` with one span of at most ``longest`` words replaced by another non-empty one
+    (a dropped phrase says less, not something false)."""
+    a, b = text.rstrip(".").split(), other.rstrip(".").split()
+    head = 0
+    while head < min(len(a), len(b)) and a[head] == b[head]:
+        head += 1
+    tail = 0
+    while tail < min(len(a), len(b)) - head and a[-1 - tail] == b[-1 - tail]:
+        tail += 1
+    span_a, span_b = len(a) - head - tail, len(b) - head - tail
+    return 0 < span_a <= longest and 0 < span_b <= longest
+
+
+def hard_negative_caption(attrs: dict, granularity: str, rng: np.random.Generator, count: int = 1,
+                          tries: int = 4) -> tuple[str, frozenset, list[str]]:
+    """:func:`caption_facts` plus up to ``count`` hard negatives (NegCLIP-style): the same sentence, drawn with the
+    same random draws, of the identity with one attribute the caption names changed to another value ("... in red
+    shoes." -> "... in white shoes."). ``(text, facts, negatives)``: each negative differs from the caption and the
+    others and is false of ``attrs``; fewer when the caption names little :data:`HARD_NEGATIVE_SWAPS` can change
+    (``tries`` draws per negative)."""
+    replay = copy.deepcopy(rng)
+    text, facts = caption_facts(attrs, granularity, rng)
+    path = rng.bit_generator.state
+    keys = sorted(f for f in facts if f in HARD_NEGATIVE_SWAPS)
+    negatives: list[str] = []
+    for _ in range(int(tries) * int(count) if keys else 0):
+        if len(negatives) >= count:
+            break
+        part, key = keys[int(rng.integers(len(keys)))]
+        values = [v for v in HARD_NEGATIVE_SWAPS[(part, key)] if v != attrs[part].get(key)]
+        other = _swapped(attrs, part, key, values[int(rng.integers(len(values)))], rng)
+        draws = copy.deepcopy(replay)
+        negative, neg_facts = caption_facts(other, granularity, draws)
+        # the same sentence: the same random decisions taken (a changed value can change the draws, as "no hat"
+        # -> "a cap" does; such a sentence is another caption that may say nothing false of the person), and
+        # what differs is a value the negative names
+        if (negative not in negatives and draws.bit_generator.state == path and _one_edit(text, negative)
+                and not facts_true_of(neg_facts, other, attrs)):
+            negatives.append(negative)
+    return text, facts, negatives
 
 
 def captions(attrs: dict, seed: int = 0, per_granularity: int = 3) -> dict[str, list[str]]:

@@ -43,6 +43,10 @@ class PretrainConfig:
                 same values at every attribute the caption rests on, :func:`muva_core.data.captions.caption_facts`),
                 soft-target cross-entropy both ways, so two people in red shirts are not pushed apart by "a person
                 in a red shirt" (in the key only when not ``clip``)
+    hard_negatives: per image, this many hard negative captions (NegCLIP): its caption with one attribute it names
+                changed to another value (:func:`muva_core.data.captions.hard_negative_caption`), extra texts the
+                image must rank below its own caption, so that every attribute a caption names counts, the shoes
+                as much as the shirt (in the reuse key only when > 0)
     color_jitter: the photometric jitter of :func:`muva_core.data.transforms.photometric_jitter` on every
                 training image (lighting and camera changes; in the reuse key only when on)
     """
@@ -64,6 +68,7 @@ class PretrainConfig:
     image_size: tuple[int, int] = (256, 128)
     color_jitter: bool = False
     loss: str = "clip"
+    hard_negatives: int = 0
 
     def __post_init__(self) -> None:
         from ..data.synthetic import SCALES
@@ -79,6 +84,9 @@ class PretrainConfig:
             raise ValueError(f"p_global must be in [0, 1], got {self.p_global}")
         if self.loss not in PRETRAIN_LOSSES:
             raise ValueError(f"loss must be one of {PRETRAIN_LOSSES}, got {self.loss!r}")
+        if not 0 <= int(self.hard_negatives) <= 8:
+            raise ValueError(f"hard_negatives must be in 0..8, got {self.hard_negatives}")
+        self.hard_negatives = int(self.hard_negatives)
         self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
 
     def settings(self) -> dict[str, Any]:
@@ -91,6 +99,8 @@ class PretrainConfig:
             del d["color_jitter"]
         if d["loss"] == "clip":     # likewise
             del d["loss"]
+        if not d["hard_negatives"]:
+            del d["hard_negatives"]
         d.update(generator_version=GENERATOR_VERSION, captions_version=CAPTIONS_VERSION,
                  format_version=PRETRAIN_FORMAT_VERSION)
         return d

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..data.captions import caption_facts, facts_true_of
+from ..data.captions import caption_facts, facts_true_of, hard_negative_caption
 from ..data.samples import PARTS, DatasetError
 from .config import PretrainConfig
 
@@ -157,6 +157,7 @@ class Batch:
     granularities: list[str]
     keep: torch.Tensor | None
     positives: torch.Tensor | None = None   # [B, B] bool: caption j is true of image i (``loss: multi_positive``)
+    negatives: list[str] | None = None      # hard negative captions (``hard_negatives``): never true of their image
 
 
 def _token_priority(box: np.ndarray, grid: tuple[int, int], patch: int, pad: int) -> np.ndarray:
@@ -176,6 +177,8 @@ def make_batch(data: PretrainImages, index: Sequence[int], rng: np.random.Genera
     Per image: flip with probability 0.5; a global caption with probability ``cfg.p_global``,
     else a part caption of a random visible part (that part masked in, the rest zeroed).
     With ``cfg.keep_tokens`` > 0: ``keep_tokens`` random patches, those on the captioned part first.
+    With ``cfg.hard_negatives`` = n > 0: up to n hard negative captions per image
+    (:func:`~muva_core.data.captions.hard_negative_caption`) in ``negatives``.
     """
     index = [int(i) for i in index]
     jitter = torch.Generator().manual_seed(int(rng.integers(2**31))) if cfg.color_jitter else None
@@ -185,7 +188,7 @@ def make_batch(data: PretrainImages, index: Sequence[int], rng: np.random.Genera
     n_tok = grid[0] * grid[1]
     k = int(cfg.keep_tokens)
     keep = [] if 0 < k < n_tok else None
-    texts, grans, facts = [], [], []
+    texts, grans, facts, negatives = [], [], [], []
     for b, i in enumerate(index):
         boxes = data.boxes[i].copy()
         if rng.random() < 0.5:
@@ -198,7 +201,11 @@ def make_batch(data: PretrainImages, index: Sequence[int], rng: np.random.Genera
                 g = visible[int(rng.integers(len(visible)))]
         if g != "global":
             x[b] *= _part_mask(boxes[PARTS.index(g)], h, w, cfg.part_pad)
-        text, fact = caption_facts(data.attrs[i], g, rng)
+        if cfg.hard_negatives:
+            text, fact, negs = hard_negative_caption(data.attrs[i], g, rng, count=cfg.hard_negatives)
+            negatives += negs
+        else:
+            text, fact = caption_facts(data.attrs[i], g, rng)
         texts.append(text)
         facts.append(fact)
         grans.append(g)
@@ -213,5 +220,6 @@ def make_batch(data: PretrainImages, index: Sequence[int], rng: np.random.Genera
         attrs = [data.attrs[i] for i in index]
         positives = torch.tensor([[gi == gj and facts_true_of(fj, aj, ai) for gj, fj, aj in zip(grans, facts, attrs)]
                                   for gi, ai in zip(grans, attrs)])
-    return Batch(images=x, texts=texts, granularities=grans, keep=keep_t, positives=positives)
+    return Batch(images=x, texts=texts, granularities=grans, keep=keep_t, positives=positives,
+                 negatives=negatives if cfg.hard_negatives else None)
 

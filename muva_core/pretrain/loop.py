@@ -27,31 +27,43 @@ __all__ = ["contrastive_step", "multi_positive_loss", "pretrain_clip"]
 
 
 def multi_positive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                        positives: torch.Tensor) -> torch.Tensor:
+                        positives: torch.Tensor | None = None,
+                        negatives: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE with several positives: ``positives[i, j]`` = caption j is true of image i (the diagonal
-    always). Each image's target is uniform over its true captions, each caption's over the images it is true of;
-    with only the diagonal true it equals open_clip's ClipLoss."""
+    always; None = the diagonal only). Each image's target is uniform over its true captions, each caption's over
+    the images it is true of; with only the diagonal true it equals open_clip's ClipLoss.
+
+    negatives: ``[M, E]`` features of hard negative captions: further texts in every image's softmax, true of none
+    (NegCLIP); they have no image, so they enter the image -> text direction only.
+    """
+    n = len(image_features)
     logits = logit_scale * image_features @ text_features.T
-    pos = positives.to(logits.device).float()
-    pos = torch.maximum(pos, torch.eye(len(pos), device=logits.device))
-    i2t = -(pos / pos.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+    eye = torch.eye(n, device=logits.device)
+    pos = eye if positives is None else torch.maximum(positives.to(logits.device).float(), eye)
+    i2t_logits, i2t_pos = logits, pos
+    if negatives is not None and len(negatives):
+        i2t_logits = torch.cat([logits, logit_scale * image_features @ negatives.T], dim=1)
+        i2t_pos = torch.cat([pos, pos.new_zeros(n, len(negatives))], dim=1)
+    i2t = -(i2t_pos / i2t_pos.sum(1, keepdim=True) * i2t_logits.log_softmax(1)).sum(1).mean()
     t2i = -(pos / pos.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
     return (i2t + t2i) / 2
 
 
 def contrastive_step(model: nn.Module, tokenizer, images: torch.Tensor, texts: Sequence[str],
                      optimizer: torch.optim.Optimizer | None, loss_fn: nn.Module | None = None,
-                     keep: torch.Tensor | None = None, positives: torch.Tensor | None = None) -> float:
+                     keep: torch.Tensor | None = None, positives: torch.Tensor | None = None,
+                     negatives: Sequence[str] | None = None) -> float:
     """One contrastive step on (image, caption) pairs; returns the loss. ``optimizer=None``: loss only.
 
     keep: ``[B, K]`` patch tokens to keep per image (needs the model from :func:`build_pretrain_clip`).
     positives: ``[B, B]`` captions true of each image: :func:`multi_positive_loss` instead of ``loss_fn``
-    (open_clip's ClipLoss by default).
+    (open_clip's ClipLoss by default). negatives: hard negative captions (:func:`multi_positive_loss`'s).
     """
     from open_clip.loss import ClipLoss
 
     loss_fn = loss_fn or ClipLoss()
-    tokens = tokenizer(list(texts)).to(images.device)
+    negatives = list(negatives or [])
+    tokens = tokenizer(list(texts) + negatives).to(images.device)
     selector = model.visual.patch_dropout
     if keep is not None and not isinstance(selector, TokenSelect):
         raise TypeError("keep needs visual.patch_dropout = TokenSelect() (see build_pretrain_clip)")
@@ -61,8 +73,9 @@ def contrastive_step(model: nn.Module, tokenizer, images: torch.Tensor, texts: S
         with torch.set_grad_enabled(optimizer is not None):
             img_f = nn.functional.normalize(model.encode_image(images), dim=-1)
             txt_f = nn.functional.normalize(encode_text(model, tokens), dim=-1)
-            if positives is not None:
-                loss = multi_positive_loss(img_f, txt_f, model.logit_scale.exp(), positives)
+            if positives is not None or negatives:
+                n = len(texts)
+                loss = multi_positive_loss(img_f, txt_f[:n], model.logit_scale.exp(), positives, txt_f[n:])
             else:
                 loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
     finally:
@@ -238,7 +251,8 @@ def pretrain_clip(out_dir: str | os.PathLike, backbone: str = "small", seed: int
                     bt = make_batch(train, order[s * batch:(s + 1) * batch], rng, cfg,
                                     patch=int(model.visual.patch_size[0]))
                     losses.append(contrastive_step(model, tokenizer, bt.images, bt.texts, optimizer, loss_fn,
-                                                   keep=bt.keep, positives=bt.positives))
+                                                   keep=bt.keep, positives=bt.positives,
+                                                   negatives=bt.negatives))
                     scheduler.step()
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch + 1)
