@@ -53,6 +53,8 @@ class DataConfig:
     num_instances: int = 4             # K images per identity in a P x K batch
     batch_size: int = 64               # P x K
     num_workers: int = 2
+    cache_images: bool = True          # decode + resize the training images once per stage-2 run and keep them in
+                                       # memory (uint8, 98 KB an image at 256x128; MSMT17 ~3.2 GB): same pixels
 
 
 @dataclass
@@ -476,7 +478,7 @@ PATH_KEYS = ("data_root", "synth_root", "cache_dir", "reports_dir", "run_dir", "
 
 OPERATIONAL_KEYS = frozenset({
     "run_dir", "reports_dir", "resume", "device", "num_workers", "log_every", "num_examples", "ground_batch_size",
-    "cpu_amp", "eval_every",
+    "cpu_amp", "eval_every", "cache_images",
 })
 """Keys that say how a run is carried out, not what it trains."""
 

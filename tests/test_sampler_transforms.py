@@ -23,6 +23,7 @@ from muva_core.data.transforms import (
     PHOTOMETRIC_RANGES,
     flip_patch_mask,
     photometric_jitter,
+    preload_images,
     shift_patch_mask,
 )
 
@@ -300,7 +301,7 @@ def test_augment_key_builds_the_named_steps():
     for augment, steps in [("flip", set()), ("flip+color", {"color"}), ("flip+crop+erase", {"crop", "erase"}),
                            ("flip+crop+erase+color", {"crop", "erase", "color"})]:
         cfg = resolve_config("synth:A2B", overrides={"augment": augment, "batch_size": 8, "num_instances": 2,
-                                                     "num_workers": 0})
+                                                     "num_workers": 0, "cache_images": False})
         t = train_loader(samples, None, cfg)[0].dataset.transform
         assert {k for k, on in [("crop", t.random_crop), ("erase", t.random_erasing),
                                 ("color", t.color_jitter)] if on} == steps, augment
@@ -338,3 +339,32 @@ def test_reid_image_dataset_errors(market_root: Path):
     with pytest.raises(DatasetError) as err:
         ReIDImageDataset(ds.query)[0]
     assert ds.query[0].path in str(err.value)
+
+
+@pytest.mark.parametrize("augment", [dict(color_jitter=True), dict(random_crop=True, random_erasing=True)])
+def test_preloaded_images_give_the_same_batches_as_reading_them(market_root: Path, augment):
+    """data.cache_images: the images decoded and resized once give the same tensors and masks, draw for draw,
+    as reading and resizing them every time (flip, jitter; crop and erasing through the PIL path)."""
+    ds = load_dataset("market", market_root)
+    samples = ds.train
+    n = len(samples)
+    assert n >= 6
+    masks = {s.key: left_mask() for s in samples}
+    transform = build_train_transform(**augment)
+    images = preload_images(samples, transform)
+    assert images.shape == (n, 256, 128, 3) and images.dtype == torch.uint8
+    read = ReIDImageDataset(samples, transform, masks=masks)
+    pre = ReIDImageDataset(samples, transform, masks=masks, images=images)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        a = [read[i] for i in range(n)]
+        torch.manual_seed(seed)
+        b = [pre[i] for i in range(n)]
+        assert all(torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"]) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match=f"{n} preloaded images for {n - 1} samples"):
+        ReIDImageDataset(samples[:-1], transform, masks=masks, images=images)
+    with pytest.raises(ValueError, match="preloaded image of 256x128 for a transform of 128x64"):
+        build_train_transform((128, 64))(images[0], resized=True)
+    Path(samples[3].path).write_bytes(b"broken")
+    with pytest.raises(DatasetError, match=str(samples[3].path)):
+        preload_images(samples, transform)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ..data.samples import Sample
 from ..data.sampler import RandomIdentitySampler
-from ..data.transforms import ReIDImageDataset, build_train_transform
+from ..data.transforms import ReIDImageDataset, build_train_transform, preload_images
 from ..eval.features import extract_features
 from ..eval.masks import mask_iou
 from ..model.factory import part_indices
@@ -52,8 +52,9 @@ RMP_PATTERN = r"\brmp\b|\.rmp\."
 """Parameter names of the RMP (10x learning rate; ``rmp_weight_decay``)."""
 
 
-def train_loader(samples: Sequence[Sample], masks, cfg, rank: int = 0, world_size: int = 1):
-    """P x K loader; flip (and, for Table 11, crop + erasing) moves the part mask with the image."""
+def train_loader(samples: Sequence[Sample], masks, cfg, rank: int = 0, world_size: int = 1, progress: bool = False):
+    """P x K loader; flip (and, for Table 11, crop + erasing) moves the part mask with the image. With
+    ``data.cache_images`` the images are decoded and resized once, here (:func:`preload_images`)."""
     from ..config import CHOICES
 
     if cfg.train.augment not in CHOICES["augment"]:
@@ -65,7 +66,9 @@ def train_loader(samples: Sequence[Sample], masks, cfg, rank: int = 0, world_siz
     sampler = RandomIdentitySampler(samples, num_instances=cfg.data.num_instances,
                                     batch_size=cfg.data.batch_size // world_size, seed=cfg.seed,
                                     rank=rank, world_size=world_size)
-    loader = DataLoader(ReIDImageDataset(samples, transform, masks=masks), batch_sampler=_BatchSampler(sampler),
+    images = preload_images(samples, transform, progress=progress) if cfg.data.cache_images else None
+    loader = DataLoader(ReIDImageDataset(samples, transform, masks=masks, images=images),
+                        batch_sampler=_BatchSampler(sampler),
                         num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
                         persistent_workers=False)
     return loader, sampler
@@ -189,7 +192,7 @@ def train_stage2(model, memory: PrototypeMemory, samples: Sequence[Sample], mask
     net = ddp_model or model
     if optimizer is None:
         optimizer, scheduler = build_optimizer(model, cfg)
-    loader, sampler = train_loader(samples, masks, cfg, rank, world_size)
+    loader, sampler = train_loader(samples, masks, cfg, rank, world_size, progress=progress and rank == 0)
     idx = part_indices(model.parts)
     text_protos = model.text_prototypes if not t.vision_only else None
     logit_scale = float(model.clip_logit_scale)
