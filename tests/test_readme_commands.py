@@ -55,6 +55,11 @@ README_COMMANDS = {
     "muva train --config configs/street_to_B.yaml": OWN_IMAGES,
 }
 
+REGIME_TRAIN = ("muva train --protocol synth:A2B -p synth_scale=reid -p synth_root=data/synthetic-reid -p backbone=mini "
+                "-p pretrained=none -p checkpoint_path=data/clip2/clip-mini-192x96-seed0.safetensors -p height=192 "
+                "-p width=96 -p stage2_epochs=24 -p stage2_lr=3e-4 -p lr_milestones=[20] -p eval_every=4 "
+                "-p memory_rebuild=train_pass")
+
 DOCS_COMMANDS = {
     # docs/demo.md
     "muva demo -p pretrained=none": "test_synthetic_workbook_commands (its small settings include -p pretrained=none)",
@@ -73,6 +78,14 @@ DOCS_COMMANDS = {
     # docs/run-folders.md
     "muva run --protocol synth:A2B": "test_synthetic_workbook_commands",
     "muva run --protocol synth:A2B --steps 04-06": "test_synthetic_workbook_commands",
+    # docs/pretraining.md
+    "muva synth --out data/synthetic-reid --scale reid": "test_synthetic_workbook_commands (--scale small)",
+    "muva pretrain-clip --out data/clip2 --backbone mini --image-size 192x96 --epochs 16 --scale pretrain-wide "
+    "--color-jitter --reid-root data/synthetic-reid": "test_synthetic_workbook_commands (tiny, 1 epoch, small scale)",
+    "muva pretrain-clip --out data/clip-regime --backbone mini --image-size 192x96 --epochs 16 --scale pretrain-wide "
+    "--color-jitter --hard-negatives 2 --reid-root data/synthetic-reid":
+        "test_synthetic_workbook_commands (tiny, 1 epoch, the small scale)",
+    REGIME_TRAIN: "test_synthetic_workbook_commands (tiny, 1 epoch per stage, the small scale, the tiny CLIP)",
     # docs/evidence.md
     "muva evidence --scale small": f"{EVIDENCE} (in 2 shards)",
     # docs/tests.md
@@ -293,6 +306,30 @@ def test_synthetic_workbook_commands(small_synth_root, tmp_path, capsys, monkeyp
                ["--scale", "small", "--epochs", "1", "--quiet"], capsys=capsys)
     ckpt = clip / "clip-tiny-seed0.safetensors"
     assert ckpt.is_file() and f"checkpoint_path={ckpt}" in out
+    # docs/pretraining.md: the Re-ID sized domains, two regime CLIPs and a regime training run, all small and tiny
+    out = _run("muva synth --out data/synthetic-reid --scale reid",
+               ["--out", str(tmp_path / "synthetic-reid"), "--scale", "small"], capsys=capsys)
+    reid_root = tmp_path / "synthetic-reid"
+    assert json.loads((reid_root / "manifest.json").read_text())["scale"] == "small"
+    small_clip = ["--backbone", "tiny", "--scale", "small", "--epochs", "1", "--reid-root", str(reid_root), "--quiet"]
+    for name, negatives in (("clip2", None), ("clip-regime", 2)):
+        command = (f"muva pretrain-clip --out data/{name} --backbone mini --image-size 192x96 --epochs 16 --scale "
+                   "pretrain-wide --color-jitter" + (f" --hard-negatives {negatives}" if negatives else "")
+                   + " --reid-root data/synthetic-reid")
+        out = _run(command, ["--out", str(tmp_path / name), *small_clip], capsys=capsys)
+        made = tmp_path / name / "clip-tiny-192x96-seed0.safetensors"
+        report = json.loads(made.with_suffix(".json").read_text())
+        assert made.is_file() and report["settings"].get("hard_negatives") == negatives
+        assert report["settings"]["color_jitter"] and report["settings"]["image_size"] == [192, 96]
+        assert set(report["zero_shot"]["reid_domains"]) == {"A", "B", "C", "D", "mean"}
+    regime = {**small, "synth_root": str(reid_root), "backbone": "tiny",
+              "checkpoint_path": str(tmp_path / "clip2" / "clip-tiny-192x96-seed0.safetensors")}
+    out = _run(REGIME_TRAIN, _params(regime), capsys=capsys)
+    assert "synth:A2B: mAP" in out
+    history = pd.read_csv(run_folder(resolve_config("synth:A2B", overrides={
+        **regime, "height": 192, "width": 96, "stage2_lr": 3e-4, "eval_every": 4,
+        "memory_rebuild": "train_pass"})) / "history_stage2.csv")
+    assert {"train_id_acc", "target_mAP", "heldout_mAP"} <= set(history.columns)
     out = _run(f"muva train --protocol synth:A2B -p checkpoint_path={ckpt} -p pretrained=none",
                _params({k: v for k, v in small.items() if k != "pretrained"}), capsys=capsys)
     assert "synth:A2B: mAP" in out
