@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     print(f"training loop       : {lp['steps_per_s']:.3f} steps/s ({B * lp['steps_per_s']:.1f} img/s), epoch "
           f"{lp['epoch_s']:.1f} s")
     print(f"image preload       : {preload_s:.2f} s once per stage-2 run for {len(train)} images "
-          f"(data.cache_images: {cfg.data.cache_images}; 0 when off)")
+          f"(data.cache_images: {cfg.data.cache_images})")
     print(f"loop / bare step    : {ratio:.3f}  (target >= {TARGET_LOOP})  {'PASS' if ratio >= TARGET_LOOP else 'FAIL'}")
     print(f"VPM-2 rebuild share : train_pass {lp['rebuild_share']:.3%}, full {full['rebuild_share']:.3%} of an epoch "
           f"(target <= {TARGET_REBUILD:.0%})  {'PASS' if lp['rebuild_share'] <= TARGET_REBUILD else 'FAIL'}")

@@ -53,8 +53,9 @@ class DataConfig:
     num_instances: int = 4             # K images per identity in a P x K batch
     batch_size: int = 64               # P x K
     num_workers: int = 2
-    cache_images: bool = True          # decode + resize the training images once per stage-2 run and keep them in
-                                       # memory (uint8, 98 KB an image at 256x128; MSMT17 ~3.2 GB): same pixels
+    cache_images: str = "auto"         # stage 2 decodes + resizes the training images once and keeps them in memory
+                                       # (same pixels; 98 KB an image at 256x128): auto = when they take <= 2 GiB
+                                       # (Market-1501 1.3 GB yes, MSMT17 3.2 GB no) | always | never
 
 
 @dataclass
@@ -379,6 +380,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "amp_dtype": ("bfloat16", "float16"),
     "cpu_amp": ("native", "always", "never"),                               # precision.CPU_AMP
     "memory_rebuild": ("full", "train_pass"),
+    "cache_images": ("auto", "always", "never"),                            # data.transforms.CACHE_IMAGES
 }
 """Keys with a fixed set of values (tests tie each list to the registry it mirrors)."""
 

@@ -24,6 +24,7 @@ from muva_core.data.transforms import (
     flip_patch_mask,
     photometric_jitter,
     preload_images,
+    preload_wanted,
     shift_patch_mask,
 )
 
@@ -301,7 +302,7 @@ def test_augment_key_builds_the_named_steps():
     for augment, steps in [("flip", set()), ("flip+color", {"color"}), ("flip+crop+erase", {"crop", "erase"}),
                            ("flip+crop+erase+color", {"crop", "erase", "color"})]:
         cfg = resolve_config("synth:A2B", overrides={"augment": augment, "batch_size": 8, "num_instances": 2,
-                                                     "num_workers": 0, "cache_images": False})
+                                                     "num_workers": 0, "cache_images": "never"})
         t = train_loader(samples, None, cfg)[0].dataset.transform
         assert {k for k, on in [("crop", t.random_crop), ("erase", t.random_erasing),
                                 ("color", t.color_jitter)] if on} == steps, augment
@@ -368,3 +369,16 @@ def test_preloaded_images_give_the_same_batches_as_reading_them(market_root: Pat
     Path(samples[3].path).write_bytes(b"broken")
     with pytest.raises(DatasetError, match=str(samples[3].path)):
         preload_images(samples, transform)
+
+
+def test_cache_images_auto_preloads_what_fits_in_memory():
+    from muva_core.config import CHOICES
+    from muva_core.data.transforms import CACHE_IMAGES, PRELOAD_AUTO_BYTES
+
+    assert set(CHOICES["cache_images"]) == set(CACHE_IMAGES)
+    assert preload_wanted("auto", 12_936, (256, 128))          # Market-1501's training split: 1.3 GB
+    assert not preload_wanted("auto", 32_621, (256, 128))      # MSMT17's: 3.2 GB
+    assert preload_wanted("always", 32_621, (256, 128)) and not preload_wanted("never", 10, (256, 128))
+    assert preload_wanted("auto", PRELOAD_AUTO_BYTES // (256 * 128 * 3), (256, 128))
+    with pytest.raises(ValueError, match="cache_images: expected one of auto, always, never"):
+        preload_wanted("yes", 10, (256, 128))

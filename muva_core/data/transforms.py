@@ -43,7 +43,18 @@ __all__ = [
     "build_test_transform",
     "ReIDImageDataset",
     "preload_images",
+    "CACHE_IMAGES",
+    "PRELOAD_AUTO_BYTES",
+    "preload_wanted",
 ]
+
+CACHE_IMAGES = ("auto", "always", "never")
+"""Values of ``data.cache_images``: preload the training images (:func:`preload_images`) when they fit
+:data:`PRELOAD_AUTO_BYTES`, always, or never (read and resize every image every epoch)."""
+
+PRELOAD_AUTO_BYTES = 2 * 1024**3
+"""``cache_images: auto`` preloads when the images take at most this much memory (each process of a torchrun holds
+its own copy)."""
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -348,6 +359,13 @@ class ReIDImageDataset(Dataset):
         else:
             item["image"], item["mask"] = self.transform(image, self._mask(index), **kw)
         return item
+
+
+def preload_wanted(setting: str, count: int, size: Sequence[int]) -> bool:
+    """Whether ``data.cache_images`` = ``setting`` preloads ``count`` images of ``size`` (H, W)."""
+    if setting not in CACHE_IMAGES:
+        raise ValueError(f"cache_images: expected one of {', '.join(CACHE_IMAGES)}, got {setting!r}")
+    return setting == "always" or (setting == "auto" and count * int(size[0]) * int(size[1]) * 3 <= PRELOAD_AUTO_BYTES)
 
 
 def preload_images(samples: Sequence[Sample], transform: ReIDTransform, progress: bool = False,

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ..data.samples import Sample
 from ..data.sampler import RandomIdentitySampler
-from ..data.transforms import ReIDImageDataset, build_train_transform, preload_images
+from ..data.transforms import ReIDImageDataset, build_train_transform, preload_images, preload_wanted
 from ..eval.features import extract_features
 from ..eval.masks import mask_iou
 from ..model.factory import part_indices
@@ -54,7 +54,8 @@ RMP_PATTERN = r"\brmp\b|\.rmp\."
 
 def train_loader(samples: Sequence[Sample], masks, cfg, rank: int = 0, world_size: int = 1, progress: bool = False):
     """P x K loader; flip (and, for Table 11, crop + erasing) moves the part mask with the image. With
-    ``data.cache_images`` the images are decoded and resized once, here (:func:`preload_images`)."""
+    ``data.cache_images`` (:func:`preload_wanted`) the images are decoded and resized once, here
+    (:func:`preload_images`)."""
     from ..config import CHOICES
 
     if cfg.train.augment not in CHOICES["augment"]:
@@ -66,7 +67,8 @@ def train_loader(samples: Sequence[Sample], masks, cfg, rank: int = 0, world_siz
     sampler = RandomIdentitySampler(samples, num_instances=cfg.data.num_instances,
                                     batch_size=cfg.data.batch_size // world_size, seed=cfg.seed,
                                     rank=rank, world_size=world_size)
-    images = preload_images(samples, transform, progress=progress) if cfg.data.cache_images else None
+    preload = preload_wanted(cfg.data.cache_images, len(samples), transform.size)
+    images = preload_images(samples, transform, progress=progress) if preload else None
     loader = DataLoader(ReIDImageDataset(samples, transform, masks=masks, images=images),
                         batch_sampler=_BatchSampler(sampler),
                         num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
