@@ -463,7 +463,8 @@ def _coerce(obj: Any, key: str, value: Any, source: str) -> Any:
             pass
     if expected in (int, float, str, bool):
         if isinstance(value, bool) and expected is not bool:
-            raise ConfigError(f"{source}: key {key!r} expects {expected.__name__}, got {value!r}")
+            choices = f" (one of {', '.join(CHOICES[key])})" if key in CHOICES else ""
+            raise ConfigError(f"{source}: key {key!r} expects {expected.__name__}{choices}, got {value!r}")
         if not isinstance(value, expected):
             raise ConfigError(f"{source}: key {key!r} expects {expected.__name__}, got {value!r}")
         return value

@@ -69,3 +69,11 @@ def test_reference_recipe_resizes_test_images_bilinearly():
     ref = RunConfig().update({"recipe": "reference"})
     assert ref.data.test_resize == "bilinear" and test_transform(ref).interpolation == InterpolationMode.BILINEAR
     assert ref.train.amp_dtype == "float16"
+
+
+def test_a_yes_or_no_for_a_key_of_named_values_names_the_values():
+    """`-p cache_images=false` (a bool to YAML) for a key that takes words: the message lists the words."""
+    from muva_core.config import ConfigError, resolve_config
+
+    with pytest.raises(ConfigError, match=r"key 'cache_images' expects str \(one of auto, always, never\), got False"):
+        resolve_config("synth:A2B", overrides={"cache_images": False})
