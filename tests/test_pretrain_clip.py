@@ -454,3 +454,50 @@ def test_cli_passes_the_pretraining_options_through(monkeypatch, tmp_path):
     assert syn.SCALES["pretrain-wide"]["ids_per_domain"] == 4 * syn.SCALES["pretrain"]["ids_per_domain"]
     with pytest.raises(SystemExit):
         main(["pretrain-clip", "--out", str(tmp_path), "--loss", "triplet"])
+
+
+def test_linear_probe_reads_what_the_features_hold_and_the_tool_loads_checkpoints(tiny_ckpt, pt_root, train_data):
+    """linear_probe_accuracy: ~1 on features that carry the label, ~chance on noise; load_pretrained_clip gives the
+    model the checkpoint was saved from; probe_attributes scores every zero-shot attribute."""
+    from muva_core.pretrain.files import load_pretrained_clip
+    from muva_core.pretrain.zeroshot import linear_probe_accuracy, probe_attributes
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (400,), generator=g)
+    informative = torch.nn.functional.one_hot(y, 4).float() * 3 + torch.randn(400, 16, generator=g)[:, :4]
+    noise = torch.randn(400, 16, generator=g)
+    y[:5] = -1                                                 # skipped
+    assert linear_probe_accuracy(informative[:300], y[:300], informative[300:], y[300:], 4) > 0.9
+    assert linear_probe_accuracy(noise[:300], y[:300], noise[300:], y[300:], 4) < 0.45
+
+    model, tokenizer, cfg = load_pretrained_clip(tiny_ckpt)
+    saved = load_file(str(tiny_ckpt))
+    assert cfg.backbone == "tiny" and not model.training
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    held = load_pretrain_images(pt_root, "test", limit=40)
+    acc = probe_attributes(model, train_data, held)
+    assert set(acc) == set(ZERO_SHOT_ATTRIBUTES) | {"mean"}
+    assert all(np.isnan(v) or 0.0 <= v <= 1.0 for v in acc.values())
+
+
+def test_probe_tool_as_docs_pretraining_writes_it(tiny_ckpt, pt_root, capsys):
+    """`python tools/probe_clip.py --root DIR random CKPT` (docs/pretraining.md), on the tiny set and checkpoint."""
+    import runpy
+    from pathlib import Path
+
+    tool = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "probe_clip.py"))
+    assert tool["main"](["--root", str(pt_root), "random", str(tiny_ckpt), "--backbone", "tiny", "--image-size",
+                         "256x128", "--train", "80", "--test", "40"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("random: linear probe balanced accuracy hair_color")
+    assert out[1].startswith(f"{tiny_ckpt}: linear probe") and "mean" in out[1]
+
+
+def test_pretraining_sets_of_two_scales_never_share_the_default_folder(tmp_path):
+    """After make demo (data/synthetic-pretrain at the `pretrain` scale), `--out data/clip2 --scale pretrain-wide`
+    generates its set beside it, not over it."""
+    from muva_core.pretrain.files import pretrain_data_root
+
+    assert pretrain_data_root(tmp_path / "clip") == (tmp_path / "synthetic-pretrain").resolve()
+    assert pretrain_data_root(tmp_path / "clip2", "pretrain-wide") == (tmp_path / "synthetic-pretrain-wide").resolve()
+    assert pretrain_data_root(tmp_path / "clip2", "small") != pretrain_data_root(tmp_path / "clip2")

@@ -86,6 +86,8 @@ DOCS_COMMANDS = {
     "muva pretrain-clip --out data/clip-regime --backbone mini --image-size 192x96 --epochs 16 --scale pretrain-wide "
     "--color-jitter --hard-negatives 2 --reid-root data/synthetic-reid":
         "test_synthetic_workbook_commands (tiny, 1 epoch, the small scale)",
+    "python tools/probe_clip.py --root data/synthetic-pretrain-wide random data/clip2/clip-mini-192x96-seed0.safetensors":
+        "tests/test_pretrain_clip.py::test_probe_tool_as_docs_pretraining_writes_it",
     REGIME_TRAIN: "test_synthetic_workbook_commands (tiny, 1 epoch per stage, the small scale, the tiny CLIP)",
     # docs/evidence.md
     "muva evidence --scale small": f"{EVIDENCE} (in 2 shards)",
@@ -323,6 +325,7 @@ def test_synthetic_workbook_commands(small_synth_root, tmp_path, capsys, monkeyp
         assert made.is_file() and report["settings"].get("hard_negatives") == negatives
         assert report["settings"]["color_jitter"] and report["settings"]["image_size"] == [192, 96]
         assert set(report["zero_shot"]["reid_domains"]) == {"A", "B", "C", "D", "mean"}
+        assert report["data"]["root"] == str((tmp_path / "synthetic-small").resolve())   # beside the out folder
     regime = {**small, "synth_root": str(reid_root), "backbone": "tiny",
               "checkpoint_path": str(tmp_path / "clip2" / "clip-tiny-192x96-seed0.safetensors")}
     out = _run(REGIME_TRAIN, _params(regime), capsys=capsys)

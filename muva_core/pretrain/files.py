@@ -15,7 +15,7 @@ from ..model.checkpoints import pretrained_clip_file
 from .config import PRETRAIN_FORMAT
 
 __all__ = ["CheckpointExistsError", "pretrain_data_root", "checkpoint_file", "report_file", "partial_file",
-           "read_pretrain_info", "read_pretrain_report", "save_clip"]
+           "read_pretrain_info", "read_pretrain_report", "save_clip", "load_pretrained_clip"]
 
 
 class CheckpointExistsError(FileExistsError, ValueError):
@@ -23,10 +23,11 @@ class CheckpointExistsError(FileExistsError, ValueError):
 
 
 
-def pretrain_data_root(out_dir: str | os.PathLike) -> Path:
-    """Default home of the pretraining set: ``<parent of out_dir>/synthetic-pretrain`` (``data/clip`` ->
-    ``data/synthetic-pretrain``)."""
-    return Path(out_dir).resolve().parent / "synthetic-pretrain"
+def pretrain_data_root(out_dir: str | os.PathLike, scale: str = "pretrain") -> Path:
+    """Default home of the pretraining set: ``<parent of out_dir>/synthetic-pretrain`` for the ``pretrain`` scale
+    (``data/clip`` -> ``data/synthetic-pretrain``), ``synthetic-<scale>`` for another (``data/clip2`` at
+    ``pretrain-wide`` -> ``data/synthetic-pretrain-wide``), so that sets of two scales never share a folder."""
+    return Path(out_dir).resolve().parent / ("synthetic-pretrain" if scale == "pretrain" else f"synthetic-{scale}")
 
 
 def checkpoint_file(out_dir: str | os.PathLike, backbone: str, seed: int,
@@ -80,3 +81,20 @@ def save_clip(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=strmeta)
 
+
+
+def load_pretrained_clip(path: str | os.PathLike):
+    """A checkpoint of ``muva pretrain-clip`` as the CLIP it trained: ``(model, tokenizer, PretrainConfig)``,
+    built from the settings in its metadata (eval mode)."""
+    from safetensors.torch import load_file
+
+    from .config import PretrainConfig
+    from .model import build_pretrain_clip
+
+    settings = dict(read_pretrain_info(path)["settings"])
+    for key in ("generator_version", "captions_version", "format_version"):
+        settings.pop(key, None)
+    cfg = PretrainConfig(**settings)
+    model, tokenizer = build_pretrain_clip(cfg)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval(), tokenizer, cfg

@@ -200,7 +200,7 @@ def pretrain_clip(out_dir: str | os.PathLike, backbone: str = "small", seed: int
     load_before = os.getloadavg()[0]
     total = _Clock()
     clock = _Clock()
-    root = Path(synth_root) if synth_root is not None else pretrain_data_root(out_dir)
+    root = Path(synth_root) if synth_root is not None else pretrain_data_root(out_dir, cfg.scale)
     generate_synthetic(root, seed=cfg.data_seed, scale=cfg.scale, domains=PRETRAIN_DOMAINS, progress=progress)
     train = load_pretrain_images(root, "train", progress=progress).resized(cfg.image_size)
     held = (load_pretrain_images(root, "test", limit=cfg.eval_images, seed=cfg.data_seed,

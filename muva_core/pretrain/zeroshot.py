@@ -15,7 +15,8 @@ from ..data.samples import PARTS
 from .data import PretrainImages, load_pretrain_images, masked_part_images, normalise_images
 from .model import encode_text
 
-__all__ = ["zero_shot_accuracy", "evaluate_zero_shot", "evaluate_zero_shot_domains", "format_zero_shot_report"]
+__all__ = ["zero_shot_accuracy", "evaluate_zero_shot", "evaluate_zero_shot_domains", "format_zero_shot_report",
+           "linear_probe_accuracy", "probe_attributes"]
 
 
 def zero_shot_accuracy(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor,
@@ -138,3 +139,56 @@ def format_zero_shot_report(report: dict[str, Any]) -> str:
             f"{m} {(res['mean'] if d != 'mean' else res)[m]['balanced_accuracy']:.2f}"
             for m in (res["mean"] if d != "mean" else res)))
     return "\n".join(lines)
+
+
+def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                          classes: int, l2: float = 1e-3, iterations: int = 200) -> float:
+    """Balanced accuracy on ``test`` of a softmax regression fitted on ``train`` (features standardised with the
+    training statistics, L-BFGS, ``l2`` on the weights): how much of a label a linear read-out of the features
+    holds, whatever the text tower says. Labels ``-1`` are skipped."""
+    keep, keep_t = train_y >= 0, test_y >= 0
+    x, y, tx, ty = train_x[keep].float(), train_y[keep], test_x[keep_t].float(), test_y[keep_t]
+    if not len(y) or not len(ty):
+        return float("nan")
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    x, tx = (x - mu) / sd, (tx - mu) / sd
+    w = torch.zeros(x.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=iterations)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(x @ w + b, y) + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    pred = (tx @ w + b).argmax(1)
+    return float(torch.stack([(pred[ty == c] == c).float().mean() for c in torch.unique(ty)]).mean())
+
+
+@torch.no_grad()
+def probe_attributes(model, train: PretrainImages, test: PretrainImages, part_pad: int = 4,
+                     batch_size: int = 128) -> dict[str, float]:
+    """:func:`linear_probe_accuracy` of every zero-shot attribute on the image features of its part masked in
+    (as the ``part`` zero-shot mode sees it): ``{attribute: balanced accuracy, "mean": ...}``."""
+    was_training = model.training
+    model.eval()
+    feats = {}
+    for name, data in (("train", train), ("test", test)):
+        for part in PARTS:
+            feats[name, part] = _encode_images(model, masked_part_images(data, range(len(data)), part, part_pad),
+                                               batch_size)
+    model.train(was_training)
+    out: dict[str, float] = {}
+    for a, spec in ZERO_SHOT_ATTRIBUTES.items():
+        values = list(spec.values)
+
+        def labels(data: PretrainImages) -> torch.Tensor:
+            return torch.tensor([values.index(v) if (v := spec.value_of(at)) is not None else -1 for at in data.attrs])
+
+        out[a] = linear_probe_accuracy(feats["train", spec.part], labels(train), feats["test", spec.part],
+                                       labels(test), len(values))
+    out["mean"] = float(np.nanmean(list(out.values())))
+    return out
