@@ -43,9 +43,11 @@ def _notebook_parameters(path: Path) -> list[str]:
     return list(pm.inspect_notebook(str(path)))
 
 
-KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
-"""The kernel's own log stays quiet (no "Kernel is running over TCP without encryption" per notebook);
-errors in a notebook still reach the runner as execution errors."""
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=CRITICAL"]
+"""The kernel's own log stays quiet: no "Kernel is running over TCP without encryption" per notebook, and no
+"KeyboardInterrupt caught in kernel." when jupyter_client's shutdown (which always sends SIGINT first) reaches a
+kernel still busy with a message, as it does on a loaded machine. Errors in a notebook still reach the runner
+as execution errors (papermill reads them from the cells, not from this log)."""
 
 
 def run_notebooks(cfg: RunConfig, steps: Sequence[str] = PIPELINE, run_id: str | None = None,
