@@ -345,7 +345,8 @@ def _swapped(attrs: dict, part: str, key: str, value: str, rng: np.random.Genera
             if not p.get("pattern_color"):
                 p["pattern_color"] = GARMENT_COLORS[int(rng.integers(len(GARMENT_COLORS)))]
             if value == "logo" and not p.get("logo_shape"):
-                p["logo_shape"] = ("circle", "triangle", "star")[int(rng.integers(3))]
+                shapes = HARD_NEGATIVE_SWAPS[("upper", "logo_shape")]
+                p["logo_shape"] = shapes[int(rng.integers(len(shapes)))]
     return {**attrs, part: p}
 
 

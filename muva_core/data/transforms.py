@@ -323,9 +323,10 @@ class ReIDImageDataset(Dataset):
         self.transform = transform if transform is not None else build_test_transform()
         self.masks = masks
         self.images = images
-        if images is not None and (len(images) != len(self.samples) or not hasattr(self.transform, "resize")):
-            raise ValueError(f"images: {len(images)} preloaded images for {len(self.samples)} samples, or a "
-                             "transform without resize()")
+        if images is not None and len(images) != len(self.samples):
+            raise ValueError(f"images: {len(images)} preloaded images for {len(self.samples)} samples")
+        if images is not None and not hasattr(self.transform, "resize"):
+            raise ValueError("images: preloaded images need a transform with resize() (a ReIDTransform)")
         if masks is not None:
             if not getattr(self.transform, "accepts_mask", False):
                 raise TypeError(

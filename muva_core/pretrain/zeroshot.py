@@ -39,7 +39,17 @@ def zero_shot_accuracy(image_features: torch.Tensor, text_features: torch.Tensor
     hit = (pred == y).float()
     if not balanced:
         return float(hit.mean())
+    return _balanced(hit, y)
+
+
+def _balanced(hit: torch.Tensor, y: torch.Tensor) -> float:
+    """The mean over the classes present in ``y`` of the share of their items ``hit``."""
     return float(torch.stack([hit[y == c].mean() for c in torch.unique(y)]).mean())
+
+
+def _attribute_labels(spec, values: list[str], attrs: Sequence[dict]) -> torch.Tensor:
+    """Each identity's value of the attribute ``spec`` as an index into ``values``; -1 where it does not apply."""
+    return torch.tensor([values.index(v) if (v := spec.value_of(at)) is not None else -1 for at in attrs])
 
 
 @torch.no_grad()
@@ -78,8 +88,7 @@ def evaluate_zero_shot(model, tokenizer, data: PretrainImages, attributes: Seque
             prompts = zero_shot_prompts(a, mode)
             values = list(prompts)
             txt = encode_text(model, tokenizer([prompts[v] for v in values]))
-            labels = torch.tensor([values.index(v) if (v := spec.value_of(at)) is not None else -1
-                                   for at in data.attrs])
+            labels = _attribute_labels(spec, values, data.attrs)
             img = feats["global" if mode == "global" else spec.part]
             n = int((labels >= 0).sum())
             counts = np.bincount(labels[labels >= 0].numpy(), minlength=len(values))
@@ -164,8 +173,7 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
 
     with torch.enable_grad():
         opt.step(closure)
-    pred = (tx @ w + b).argmax(1)
-    return float(torch.stack([(pred[ty == c] == c).float().mean() for c in torch.unique(ty)]).mean())
+    return _balanced(((tx @ w + b).argmax(1) == ty).float(), ty)
 
 
 @torch.no_grad()
@@ -184,11 +192,8 @@ def probe_attributes(model, train: PretrainImages, test: PretrainImages, part_pa
     out: dict[str, float] = {}
     for a, spec in ZERO_SHOT_ATTRIBUTES.items():
         values = list(spec.values)
-
-        def labels(data: PretrainImages) -> torch.Tensor:
-            return torch.tensor([values.index(v) if (v := spec.value_of(at)) is not None else -1 for at in data.attrs])
-
-        out[a] = linear_probe_accuracy(feats["train", spec.part], labels(train), feats["test", spec.part],
-                                       labels(test), len(values))
+        out[a] = linear_probe_accuracy(feats["train", spec.part], _attribute_labels(spec, values, train.attrs),
+                                       feats["test", spec.part], _attribute_labels(spec, values, test.attrs),
+                                       len(values))
     out["mean"] = float(np.nanmean(list(out.values())))
     return out
