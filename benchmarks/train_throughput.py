@@ -103,7 +103,9 @@ def loop(cfg, model, memory, train, masks, device, epochs: int, rebuild: str) ->
     model, memory = copy.deepcopy(model), copy.deepcopy(memory)
     hist = train_stage2(model, memory, train, masks, cfg, device, progress=False)
     later = hist.iloc[1:]
-    steps = len(train_loader(train, masks, cfg)[0])
+    counting = copy.deepcopy(cfg)
+    counting.data.cache_images = "never"   # the step count only: no second preload
+    steps = len(train_loader(train, masks, counting)[0])
     train_s = float((later["seconds"] - later["rebuild_seconds"]).sum())
     return {"steps_per_s": steps * len(later) / train_s,
             "rebuild_share": float((later["rebuild_seconds"] / later["seconds"]).mean()),
