@@ -494,7 +494,7 @@ def test_probe_tool_as_docs_pretraining_writes_it(tiny_ckpt, pt_root, capsys):
 
 
 def test_pretraining_sets_of_two_scales_never_share_the_default_folder(tmp_path):
-    """After make demo (data/synthetic-pretrain at the `pretrain` scale), `--out data/clip2 --scale pretrain-wide`
+    """After make demo (data/synthetic-pretrain at the `pretrain` scale), `--out data/clip-wide --scale pretrain-wide`
     generates its set beside it, not over it."""
     from muva_core.pretrain.files import pretrain_data_root
 

@@ -57,7 +57,7 @@ README_COMMANDS = {
 }
 
 REGIME_TRAIN = ("muva train --protocol synth:A2B -p synth_scale=reid -p synth_root=data/synthetic-reid -p backbone=mini "
-                "-p pretrained=none -p checkpoint_path=data/clip2/clip-mini-192x96-seed0.safetensors -p height=192 "
+                "-p pretrained=none -p checkpoint_path=data/clip-wide/clip-mini-192x96-seed0.safetensors -p height=192 "
                 "-p width=96 -p stage2_epochs=24 -p stage2_lr=3e-4 -p lr_milestones=[20] -p eval_every=4 "
                 "-p memory_rebuild=train_pass")
 
@@ -81,16 +81,19 @@ DOCS_COMMANDS = {
     "muva run --protocol synth:A2B --steps 04-06": "test_synthetic_workbook_commands",
     # docs/pretraining.md
     "muva synth --out data/synthetic-reid --scale reid": "test_synthetic_workbook_commands (--scale small)",
-    "muva pretrain-clip --out data/clip2 --backbone mini --image-size 192x96 --epochs 16 --scale pretrain-wide "
+    "muva pretrain-clip --out data/clip-wide --backbone mini --image-size 192x96 --epochs 16 --scale pretrain-wide "
     "--color-jitter --reid-root data/synthetic-reid": "test_synthetic_workbook_commands (tiny, 1 epoch, small scale)",
     "muva pretrain-clip --out data/clip-regime --backbone mini --image-size 192x96 --epochs 16 --scale pretrain-wide "
     "--color-jitter --hard-negatives 2 --reid-root data/synthetic-reid":
         "test_synthetic_workbook_commands (tiny, 1 epoch, the small scale)",
-    "python tools/probe_clip.py --root data/synthetic-pretrain-wide random data/clip2/clip-mini-192x96-seed0.safetensors":
+    "python tools/probe_clip.py --root data/synthetic-pretrain-wide random data/clip-wide/clip-mini-192x96-seed0.safetensors":
         "tests/test_pretrain_clip.py::test_probe_tool_as_docs_pretraining_writes_it",
     REGIME_TRAIN: "test_synthetic_workbook_commands (tiny, 1 epoch per stage, the small scale, the tiny CLIP)",
     # docs/evidence.md
     "muva evidence --scale small": f"{EVIDENCE} (in 2 shards)",
+    "muva evidence --scale regime --jobs 2": "tests/test_evidence.py::test_regime_scale_study_writes_its_page (tiny)",
+    "muva evidence --scale regime --protocol synth:A2B --jobs 2":
+        "tests/test_evidence.py::test_regime_scale_study_writes_its_page (tiny, one seed, --jobs 1)",
     # docs/tests.md
     "make test-fast": "test_make_test_is_the_ci_command",
     # docs/own-images.md, whose test runs every command of the page
@@ -315,7 +318,7 @@ def test_synthetic_workbook_commands(small_synth_root, tmp_path, capsys, monkeyp
     reid_root = tmp_path / "synthetic-reid"
     assert json.loads((reid_root / "manifest.json").read_text())["scale"] == "small"
     small_clip = ["--backbone", "tiny", "--scale", "small", "--epochs", "1", "--reid-root", str(reid_root), "--quiet"]
-    for name, negatives in (("clip2", None), ("clip-regime", 2)):
+    for name, negatives in (("clip-wide", None), ("clip-regime", 2)):
         command = (f"muva pretrain-clip --out data/{name} --backbone mini --image-size 192x96 --epochs 16 --scale "
                    "pretrain-wide --color-jitter" + (f" --hard-negatives {negatives}" if negatives else "")
                    + " --reid-root data/synthetic-reid")
@@ -327,7 +330,7 @@ def test_synthetic_workbook_commands(small_synth_root, tmp_path, capsys, monkeyp
         assert set(report["zero_shot"]["reid_domains"]) == {"A", "B", "C", "D", "mean"}
         assert report["data"]["root"] == str((tmp_path / "synthetic-small").resolve())   # beside the out folder
     regime = {**small, "synth_root": str(reid_root), "backbone": "tiny",
-              "checkpoint_path": str(tmp_path / "clip2" / "clip-tiny-192x96-seed0.safetensors")}
+              "checkpoint_path": str(tmp_path / "clip-wide" / "clip-tiny-192x96-seed0.safetensors")}
     out = _run(REGIME_TRAIN, _params(regime), capsys=capsys)
     assert "synth:A2B: mAP" in out
     history = pd.read_csv(run_folder(resolve_config("synth:A2B", overrides={

@@ -6,7 +6,7 @@ attribute's part masked in, as the ``part`` zero-shot mode sees it) and scored o
 (balanced accuracy). A probe well above the zero-shot accuracy says the text side is what misses; a probe near
 chance says the image tower does not see the attribute.
 
-    python tools/probe_clip.py --root data/synthetic-pretrain-wide random data/clip2/clip-mini-192x96-seed0.safetensors
+    python tools/probe_clip.py --root data/synthetic-pretrain-wide random data/clip-wide/clip-mini-192x96-seed0.safetensors
 """
 from __future__ import annotations
 

@@ -56,16 +56,64 @@ SCALES: dict[str, dict] = {
         # three sources = three times the images per epoch: 2 epochs (1.5x the single-source steps)
         "multi_source": {"stage2_epochs": 2, "lr_milestones": [2]},
     },
+    "regime": {
+        # issue 18: Re-ID sized sources (702 training identities per domain), models trained to the end (training-ID
+        # accuracy >= 0.9 at the last epoch: 28 epochs, the learning-rate drop at 24, chosen on held-out A), the mini
+        # CLIP at 192x96 language-pretrained on 4x the people with the Re-ID photometric jitter (docs/pretraining.md,
+        # clip2). About 40 min a run on one core: the variants are cut to the pairs the claims judge (Table 5: the
+        # full model against the global token alone), the protocols to the two single-source ones.
+        "seeds": (0, 1, 2),
+        "protocols": ("synth:A2B", "synth:C2D"),
+        "clip": {"folder": "clip-wide", "backbone": "mini", "image_size": (192, 96), "epochs": 16,
+                 "scale": "pretrain-wide", "color_jitter": True, "seed": 0},
+        "overrides": {"synth_scale": "reid", "synth_root": "data/synthetic-reid", "backbone": "mini", "height": 192,
+                      "width": 96, "pretrained": "none", "stage2_lr": 3.0e-4, "stage2_epochs": 28,
+                      "lr_milestones": [24], "memory_rebuild": "train_pass", "num_workers": 0},
+        "multi_source": {"stage2_epochs": 10, "lr_milestones": [8]},
+        "variants": {5: ("G", "G+H+U+L")},
+    },
 }
 """Per scale: seeds, config overrides (all protocols) and ``multi_source`` overrides on top for protocols with
 several sources. ``pretrained: pretrain-clip`` starts from the language-pretrained CLIP (unless the user sets
-``checkpoint_path``; ``-p pretrained=none`` = random weights)."""
+``checkpoint_path``; ``-p pretrained=none`` = random weights). Optional: ``protocols`` (the default protocols of
+the scale, else :data:`PROTOCOLS`), ``clip`` (the runs start from the CLIP ``muva pretrain-clip`` makes with these
+settings under ``<data_root>/<folder>``, made first when missing: :func:`scale_clip`) and ``variants`` (per table,
+the variants trained, when fewer than every one a claim compares)."""
 
 
-def claim_variants(table: int) -> list[str]:
-    """The variants of ``table`` that some claim compares, in the table's order."""
+def claim_variants(table: int, scale: str | None = None) -> list[str]:
+    """The variants of ``table`` that some claim compares, in the table's order (at ``scale``: those its
+    ``variants`` keeps)."""
     names = {v for c in CLAIMS if c.table == table for v in (c.better, c.worse)}
-    return [v for v in VARIANTS[table] if v in names]
+    kept = SCALES[scale].get("variants", {}).get(table) if scale else None
+    return [v for v in VARIANTS[table] if v in names and (kept is None or v in kept)]
+
+
+def scale_protocols(scale: str) -> tuple[str, ...]:
+    """The protocols ``muva evidence --scale <scale>`` runs when none is given."""
+    return tuple(SCALES[scale].get("protocols", PROTOCOLS))
+
+
+def scale_clip(scale: str, data_root: str | Path) -> dict | None:
+    """The :func:`~muva_core.pretrain.loop.pretrain_clip` arguments of the CLIP the runs of ``scale`` start from
+    (``out_dir`` under ``data_root``), None when the scale names none (it uses ``pretrained:``)."""
+    spec = SCALES[scale].get("clip")
+    if spec is None:
+        return None
+    args = {k: v for k, v in spec.items() if k != "folder"}
+    return {"out_dir": resolve(data_root) / spec["folder"], **args}
+
+
+def clip_command(spec: dict, reid_root: str | Path | None = None) -> str:
+    """``muva pretrain-clip ...``: the command that makes the CLIP of :func:`scale_clip`'s arguments (its report
+    with the zero-shot accuracy on the Re-ID domains under ``reid_root``, as the study's runs make it)."""
+    from ..paths import portable
+
+    h, w = spec["image_size"]
+    return (f"muva pretrain-clip --out {portable(spec['out_dir'])} --backbone {spec['backbone']} --image-size {h}x{w} "
+            f"--epochs {spec['epochs']} --scale {spec['scale']}" + (" --color-jitter" if spec.get("color_jitter") else "")
+            + (f" --seed {spec['seed']}" if spec["seed"] else "")
+            + (f" --reid-root {portable(reid_root)}" if reid_root else ""))
 
 
 def scale_overrides(scale: str, protocol: str, base: dict, progress: bool = True) -> dict:
@@ -90,9 +138,21 @@ def protocol_configs(base_cfg: dict, scale: str, protocols: Sequence[str], progr
     from ..pretrain.provision import ensure_pretrained_clip
     from ..config import resolve_config
 
+    from ..pretrain.files import checkpoint_file
+    from ..pretrain.loop import pretrain_clip
+
     extra = {"recipe": recipe} if recipe else {}
     configs = {p: resolve_config(p, overrides={**extra, **scale_overrides(scale, p, base_cfg, progress)})
                for p in protocols}
+    for p, cfg in configs.items():
+        spec = scale_clip(scale, cfg.data.data_root)
+        if spec is None or base_cfg.get("checkpoint_path"):   # the user's checkpoint wins
+            continue
+        path = checkpoint_file(spec["out_dir"], spec["backbone"], spec["seed"], spec["image_size"])
+        configs[p] = cfg.update({"checkpoint_path": str(path), "pretrained": "none"}, source=f"--scale {scale}")
+        if make_clip:
+            with shared_data(cfg):
+                pretrain_clip(progress=progress, reid_root=resolve(cfg.data.synth_root), **spec)
     for cfg in configs.values() if make_clip else ():
         with shared_data(cfg):
             ensure_pretrained_clip(cfg, progress=progress)
@@ -110,19 +170,20 @@ def start_checkpoint(cfg) -> str | None:
     return cfg.model.checkpoint_path or None
 
 
-def plan_runs(configs: dict, tables: Sequence[int], seeds: Sequence[int]) -> list:
-    """Every distinct run configuration of the study (a run shared by several tables appears once)."""
+def plan_runs(configs: dict, tables: Sequence[int], seeds: Sequence[int], scale: str | None = None) -> list:
+    """Every distinct run configuration of the study (a run shared by several tables appears once; at ``scale``,
+    the variants it keeps)."""
     plan: dict[str, object] = {}
     for cfg in configs.values():
         for seed in seeds:  # seed-major: an interrupted study has whole seeds of a protocol done
             for table in tables:
-                for variant in claim_variants(table):
+                for variant in claim_variants(table, scale):
                     run = variant_config(cfg, table, variant, seed)
                     plan.setdefault(run.run_dir, run)
     return list(plan.values())
 
 
-def run_evidence(base_cfg, scale: str = "full", protocols: Sequence[str] = PROTOCOLS,
+def run_evidence(base_cfg, scale: str = "full", protocols: Sequence[str] | None = None,
                  tables: Sequence[int] | None = None, seeds: Sequence[int] | None = None, out: str | Path | None = None,
                  progress: bool = True, jobs: int = 1, recipes: Sequence[str] = tuple(RECIPE_TABLES),
                  shard: tuple[int, int] | None = None, wait: bool = False, collect: bool = False) -> Path | None:
@@ -137,13 +198,14 @@ def run_evidence(base_cfg, scale: str = "full", protocols: Sequence[str] = PROTO
     if unknown:
         raise ValueError(f"--recipe: expected one of {', '.join(RECIPE_TABLES)}, got {unknown}")
     seeds = tuple(seeds or SCALES[scale]["seeds"])
+    protocols = tuple(protocols or scale_protocols(scale))
     plans = {}
     for recipe in recipes:
         chosen = tuple(t for t in RECIPE_TABLES[recipe] if tables is None or t in tables)
         if chosen:
             plans[recipe] = (protocol_configs(base_cfg, scale, protocols, progress, recipe=recipe,
                                               make_clip=not collect), chosen)
-    runs = {r.run_dir: r for configs, chosen in plans.values() for r in plan_runs(configs, chosen, seeds)}
+    runs = {r.run_dir: r for configs, chosen in plans.values() for r in plan_runs(configs, chosen, seeds, scale)}
     if not collect:
         train_runs(list(runs.values()), jobs=jobs, shard=shard, wait=wait, progress=progress, what="evidence")
     missing = pending_runs((f"{r.data.protocol}, recipe {r.recipe}, seed {r.seed}", r) for r in runs.values())
@@ -153,7 +215,8 @@ def run_evidence(base_cfg, scale: str = "full", protocols: Sequence[str] = PROTO
     for recipe, (configs, chosen) in plans.items():
         for cfg in configs.values():
             for table in chosen:
-                run_sweep(cfg, table, seeds=seeds, variants=claim_variants(table), progress=progress, collect=True)
+                run_sweep(cfg, table, seeds=seeds, variants=claim_variants(table, scale), progress=progress,
+                          collect=True)
                 per_run = pd.read_csv(sweep_dir(cfg, table) / f"table{table}-runs.csv")
                 per_run.insert(0, "protocol", cfg.data.protocol)
                 per_run.insert(0, "recipe", recipe)
@@ -162,11 +225,13 @@ def run_evidence(base_cfg, scale: str = "full", protocols: Sequence[str] = PROTO
     runs = pd.concat(frames, ignore_index=True)
     claims = evaluate_claims(runs)
     first = next(iter(plans.values()))[0]
-    reports_dir = resolve(next(iter(first.values())).reports_dir)
+    first_cfg = next(iter(first.values()))
+    reports_dir = resolve(first_cfg.reports_dir)
     out = Path(out) if out else reports_dir / ("evidence.md" if scale == "full" else f"evidence-{scale}.md")
+    clip = None if base_cfg.get("checkpoint_path") else scale_clip(scale, first_cfg.data.data_root)
     write_evidence(out, claims, runs, scale, seeds, protocols, settings=SCALES[scale],
                    recipes={r: RECIPE_TABLES[r] for r in plans}, diagnostics=diagnostics(first, runs),
-                   notes=read_notes(out))
+                   notes=read_notes(out), clip=clip_command(clip, first_cfg.data.synth_root) if clip else None)
     return out
 
 

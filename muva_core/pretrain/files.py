@@ -25,7 +25,7 @@ class CheckpointExistsError(FileExistsError, ValueError):
 
 def pretrain_data_root(out_dir: str | os.PathLike, scale: str = "pretrain") -> Path:
     """Default home of the pretraining set: ``<parent of out_dir>/synthetic-pretrain`` for the ``pretrain`` scale
-    (``data/clip`` -> ``data/synthetic-pretrain``), ``synthetic-<scale>`` for another (``data/clip2`` at
+    (``data/clip`` -> ``data/synthetic-pretrain``), ``synthetic-<scale>`` for another (``data/clip-wide`` at
     ``pretrain-wide`` -> ``data/synthetic-pretrain-wide``), so that sets of two scales never share a folder."""
     return Path(out_dir).resolve().parent / ("synthetic-pretrain" if scale == "pretrain" else f"synthetic-{scale}")
 

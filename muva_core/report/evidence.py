@@ -94,9 +94,11 @@ def read_notes(page: Path) -> str | None:
 
 def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: str, seeds, protocols,
                    settings: dict, recipes: Mapping[str, Sequence[int]],
-                   diagnostics: dict[str, pd.DataFrame] | None = None, notes: str | None = None) -> None:
-    """The page at ``path``: ``settings`` = the scale's ``overrides`` (and ``multi_source``), ``recipes`` = the
-    tables run under each recipe, ``notes`` = the hand-written reading (:func:`read_notes`)."""
+                   diagnostics: dict[str, pd.DataFrame] | None = None, notes: str | None = None,
+                   clip: str | None = None) -> None:
+    """The page at ``path``: ``settings`` = the scale's ``overrides`` (and ``multi_source``, ``variants``),
+    ``recipes`` = the tables run under each recipe, ``notes`` = the hand-written reading (:func:`read_notes`),
+    ``clip`` = the command that made the CLIP the runs start from when the scale names one."""
     runs = runs if "recipe" in runs.columns else runs.assign(recipe="workbook")
     summary = (runs.groupby(["recipe", "protocol", "table", "variant"], sort=False)[["mAP", "Rank-1", "mask IoU"]]
                .agg(["mean", "std"]).round(2))
@@ -113,10 +115,13 @@ def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: 
         f"Settings on top of `configs/<protocol>.yaml`: `{json.dumps(settings['overrides'])}`"
         + (f"; multi-source protocols also `{json.dumps(settings['multi_source'])}`"
            if "multi_source" in settings else "")
-        + ("; `pretrained: pretrain-clip` = starting from the language-pretrained CLIP of `muva pretrain-clip --out "
+        + (f"; starting from the language-pretrained CLIP of `{clip}` (made first when missing)" if clip else
+           "; `pretrained: pretrain-clip` = starting from the language-pretrained CLIP of `muva pretrain-clip --out "
            "data/clip --backbone small --seed 0` (made first when missing)"
            if settings["overrides"].get("pretrained") == "pretrain-clip" else
-           "; starting from random weights (`pretrained: none`)") + ".",
+           "; starting from random weights (`pretrained: none`)")
+        + (f"; trained variants cut to `{json.dumps(settings['variants'])}` (per table)" if "variants" in settings
+           else "") + ".",
         "",
         "A direction *holds* when the difference of the two variants' means exceeds twice its standard error "
         "(Welch), *reversed* when it is below minus twice, else it is *within seed noise*. The paper columns give "
