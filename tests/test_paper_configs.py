@@ -3,7 +3,8 @@
 ``test_ms2ma_as_shipped_with_vit_b16``: `muva run --protocol MS2MA` with configs/MS2MA.yaml unchanged but for
 data_root, checkpoint_path (a random-weight ViT-B/16 written with open_clip), masks_file (the authors'-format
 pickle imported by `muva import-masks`) and one epoch per stage: notebooks 01-07 with ViT-B/16 at 256x128 and
-the reference recipe, in the precision this CPU runs natively (muva_core/precision.py).
+the reference recipe, in the precision this CPU runs natively (muva_core/precision.py); on the GPU with
+``MUVA_TEST_DEVICE=cuda`` (tools/gpu_check.sh), float16 autocast + GradScaler as the reference runs it.
 
 ``test_float16_loss_scale_survives_a_kill``: the same protocol with the tiny backbone and ``cpu_amp: always``
 (float16 autocast + GradScaler('cpu') whatever the CPU): a run killed after its first stage-2 epoch resumes with
@@ -25,6 +26,8 @@ import paper_trees
 from muva_core.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+DEVICE = os.environ.get("MUVA_TEST_DEVICE", "cpu")
+"""The device of the as-shipped run: cpu here and in CI; ``cuda`` on a lent GPU (tools/gpu_check.sh)."""
 
 
 def _trees(tmp_path: Path, ids: int) -> tuple[Path, Path]:
@@ -126,7 +129,7 @@ def test_ms2ma_as_shipped_with_vit_b16(tmp_path, capsys):
 
     shipped = {"data_root": data, "checkpoint_path": clip, "masks_file": masks, "stage1_epochs": 1, "stage2_epochs": 1}
     operational = {"reports_dir": tmp_path / "reports", "cache_dir": tmp_path / "cache", "num_workers": 0,
-                   "device": "cpu"}
+                   "device": DEVICE}
     t0 = time.perf_counter()          # docs/reproducing-the-paper.md's command, one epoch per stage, on the tiny tree
     code = main(as_written(RUN, data, tmp_path / "blobs") + _params({"data_root": data, "stage1_epochs": 1,
                                                                       "stage2_epochs": 1, **operational}))
@@ -134,7 +137,7 @@ def test_ms2ma_as_shipped_with_vit_b16(tmp_path, capsys):
     out = capsys.readouterr()
     text = out.out + out.err
     assert code == 0, text[-4000:]
-    print(f"as-shipped MS2MA with ViT-B/16 on CPU: {seconds:.0f} s")
+    print(f"as-shipped MS2MA with ViT-B/16 on {DEVICE}: {seconds:.0f} s")
 
     cfg = resolve_config("MS2MA", overrides={k: str(v) if isinstance(v, Path) else v
                                              for k, v in {**shipped, **operational}.items()})
@@ -143,7 +146,7 @@ def test_ms2ma_as_shipped_with_vit_b16(tmp_path, capsys):
                                                                       "stage1_epochs", "stage2_epochs", "cache_dir"}
     assert cfg.model.backbone == "vit-b-16" and cfg.recipe == "reference" and cfg.data.batch_size == 64
     assert cfg.train.amp_dtype == "float16" and cfg.grounding.backend == "cogvlm"
-    plan = precision_plan("cpu", cfg)
+    plan = precision_plan(DEVICE, cfg)
     assert f"precision: {plan.note}" in text                 # float16 + GradScaler where the CPU has it, else said
     assert "muva doctor: MS2MA" in text and "masks msmt17: 100.0% of the training images; the authors' file" in text
     assert "checkpoint: recognised: a state dict of the vit-b-16 CLIP" in text
