@@ -325,7 +325,9 @@ def cmd_baseline(args) -> int:
 
     record = run_baseline(_resolved(args), progress=not args.quiet)
     print(format_table(pd.DataFrame(record["metrics"]).T,
-                       f"{record['protocol']}: colour-histogram baselines on the target domain"))
+                       f"{record['protocol']}: colour-histogram baselines and the start CLIP's image features "
+                       "(clip-start, no Re-ID training) on the target domain"))
+    print(f"clip-start: {record['clip_start']}")
     print(f"wrote {RunFiles(record['folder']).summary}")
     return 0
 
@@ -506,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="training steps timed for the estimate (default 3)")
     p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("baseline", help="evaluate colour-histogram baselines on a protocol's target domain")
+    p = sub.add_parser("baseline", help="evaluate the training-free baselines (colour histograms, the start CLIP's "
+                       "image features) on a protocol's target domain")
     _add_config_args(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_baseline)

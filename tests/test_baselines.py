@@ -54,3 +54,36 @@ def test_extract_histograms_stacks_per_sample_and_names_an_unreadable_file(tmp_p
     missing = Sample(str(tmp_path / "gone.jpg"), 0, 0, "toy", "gone.jpg")
     with pytest.raises(ImageReadError, match="gone.jpg"):
         extract_histograms([missing], progress=False)
+
+
+def test_clip_start_baseline_is_the_start_clips_image_embedding(small_synth_root, tmp_path):
+    """`clip-start`: the image embedding of the CLIP a run starts from (here the tiny random-weight CLIP the run
+    would build), ranked like any feature; no row while the `muva pretrain-clip` CLIP a config names is not made."""
+    import torch
+
+    from muva_core.config import resolve_config
+    from muva_core.data.protocols import load_protocol
+    from muva_core.eval.baselines import clip_image_features, evaluate_clip_start
+    from muva_core.eval.features import test_loader
+    from muva_core.eval.metrics import evaluate_features
+    from muva_core.model.factory import start_clip
+
+    cfg = resolve_config("synth:A2B", overrides={"synth_root": str(small_synth_root), "synth_scale": "small",
+                                                 "backbone": "tiny", "pretrained": "none", "device": "cpu"})
+    data = load_protocol(cfg, progress=False)
+    row = evaluate_clip_start(data.query, data.gallery, cfg, progress=False)
+    clip, _ = start_clip(cfg)                      # the same weights: built from the run's seed
+    images = next(iter(test_loader(data.query[:4], cfg)))["image"]
+    with torch.no_grad():
+        direct = torch.nn.functional.normalize(clip.visual.eval()(images), dim=-1).numpy()
+    qf = clip_image_features(clip.visual, data.query, cfg, torch.device("cpu"), progress=False)
+    np.testing.assert_allclose(qf[:4], direct, atol=1e-5)
+    gf = clip_image_features(clip.visual, data.gallery, cfg, torch.device("cpu"), progress=False)
+    expected = evaluate_features(qf, gf, np.array([s.pid for s in data.query]), np.array([s.pid for s in data.gallery]),
+                                 np.array([s.camid for s in data.query]), np.array([s.camid for s in data.gallery]))
+    assert row["mAP"] == pytest.approx(expected.as_dict()["mAP"]) and row["num_valid_queries"] == len(data.query)
+
+    missing = resolve_config("synth:A2B", overrides={"synth_root": str(small_synth_root), "synth_scale": "small",
+                                                     "backbone": "tiny", "pretrained": "pretrain-clip",
+                                                     "data_root": str(tmp_path)})
+    assert evaluate_clip_start(data.query, data.gallery, missing, progress=False) is None

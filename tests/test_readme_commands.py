@@ -342,7 +342,7 @@ def test_synthetic_workbook_commands(small_synth_root, tmp_path, capsys, monkeyp
     assert "synth:A2B: mAP" in out
 
     out = _run("muva baseline --protocol synth:A2B", p, capsys=capsys)
-    assert "colour-histogram baselines" in out
+    assert "colour-histogram baselines" in out and "clip-start " in out and "clip-start: random init" in out
 
     # muva report rewrites the README's results table of the project it runs in: a copy here
     home = tmp_path / "home"

@@ -1,9 +1,11 @@
-"""Training-free baseline features: colour histograms, global and per horizontal stripe.
+"""Training-free baseline features: colour histograms, global and per horizontal stripe, and the CLIP a run starts from.
 
-They give every protocol a reference point that needs no model: the global histogram shows
+They give every protocol a reference point that needs no Re-ID training: the global histogram shows
 how much colour alone identifies a person (and how badly it transfers across camera
 styles); the stripe histogram is the crudest part-based feature, a stand-in for MUVA's
-head / upper-body / legs split. Beside them, the chance level: what random features score on the same split.
+head / upper-body / legs split; the start CLIP's image embedding (``clip-start``) is what the pretrained
+weights know before any Re-ID training (the zero-shot CLIP row of CLIP-ReID), so a trained model's gain over it
+is what Re-ID training added. Beside them, the chance level: what random features score on the same split.
 """
 from __future__ import annotations
 
@@ -71,6 +73,43 @@ def evaluate_baselines(query, gallery, cfg, progress: bool = True) -> dict[str, 
     return results
 
 
+def clip_image_features(visual, samples: Sequence[Sample], cfg, device, progress: bool = True,
+                        desc: str = "CLIP features") -> np.ndarray:
+    """The image embedding of a CLIP image tower (``visual``: pooled, projected) for every sample, L2-normalised,
+    ``[N, E]`` float32; the run's test transform."""
+    import torch
+
+    from .features import test_loader
+
+    visual.eval()
+    out = []
+    with torch.no_grad():
+        for batch in tqdm(test_loader(samples, cfg), desc=desc, disable=not progress, leave=False):
+            out.append(torch.nn.functional.normalize(visual(batch["image"].to(device)).float(), dim=-1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def evaluate_clip_start(query, gallery, cfg, progress: bool = True) -> dict[str, float] | None:
+    """mAP / CMC / mINP of the image embedding of the CLIP ``cfg``'s runs start from (no Re-ID training); None when
+    that CLIP is the one ``muva pretrain-clip`` makes and it is not made yet."""
+    from ..model.checkpoints import config_clip_path
+    from ..model.factory import start_clip
+    from ..pretrain.provision import uses_pretrain_clip
+    from .features import resolve_device
+    from .metrics import evaluate_features
+
+    if uses_pretrain_clip(cfg) and not config_clip_path(cfg).is_file():
+        return None
+    device = resolve_device(cfg.device)
+    clip, _ = start_clip(cfg)
+    visual = clip.visual.to(device)
+    qf = clip_image_features(visual, query, cfg, device, progress, "clip-start query")
+    gf = clip_image_features(visual, gallery, cfg, device, progress, "clip-start gallery")
+    return evaluate_features(qf, gf, np.array([s.pid for s in query]), np.array([s.pid for s in gallery]),
+                             np.array([s.camid for s in query]), np.array([s.camid for s in gallery]),
+                             metric=cfg.eval.metric, max_rank=cfg.eval.max_rank).as_dict()
+
+
 def chance_level(query, gallery, cfg, draws: int = 20, dim: int = 64, seed: int = 0) -> dict[str, float]:
     """mAP / CMC / mINP of random features (Gaussian, ``dim``-d), averaged over ``draws`` seeded draws: what
     a model that learned nothing scores on this query/gallery split."""
@@ -91,8 +130,10 @@ def chance_level(query, gallery, cfg, draws: int = 20, dim: int = 64, seed: int 
 
 
 def run_baseline(cfg, progress: bool = True) -> dict:
-    """Colour-histogram baselines on the target domain of ``cfg.data.protocol``; writes
-    ``<reports_dir>/<protocol>/baseline/metrics.json`` and returns its record."""
+    """The training-free baselines on the target domain of ``cfg.data.protocol``: colour histograms and the start
+    CLIP's image features (``clip-start``, :func:`evaluate_clip_start`; ``clip_start`` says which CLIP, or why
+    there is no row); writes ``<reports_dir>/<protocol>/baseline/metrics.json`` and returns its record."""
+    from ..pretrain.provision import clip_start
     from ..data.protocols import load_protocol, protocol_slug
     from ..io import write_json
     from ..paths import RunFiles, resolve
@@ -101,8 +142,14 @@ def run_baseline(cfg, progress: bool = True) -> dict:
     proto = data.protocol
     t0 = time.perf_counter()
     metrics = evaluate_baselines(data.query, data.gallery, cfg, progress=progress)
+    clip = evaluate_clip_start(data.query, data.gallery, cfg, progress=progress)
+    start = clip_start(cfg)
+    if clip is None:
+        start += " (not made yet: no clip-start row; `muva pretrain-clip` or the first `muva run` makes it)"
+    else:
+        metrics["clip-start"] = clip
     out = resolve(cfg.reports_dir) / protocol_slug(proto.name) / "baseline"
-    record = {"protocol": proto.name, "metrics": metrics, "seconds": round(time.perf_counter() - t0, 2),
-              "config": cfg.to_flat()}
+    record = {"protocol": proto.name, "metrics": metrics, "clip_start": start,
+              "seconds": round(time.perf_counter() - t0, 2), "config": cfg.to_flat()}
     write_json(RunFiles(out).summary, record)
     return {**record, "folder": str(out)}

@@ -53,17 +53,24 @@ def part_indices(parts: tuple[str, ...]) -> list[int]:
     return [PARTS.index(p) for p in parts]
 
 
-def build_muva(cfg, num_classes: int, id_domains: torch.Tensor | None = None) -> BuiltModel:
-    """CLIP backbone (named config / pretrained tag / local checkpoint), encoder, classifier, prompts."""
+def start_clip(cfg):
+    """``(clip, tokenizer)``: the CLIP a run of ``cfg`` starts from (named config / pretrained tag / local
+    checkpoint / the language-pretrained CLIP of ``muva pretrain-clip``), at the run's input size."""
     m = cfg.model
     pretrained = None if m.pretrained in ("none", "", None) else m.pretrained
     checkpoint = str(resolve(m.checkpoint_path)) if m.checkpoint_path else None
     if pretrained == PRETRAINED_TAG:  # the language-pretrained CLIP of `muva pretrain-clip` (muva_core.pretrain)
         pretrained, checkpoint = None, checkpoint or str(config_clip_path(cfg))
-    clip, tokenizer = build_clip(BackboneConfig(
+    return build_clip(BackboneConfig(
         name=m.backbone, pretrained=pretrained, checkpoint_path=checkpoint,
         image_size=(cfg.data.height, cfg.data.width), seed=cfg.seed,
     ))
+
+
+def build_muva(cfg, num_classes: int, id_domains: torch.Tensor | None = None) -> BuiltModel:
+    """CLIP backbone (:func:`start_clip`), encoder, classifier, prompts."""
+    m = cfg.model
+    clip, tokenizer = start_clip(cfg)
     parts = parts_from_code(m.granularity)
     encoder = MUVAEncoder(clip.visual, MUVAConfig(
         parts=parts, mask_mode=m.mask_mode, rmp_heads=m.rmp_heads, rmp_layernorm=m.rmp_layernorm,
