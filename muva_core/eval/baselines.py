@@ -94,7 +94,7 @@ def evaluate_clip_start(query, gallery, cfg, progress: bool = True) -> dict[str,
     that CLIP is the one ``muva pretrain-clip`` makes and it is not made yet."""
     from ..model.checkpoints import config_clip_path
     from ..model.factory import start_clip
-    from ..pretrain.provision import uses_pretrain_clip
+    from ..model.checkpoints import uses_pretrain_clip
     from .features import resolve_device
     from .metrics import evaluate_features
 
@@ -133,7 +133,7 @@ def run_baseline(cfg, progress: bool = True) -> dict:
     """The training-free baselines on the target domain of ``cfg.data.protocol``: colour histograms and the start
     CLIP's image features (``clip-start``, :func:`evaluate_clip_start`; ``clip_start`` says which CLIP, or why
     there is no row); writes ``<reports_dir>/<protocol>/baseline/metrics.json`` and returns its record."""
-    from ..pretrain.provision import clip_start
+    from ..model.checkpoints import clip_start
     from ..data.protocols import load_protocol, protocol_slug
     from ..io import write_json
     from ..paths import RunFiles, resolve

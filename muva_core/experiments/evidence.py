@@ -163,7 +163,7 @@ def start_checkpoint(cfg) -> str | None:
     """The CLIP file a run configuration starts from (``checkpoint_path``, or the one ``pretrained: pretrain-clip``
     names), None for random weights or an open_clip tag."""
     from ..model.checkpoints import config_clip_path
-    from ..pretrain.provision import uses_pretrain_clip
+    from ..model.checkpoints import uses_pretrain_clip
 
     if uses_pretrain_clip(cfg):
         return str(config_clip_path(cfg))

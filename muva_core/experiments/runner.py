@@ -157,7 +157,7 @@ def summarise_run(folder: Path, cfg: RunConfig, state: dict) -> dict:
     """The run's headline numbers from the notebooks' records: the model's metrics on the target, beside them
     (notebook 06) the chance level (random features) and the colour-histogram baselines on the same split, the
     predicted-mask IoU against the true part boxes, and the CLIP the run started from."""
-    from ..pretrain.provision import clip_start
+    from ..model.checkpoints import clip_start
 
     files = RunFiles(folder)
     summary: dict = {"protocol": cfg.data.protocol, "run_dir": str(folder),
@@ -209,7 +209,7 @@ def training_summary(folder: Path, cfg: RunConfig) -> dict:
                                for c in cols}
     from ..model.checkpoints import config_clip_path
     from ..pretrain.files import read_pretrain_info
-    from ..pretrain.provision import uses_pretrain_clip
+    from ..model.checkpoints import uses_pretrain_clip
 
     if uses_pretrain_clip(cfg) and config_clip_path(cfg).is_file():
         out["clip_zero_shot"] = read_pretrain_info(config_clip_path(cfg)).get("zero_shot")

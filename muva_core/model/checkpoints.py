@@ -1,4 +1,5 @@
-"""Names of the pretrained CLIP checkpoint files the model factory loads (no training code here).
+"""Names of the pretrained CLIP checkpoint files the model factory loads, and which CLIP a run configuration starts
+from (:func:`uses_pretrain_clip`, :func:`clip_start`); no training code here.
 
 ``muva pretrain-clip`` (:mod:`muva_core.pretrain`) writes ``<out_dir>/clip-<backbone>-seed<seed>.safetensors``;
 a run configuration with ``pretrained: pretrain-clip`` starts from the one at
@@ -14,7 +15,8 @@ from typing import Sequence
 
 from ..paths import resolve
 
-__all__ = ["PRETRAINED_TAG", "CONFIG_CLIP_SEED", "pretrained_clip_file", "config_clip_dir", "config_clip_path"]
+__all__ = ["PRETRAINED_TAG", "CONFIG_CLIP_SEED", "pretrained_clip_file", "config_clip_dir", "config_clip_path",
+           "uses_pretrain_clip", "clip_start"]
 
 PRETRAINED_TAG = "pretrain-clip"
 """The ``pretrained`` value of a run configuration that starts from the CLIP of ``muva pretrain-clip``."""
@@ -42,3 +44,23 @@ def config_clip_path(cfg) -> Path:
     run's backbone and input size, seed :data:`CONFIG_CLIP_SEED`)."""
     return pretrained_clip_file(config_clip_dir(cfg), cfg.model.backbone, CONFIG_CLIP_SEED,
                                 (int(cfg.data.height), int(cfg.data.width)))
+
+def uses_pretrain_clip(cfg) -> bool:
+    """Whether a :class:`~muva_core.config.RunConfig` starts from the CLIP of ``muva pretrain-clip`` (``pretrained:
+    pretrain-clip`` and no ``checkpoint_path``, which would win)."""
+    return cfg.model.pretrained == PRETRAINED_TAG and not cfg.model.checkpoint_path
+
+
+def clip_start(cfg) -> str:
+    """The weights the run's CLIP starts from, in words: ``random init``, ``language-pretrained`` (``pretrained:
+    pretrain-clip``), the checkpoint file, or the open_clip tag."""
+    m = cfg.model
+    if m.checkpoint_path:
+        return m.checkpoint_path
+    if m.pretrained in ("none", ""):
+        return "random init"
+    if m.pretrained == PRETRAINED_TAG:
+        return "language-pretrained: muva pretrain-clip"
+    if m.pretrained == "auto":
+        return "openai" if m.backbone == "vit-b-16" else "random init"
+    return m.pretrained

@@ -1,12 +1,14 @@
-"""The CLIP a run configuration starts from (``pretrained: pretrain-clip``): which one it is, making it before a
-run when it is missing (reused when its settings are the same, refused when they differ), the run's CLIP start in
-words, and what ``muva pretrain-clip`` prints about a checkpoint."""
+"""The CLIP a run configuration starts from (``pretrained: pretrain-clip``): making it before a run when it is
+missing (reused when its settings are the same, refused when they differ) and what ``muva pretrain-clip`` prints
+about a checkpoint. Which CLIP a configuration starts from (``uses_pretrain_clip``, ``clip_start``) lives in
+:mod:`muva_core.model.checkpoints`, below evaluation, and is re-exported here."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ..model.checkpoints import CONFIG_CLIP_SEED, PRETRAINED_TAG, config_clip_dir, config_clip_path
+from ..model.checkpoints import (CONFIG_CLIP_SEED, PRETRAINED_TAG, clip_start, config_clip_dir, config_clip_path,
+                                 uses_pretrain_clip)
 from .files import CheckpointExistsError, read_pretrain_report
 from .loop import pretrain_clip
 from .zeroshot import format_zero_shot_report
@@ -25,11 +27,6 @@ shrink it). The file's name (out_dir, backbone, seed, image_size) comes from the
 
 _NAMING_KEYS = ("out_dir", "backbone", "seed", "image_size")
 
-
-def uses_pretrain_clip(cfg: RunConfig) -> bool:
-    """Whether a :class:`~muva_core.config.RunConfig` starts from the CLIP of ``muva pretrain-clip`` (``pretrained:
-    pretrain-clip`` and no ``checkpoint_path``, which would win)."""
-    return cfg.model.pretrained == PRETRAINED_TAG and not cfg.model.checkpoint_path
 
 
 def config_clip_spec(cfg: RunConfig) -> dict[str, Any]:
@@ -66,20 +63,6 @@ def ensure_pretrained_clip(cfg: RunConfig, progress: bool = True) -> Path | None
             "move it away (or add --overwrite to that command) to make the one this configuration needs, or start "
             "from it as it is with -p checkpoint_path=<file> -p pretrained=none") from None
 
-
-def clip_start(cfg: RunConfig) -> str:
-    """The weights the run's CLIP starts from, in words: ``random init``, ``language-pretrained`` (``pretrained:
-    pretrain-clip``), the checkpoint file, or the open_clip tag."""
-    m = cfg.model
-    if m.checkpoint_path:
-        return m.checkpoint_path
-    if m.pretrained in ("none", ""):
-        return "random init"
-    if m.pretrained == PRETRAINED_TAG:
-        return "language-pretrained: muva pretrain-clip"
-    if m.pretrained == "auto":
-        return "openai" if m.backbone == "vit-b-16" else "random init"
-    return m.pretrained
 
 
 def pretrain_clip_summary(path: Path, backbone: str, image_size: Sequence[int]) -> str:

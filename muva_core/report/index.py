@@ -50,7 +50,7 @@ def results_table(reports_dir: Path) -> str:
     """The README's results table: one row per run folder with metrics, and the command that made it. Beside the
     model: the valid queries of the target split, the chance level (random features, mean of 20 draws) and the
     global colour-histogram baseline on the same split (mAP / Rank-1), where notebook 06 recorded them."""
-    from ..pretrain.provision import clip_start
+    from ..model.checkpoints import clip_start
 
     lines = ["| protocol | model | mAP | Rank-1 | Rank-5 | mINP | re-ranked mAP / R-1 | valid queries | chance mAP / R-1 | "
              "colour histogram mAP / R-1 | mask IoU vs truth (head / upper / legs) | time | command |",
