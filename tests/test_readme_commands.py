@@ -61,6 +61,10 @@ REGIME_TRAIN = ("muva train --protocol synth:A2B -p synth_scale=reid -p synth_ro
                 "-p width=96 -p stage2_epochs=24 -p stage2_lr=3e-4 -p lr_milestones=[20] -p eval_every=4 "
                 "-p memory_rebuild=train_pass")
 
+REGIME_BASELINE = ("muva baseline --protocol synth:A2B -p synth_scale=reid -p synth_root=data/synthetic-reid -p backbone=mini "
+                   "-p pretrained=none -p checkpoint_path=data/clip-wide/clip-mini-192x96-seed0.safetensors "
+                   "-p height=192 -p width=96")
+
 DOCS_COMMANDS = {
     # docs/demo.md
     "muva demo -p pretrained=none": "test_synthetic_workbook_commands (its small settings include -p pretrained=none)",
@@ -89,6 +93,7 @@ DOCS_COMMANDS = {
     "python tools/probe_clip.py --root data/synthetic-pretrain-wide random data/clip-wide/clip-mini-192x96-seed0.safetensors":
         "tests/test_pretrain_clip.py::test_probe_tool_as_docs_pretraining_writes_it",
     REGIME_TRAIN: "test_synthetic_workbook_commands (tiny, 1 epoch per stage, the small scale, the tiny CLIP)",
+    REGIME_BASELINE: "test_synthetic_workbook_commands (the small scale, the tiny CLIP)",
     # docs/evidence.md
     "muva evidence --scale small": f"{EVIDENCE} (in 2 shards)",
     "muva evidence --scale regime --jobs 2": "tests/test_evidence.py::test_regime_scale_study_writes_its_page (tiny)",
@@ -337,6 +342,8 @@ def test_synthetic_workbook_commands(small_synth_root, tmp_path, capsys, monkeyp
         **regime, "height": 192, "width": 96, "stage2_lr": 3e-4, "eval_every": 4,
         "memory_rebuild": "train_pass"})) / "history_stage2.csv")
     assert {"train_id_acc", "target_mAP", "heldout_mAP"} <= set(history.columns)
+    out = _run(REGIME_BASELINE, _params(regime), capsys=capsys)     # the start CLIP's features, no Re-ID training
+    assert "clip-start " in out and f"clip-start: {regime['checkpoint_path']}" in out
     out = _run(f"muva train --protocol synth:A2B -p checkpoint_path={ckpt} -p pretrained=none",
                _params({k: v for k, v in small.items() if k != "pretrained"}), capsys=capsys)
     assert "synth:A2B: mAP" in out
