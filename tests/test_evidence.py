@@ -63,6 +63,8 @@ def test_regime_scale_trains_re_id_sized_sources_to_the_end_from_the_wide_clip(t
     mine = str(tmp_path / "mine.safetensors")
     own = protocol_configs({**base, "checkpoint_path": mine}, "regime", ["synth:A2B"], progress=False)
     assert own["synth:A2B"].model.checkpoint_path == mine and not clip.exists()   # nothing pretrained
+    random = protocol_configs({**base, "pretrained": "none"}, "regime", ["synth:A2B"], progress=False)["synth:A2B"]
+    assert random.model.checkpoint_path == "" and random.model.pretrained == "none" and not clip.exists()
     # the CLIP is the one docs/pretraining.md makes (clip2 there), by the same command
     docs = (Path(__file__).resolve().parents[1] / "docs" / "pretraining.md").read_text()
     command = clip_command(scale_clip("regime", "data"), "data/synthetic-reid")

@@ -11,7 +11,9 @@ Scales: ``small`` (tiny random CLIP, small data, 2 epochs, 2 seeds) runs in CI a
 every table is produced; ``full`` is the study, one command a user can leave running: the
 ``small`` CLIP language-pretrained by ``muva pretrain-clip`` (made first when missing), the
 ``evidence`` synthetic set (as many training identities as the default, twice the test
-identities), 3 seeds, short stage 2 (4 epochs single-source, 2 multi-source). ``jobs`` runs
+identities), 3 seeds, short stage 2 (4 epochs single-source, 2 multi-source); ``regime`` is the study in issue
+18's regime (Re-ID sized sources, trained to the end from the mini CLIP of the wide pretraining; ~40 min a run,
+so fewer variants and protocols; ``reports/evidence-regime.md``). ``jobs`` runs
 that many trainings at once, each with ``cpu_count // jobs`` threads (2 x 1 thread is about
 1.2x faster than 1 x 2 threads on 2 cores; float sums then differ in the last bits from a
 2-thread run).
@@ -135,18 +137,17 @@ def protocol_configs(base_cfg: dict, scale: str, protocols: Sequence[str], progr
     last); the pretrained CLIP a configuration starts from is made here (with ``make_clip``), once, before any
     run, by one process at a time (:func:`muva_core.pretrain.provision.ensure_pretrained_clip`)."""
     from ..locks import shared_data
-    from ..pretrain.provision import ensure_pretrained_clip
     from ..config import resolve_config
-
     from ..pretrain.files import checkpoint_file
     from ..pretrain.loop import pretrain_clip
+    from ..pretrain.provision import ensure_pretrained_clip
 
     extra = {"recipe": recipe} if recipe else {}
     configs = {p: resolve_config(p, overrides={**extra, **scale_overrides(scale, p, base_cfg, progress)})
                for p in protocols}
     for p, cfg in configs.items():
         spec = scale_clip(scale, cfg.data.data_root)
-        if spec is None or base_cfg.get("checkpoint_path"):   # the user's checkpoint wins
+        if spec is None or "checkpoint_path" in base_cfg or "pretrained" in base_cfg:   # the user's start wins
             continue
         path = checkpoint_file(spec["out_dir"], spec["backbone"], spec["seed"], spec["image_size"])
         configs[p] = cfg.update({"checkpoint_path": str(path), "pretrained": "none"}, source=f"--scale {scale}")
@@ -162,8 +163,7 @@ def protocol_configs(base_cfg: dict, scale: str, protocols: Sequence[str], progr
 def start_checkpoint(cfg) -> str | None:
     """The CLIP file a run configuration starts from (``checkpoint_path``, or the one ``pretrained: pretrain-clip``
     names), None for random weights or an open_clip tag."""
-    from ..model.checkpoints import config_clip_path
-    from ..model.checkpoints import uses_pretrain_clip
+    from ..model.checkpoints import config_clip_path, uses_pretrain_clip
 
     if uses_pretrain_clip(cfg):
         return str(config_clip_path(cfg))
@@ -228,7 +228,7 @@ def run_evidence(base_cfg, scale: str = "full", protocols: Sequence[str] | None 
     first_cfg = next(iter(first.values()))
     reports_dir = resolve(first_cfg.reports_dir)
     out = Path(out) if out else reports_dir / ("evidence.md" if scale == "full" else f"evidence-{scale}.md")
-    clip = None if base_cfg.get("checkpoint_path") else scale_clip(scale, first_cfg.data.data_root)
+    clip = None if {"checkpoint_path", "pretrained"} & set(base_cfg) else scale_clip(scale, first_cfg.data.data_root)
     write_evidence(out, claims, runs, scale, seeds, protocols, settings=SCALES[scale],
                    recipes={r: RECIPE_TABLES[r] for r in plans}, diagnostics=diagnostics(first, runs),
                    notes=read_notes(out), clip=clip_command(clip, first_cfg.data.synth_root) if clip else None)
