@@ -164,9 +164,12 @@ def test_small_scale_study_produces_every_table(small_synth_root, tmp_path, caps
         assert claim.text in text
     for table in TABLES:
         for protocol in ("synth_A2B",):
-            assert (tmp_path / "reports" / protocol / f"sweep-table{table}" / f"table{table}.md").is_file()
+            # each scale's tables beside the others (the full study's in sweep-table<N>)
+            made = tmp_path / "reports" / protocol / f"sweep-table{table}-small" / f"table{table}.md"
+            assert made.is_file() and "`muva evidence --scale small --protocol 'synth:A2B' --recipe workbook" in made.read_text()
+            assert not (tmp_path / "reports" / protocol / f"sweep-table{table}").exists()
     for table in RECIPE_TABLES["reference"]:   # language and calibration again under the authors' recipe
-        assert (tmp_path / "reports" / "synth_A2B" / f"sweep-table{table}-reference" / f"table{table}.md").is_file()
+        assert (tmp_path / "reports" / "synth_A2B" / f"sweep-table{table}-reference-small" / f"table{table}.md").is_file()
     # the full model appears in Tables 5, 6, 8 and 9 but is trained once per seed, protocol and recipe
     runs = sorted((tmp_path / "reports" / "synth_A2B" / "sweep-runs").iterdir())
     # workbook: Table 5's 5 compared rows; Tables 6, 8, 9 add 2, 1 and 1 new configurations;
@@ -212,4 +215,6 @@ def test_regime_scale_study_writes_its_page(small_synth_root, tmp_path, monkeypa
     assert "adding the head helps" not in text and "all granularities (G+H+U+L) beat the global token" in text
     runs = list((tmp_path / "reports" / "synth_A2B" / "sweep-runs").iterdir())
     assert len(runs) == 6 and all((r / "metrics" / "train.json").is_file() for r in runs)
+    tables = sorted(p.name for p in (tmp_path / "reports" / "synth_A2B").iterdir() if p.name.startswith("sweep-table"))
+    assert tables == ["sweep-table5-regime", "sweep-table6-regime", "sweep-table8-regime", "sweep-table9-regime"]
     assert (tmp_path / "data" / "clip-wide" / "clip-tiny-192x96-seed0.safetensors").is_file()

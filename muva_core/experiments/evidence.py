@@ -91,6 +91,13 @@ def claim_variants(table: int, scale: str | None = None) -> list[str]:
     return [v for v in VARIANTS[table] if v in names and (kept is None or v in kept)]
 
 
+def evidence_sweep_dir(cfg, table: int, scale: str) -> Path:
+    """Where the study at ``scale`` writes a protocol's table: the sweep's own folder (:func:`sweep_dir`) for
+    ``full``, ``<that>-<scale>`` for the other scales, so no scale overwrites another's tables."""
+    folder = sweep_dir(cfg, table)
+    return folder if scale == "full" else folder.with_name(f"{folder.name}-{scale}")
+
+
 def scale_protocols(scale: str) -> tuple[str, ...]:
     """The protocols ``muva evidence --scale <scale>`` runs when none is given."""
     return tuple(SCALES[scale].get("protocols", PROTOCOLS))
@@ -215,9 +222,11 @@ def run_evidence(base_cfg, scale: str = "full", protocols: Sequence[str] | None 
     for recipe, (configs, chosen) in plans.items():
         for cfg in configs.values():
             for table in chosen:
+                folder = evidence_sweep_dir(cfg, table, scale)
                 run_sweep(cfg, table, seeds=seeds, variants=claim_variants(table, scale), progress=progress,
-                          collect=True)
-                per_run = pd.read_csv(sweep_dir(cfg, table) / f"table{table}-runs.csv")
+                          collect=True, out=folder, command=f"muva evidence --scale {scale} --protocol "
+                          f"'{cfg.data.protocol}' --recipe {recipe} --seeds {','.join(map(str, seeds))}")
+                per_run = pd.read_csv(folder / f"table{table}-runs.csv")
                 per_run.insert(0, "protocol", cfg.data.protocol)
                 per_run.insert(0, "recipe", recipe)
                 per_run.insert(0, "table", table)

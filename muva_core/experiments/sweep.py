@@ -262,10 +262,12 @@ def table_variants(table: int, variants: Sequence[str] | None = None) -> list[st
 
 def run_sweep(cfg: RunConfig, table: int, seeds: Sequence[int] = (0,), variants: Sequence[str] | None = None,
               progress: bool = True, shard: tuple[int, int] | None = None, wait: bool = False,
-              collect: bool = False) -> pd.DataFrame | None:
+              collect: bool = False, out: Path | None = None, command: str | None = None) -> pd.DataFrame | None:
     """Every variant x seed of ``table``: trains what is missing (:func:`train_runs`), then, when every run is
-    done, writes ``table<N>.md`` / ``.csv`` and returns the summary frame; None when runs of other processes are
-    not done yet (they are listed). ``collect``: train nothing; :class:`RunsIncomplete` names the runs missing."""
+    done, writes ``table<N>.md`` / ``.csv`` (into ``out``, default :func:`sweep_dir`; ``command``: what the page
+    says made it, default the ``muva sweep`` command) and returns the summary frame; None when runs of other
+    processes are not done yet (they are listed). ``collect``: train nothing; :class:`RunsIncomplete` names the
+    runs missing."""
     names = table_variants(table, variants)
     runs = {f"{name}, seed {seed}": variant_config(cfg, table, name, seed) for name in names for seed in seeds}
     if not collect:
@@ -282,10 +284,12 @@ def run_sweep(cfg: RunConfig, table: int, seeds: Sequence[int] = (0,), variants:
                    "seconds": rec.get("seconds"), "run": run.run_dir}
             iou = rec.get("mask_iou_truth") or {}
             row["mask IoU"] = float(np.mean(list(iou.values()))) if iou else np.nan
+            held = [h["metrics"]["mAP"] for h in (rec.get("heldout_source") or {}).values()]
+            row["held-out mAP"] = float(np.mean(held)) if held else np.nan   # the sources' own test splits
             rows.append(row)
     per_run = pd.DataFrame(rows)
     summary = summarise(per_run, table)
-    write_sweep(summary, per_run, sweep_dir(cfg, table), table, cfg.data.protocol, seeds)
+    write_sweep(summary, per_run, out or sweep_dir(cfg, table), table, cfg.data.protocol, seeds, command)
     return summary
 
 
@@ -304,15 +308,16 @@ def summarise(per_run: pd.DataFrame, table: int) -> pd.DataFrame:
 
 
 def write_sweep(summary: pd.DataFrame, per_run: pd.DataFrame, folder: Path, table: int, protocol: str,
-                seeds: Sequence[int]) -> None:
+                seeds: Sequence[int], command: str | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / f"table{table}.csv") as tmp:
         summary.to_csv(tmp)
     with atomic_path(folder / f"table{table}-runs.csv") as tmp:
         per_run.to_csv(tmp, index=False)
     seeds_txt = " ".join(str(s) for s in seeds)
+    command = command or f"muva sweep --table {table} --protocol '{protocol}' --seeds {seeds_txt}"
     text = (f"# Table {table} on {protocol}\n\n"
-            f"`muva sweep --table {table} --protocol '{protocol}' --seeds {seeds_txt}`; mean (std) over seeds; "
+            f"`{command}`; mean (std) over seeds; "
             "mask IoU = predicted part masks vs ground-truth part boxes on the target (synthetic only).\n\n"
             + summary.round(2).to_markdown() + "\n")
     with atomic_path(folder / f"table{table}.md") as tmp:

@@ -100,7 +100,8 @@ def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: 
     ``recipes`` = the tables run under each recipe, ``notes`` = the hand-written reading (:func:`read_notes`),
     ``clip`` = the command that made the CLIP the runs start from when the scale names one."""
     runs = runs if "recipe" in runs.columns else runs.assign(recipe="workbook")
-    summary = (runs.groupby(["recipe", "protocol", "table", "variant"], sort=False)[["mAP", "Rank-1", "mask IoU"]]
+    metrics = ["mAP", "Rank-1", "mask IoU"] + (["held-out mAP"] if "held-out mAP" in runs.columns else [])
+    summary = (runs.groupby(["recipe", "protocol", "table", "variant"], sort=False)[metrics]
                .agg(["mean", "std"]).round(2))
     summary.columns = [f"{a} {b}" for a, b in summary.columns]
     held = claims[claims["metric"] == "mAP"]["verdict"].value_counts().to_dict() if len(claims) else {}
@@ -137,7 +138,8 @@ def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: 
         "",
         claims.to_markdown(index=False) if len(claims) else "(no claims evaluated)",
         "",
-        "## Variants (mean, std over seeds; mask IoU = predicted masks vs ground-truth part boxes on the target)",
+        "## Variants (mean, std over seeds; mask IoU = predicted masks vs ground-truth part boxes on the target; "
+        "held-out mAP = the source domains' own query/gallery splits, where the runs evaluated them)",
         "",
         summary.to_markdown(),
         "",
