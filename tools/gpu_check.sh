@@ -21,7 +21,9 @@ fi
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "gpu_check: the wheels in .whl/ did not install (bash tools/gpu_check.sh --fetch here first)"; exit 2; }
+    || { echo "gpu_check: the wheels in .whl/ did not install: they are for CPython 3.12 on x86-64, the lent" \
+              "machines' python3 (this one: $(python3 --version 2>&1)); without .whl/, bash tools/gpu_check.sh --fetch" \
+              "first"; exit 2; }
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 PATH="/tmp/site/bin:$PATH"
 { date -u; nvidia-smi; python3 -c "import torch, open_clip, papermill; print('torch', torch.__version__, 'cuda',
 torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), torch.cuda.get_device_name(0), 'open_clip',
