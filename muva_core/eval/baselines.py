@@ -53,23 +53,22 @@ BASELINE_FEATURES = {"hist-global": 1, "hist-3stripes": 3}
 """Colour-histogram baselines: name -> number of horizontal stripes."""
 
 
-def evaluate_baselines(query, gallery, cfg, progress: bool = True) -> dict[str, dict[str, float]]:
-    """mAP / CMC / mINP of each colour-histogram baseline on one query/gallery split."""
-    import numpy as np
-
+def _ranked(qf, gf, query, gallery, cfg) -> dict[str, float]:
+    """mAP / CMC / mINP of query features ``qf`` against gallery features ``gf`` (the run's metric and max rank)."""
+    from .features import sample_arrays
     from .metrics import evaluate_features
 
+    (qp, qc), (gp, gc) = sample_arrays(query), sample_arrays(gallery)
+    return evaluate_features(qf, gf, qp, gp, qc, gc, metric=cfg.eval.metric, max_rank=cfg.eval.max_rank).as_dict()
+
+
+def evaluate_baselines(query, gallery, cfg, progress: bool = True) -> dict[str, dict[str, float]]:
+    """mAP / CMC / mINP of each colour-histogram baseline on one query/gallery split."""
     results = {}
     for name, stripes in BASELINE_FEATURES.items():
         qf = extract_histograms(query, stripes=stripes, progress=progress, desc=f"{name} query")
         gf = extract_histograms(gallery, stripes=stripes, progress=progress, desc=f"{name} gallery")
-        m = evaluate_features(
-            qf, gf,
-            np.array([s.pid for s in query]), np.array([s.pid for s in gallery]),
-            np.array([s.camid for s in query]), np.array([s.camid for s in gallery]),
-            metric=cfg.eval.metric, max_rank=cfg.eval.max_rank,
-        )
-        results[name] = m.as_dict()
+        results[name] = _ranked(qf, gf, query, gallery, cfg)
     return results
 
 
@@ -92,11 +91,9 @@ def clip_image_features(visual, samples: Sequence[Sample], cfg, device, progress
 def evaluate_clip_start(query, gallery, cfg, progress: bool = True) -> dict[str, float] | None:
     """mAP / CMC / mINP of the image embedding of the CLIP ``cfg``'s runs start from (no Re-ID training); None when
     that CLIP is the one ``muva pretrain-clip`` makes and it is not made yet."""
-    from ..model.checkpoints import config_clip_path
+    from ..model.checkpoints import config_clip_path, uses_pretrain_clip
     from ..model.factory import start_clip
-    from ..model.checkpoints import uses_pretrain_clip
     from .features import resolve_device
-    from .metrics import evaluate_features
 
     if uses_pretrain_clip(cfg) and not config_clip_path(cfg).is_file():
         return None
@@ -105,9 +102,7 @@ def evaluate_clip_start(query, gallery, cfg, progress: bool = True) -> dict[str,
     visual = clip.visual.to(device)
     qf = clip_image_features(visual, query, cfg, device, progress, "clip-start query")
     gf = clip_image_features(visual, gallery, cfg, device, progress, "clip-start gallery")
-    return evaluate_features(qf, gf, np.array([s.pid for s in query]), np.array([s.pid for s in gallery]),
-                             np.array([s.camid for s in query]), np.array([s.camid for s in gallery]),
-                             metric=cfg.eval.metric, max_rank=cfg.eval.max_rank).as_dict()
+    return _ranked(qf, gf, query, gallery, cfg)
 
 
 def chance_level(query, gallery, cfg, draws: int = 20, dim: int = 64, seed: int = 0) -> dict[str, float]:
@@ -115,11 +110,11 @@ def chance_level(query, gallery, cfg, draws: int = 20, dim: int = 64, seed: int 
     a model that learned nothing scores on this query/gallery split."""
     import numpy as np
 
+    from .features import sample_arrays
     from .metrics import evaluate_features
 
     rng = np.random.default_rng(seed)
-    qp, gp = np.array([s.pid for s in query]), np.array([s.pid for s in gallery])
-    qc, gc = np.array([s.camid for s in query]), np.array([s.camid for s in gallery])
+    (qp, qc), (gp, gc) = sample_arrays(query), sample_arrays(gallery)
     runs = []
     for _ in range(draws):
         qf = rng.standard_normal((len(query), dim)).astype(np.float32)

@@ -207,9 +207,8 @@ def training_summary(folder: Path, cfg: RunConfig) -> dict:
             rows = h[["epoch", *cols]].dropna(how="all", subset=cols)
             out["by_epoch"] = {c: {int(e): round(float(v), 2) for e, v in zip(rows["epoch"], rows[c]) if v == v}
                                for c in cols}
-    from ..model.checkpoints import config_clip_path
+    from ..model.checkpoints import config_clip_path, uses_pretrain_clip
     from ..pretrain.files import read_pretrain_info
-    from ..model.checkpoints import uses_pretrain_clip
 
     if uses_pretrain_clip(cfg) and config_clip_path(cfg).is_file():
         out["clip_zero_shot"] = read_pretrain_info(config_clip_path(cfg)).get("zero_shot")

@@ -45,6 +45,7 @@ def config_clip_path(cfg) -> Path:
     return pretrained_clip_file(config_clip_dir(cfg), cfg.model.backbone, CONFIG_CLIP_SEED,
                                 (int(cfg.data.height), int(cfg.data.width)))
 
+
 def uses_pretrain_clip(cfg) -> bool:
     """Whether a :class:`~muva_core.config.RunConfig` starts from the CLIP of ``muva pretrain-clip`` (``pretrained:
     pretrain-clip`` and no ``checkpoint_path``, which would win)."""

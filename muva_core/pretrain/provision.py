@@ -28,7 +28,6 @@ shrink it). The file's name (out_dir, backbone, seed, image_size) comes from the
 _NAMING_KEYS = ("out_dir", "backbone", "seed", "image_size")
 
 
-
 def config_clip_spec(cfg: RunConfig) -> dict[str, Any]:
     """The :func:`~muva_core.pretrain.loop.pretrain_clip` arguments of the CLIP ``pretrained: pretrain-clip`` names
     for ``cfg``: its backbone, input size and ``data_root``, seed :data:`CONFIG_CLIP_SEED`, the default settings
@@ -62,7 +61,6 @@ def ensure_pretrained_clip(cfg: RunConfig, progress: bool = True) -> Path | None
             f"`muva pretrain-clip --out {spec['out_dir']} --backbone {spec['backbone']} --seed {spec['seed']}`; "
             "move it away (or add --overwrite to that command) to make the one this configuration needs, or start "
             "from it as it is with -p checkpoint_path=<file> -p pretrained=none") from None
-
 
 
 def pretrain_clip_summary(path: Path, backbone: str, image_size: Sequence[int]) -> str:
