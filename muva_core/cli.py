@@ -353,6 +353,8 @@ def cmd_pretrain_clip(args) -> int:
         options["loss"] = args.loss
     if args.hard_negatives:
         options["hard_negatives"] = args.hard_negatives
+    if args.batch_granularity:
+        options["batch_granularity"] = args.batch_granularity
     image_size = _image_size(args.image_size)
     path = pretrain_clip(args.out, backbone=args.backbone, seed=args.seed, epochs=args.epochs, scale=args.scale,
                          synth_root=args.synth_root, overwrite=args.overwrite, progress=not args.quiet,
@@ -612,6 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "one positive per image; multi_positive: every caption of the batch true of an image is one)")
     p.add_argument("--hard-negatives", type=int, default=0, metavar="N", help="per image, N captions with one "
                    "attribute changed (NegCLIP hard negatives) that it must rank below its own (default 0)")
+    p.add_argument("--batch-granularity", choices=["mixed", "one"], default=None, help="mixed (default): each "
+                   "image draws its caption's granularity; one: the whole batch is captioned at one granularity "
+                   "(harder negatives: 63 other legs instead of a mix of parts)")
     p.add_argument("--reid-root", default=None, help="a generated synthetic Re-ID set (e.g. data/synthetic): the "
                    "report adds zero-shot accuracy on the test images of its domains A-D")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint made with other settings")

@@ -448,9 +448,10 @@ def test_cli_passes_the_pretraining_options_through(monkeypatch, tmp_path):
     monkeypatch.setattr(loop, "pretrain_clip", fake)
     monkeypatch.setattr(provision, "pretrain_clip_summary", lambda *a, **k: "summary")
     assert main(["pretrain-clip", "--out", str(tmp_path), "--backbone", "tiny", "--scale", "pretrain-wide",
-                 "--color-jitter", "--loss", "multi_positive", "--hard-negatives", "2", "--quiet"]) == 0
+                 "--color-jitter", "--loss", "multi_positive", "--hard-negatives", "2", "--batch-granularity", "one",
+                 "--quiet"]) == 0
     assert seen["scale"] == "pretrain-wide" and seen["color_jitter"] is True and seen["loss"] == "multi_positive"
-    assert seen["hard_negatives"] == 2
+    assert seen["hard_negatives"] == 2 and seen["batch_granularity"] == "one"
     assert syn.SCALES["pretrain-wide"]["ids_per_domain"] == 4 * syn.SCALES["pretrain"]["ids_per_domain"]
     with pytest.raises(SystemExit):
         main(["pretrain-clip", "--out", str(tmp_path), "--loss", "triplet"])
@@ -501,3 +502,59 @@ def test_pretraining_sets_of_two_scales_never_share_the_default_folder(tmp_path)
     assert pretrain_data_root(tmp_path / "clip") == (tmp_path / "synthetic-pretrain").resolve()
     assert pretrain_data_root(tmp_path / "clip2", "pretrain-wide") == (tmp_path / "synthetic-pretrain-wide").resolve()
     assert pretrain_data_root(tmp_path / "clip2", "small") != pretrain_data_root(tmp_path / "clip2")
+
+
+def test_supervised_ceiling_learns_from_labels_deterministically_and_the_tool_runs(pt_root, train_data, tmp_path):
+    """supervised_attribute_ceiling: every attribute scored in [0, 1] with its chance, the training loss falls, the
+    same seed gives the same numbers and leaves the global RNG alone; mismatched sizes are refused; the tool of
+    docs/pretraining.md writes its JSON."""
+    import json
+    import runpy
+    from pathlib import Path
+
+    from muva_core.pretrain.zeroshot import supervised_attribute_ceiling
+
+    train = train_data.subset(range(96))
+    held = load_pretrain_images(pt_root, "test", limit=30)
+    state = torch.random.get_rng_state()
+    a = supervised_attribute_ceiling(train, held, backbone="tiny", epochs=4, batch_size=16, lr=2e-3)
+    assert torch.equal(state, torch.random.get_rng_state())
+    b = supervised_attribute_ceiling(train, held, backbone="tiny", epochs=4, batch_size=16, lr=2e-3)
+    assert a == b
+    assert set(a["balanced_accuracy"]) == set(ZERO_SHOT_ATTRIBUTES) | {"mean"}
+    assert all(np.isnan(v) or 0.0 <= v <= 1.0 for v in a["balanced_accuracy"].values())
+    assert all(0.0 < a["chance"][k] <= 1.0 for k in ZERO_SHOT_ATTRIBUTES)
+    assert a["steps"] == 4 * 6 and len(a["loss"]) == 4 and a["loss"][-1] < a["loss"][0]
+    with pytest.raises(ValueError, match="resize both"):
+        supervised_attribute_ceiling(train, held.resized((128, 64)), backbone="tiny", batch_size=16)
+
+    tool = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "attribute_ceiling.py"))
+    out = tmp_path / "ceiling.json"
+    assert tool["main"](["--root", str(pt_root), "--backbone", "tiny", "--image-size", "256x128", "--epochs", "1",
+                         "--train", "64", "--test", "20", "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["train_images"] == 64 and set(saved["balanced_accuracy"]) >= set(ZERO_SHOT_ATTRIBUTES)
+
+
+def test_one_granularity_batches_caption_every_image_at_the_batch_granularity(train_data):
+    """batch_granularity="one": every image of a batch is captioned at one granularity (global only where its part
+    is hidden), and over batches each granularity comes up; "mixed" (the default) draws as before and stays out of
+    the reuse key; an unknown value is refused."""
+    idx = list(range(24))
+    cfg = PretrainConfig(backbone="tiny", batch_granularity="one", min_part_visible=0.5)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(12):
+        b = make_batch(train_data, idx, rng, cfg)
+        parts = set(b.granularities) - {"global"}
+        assert len(parts) <= 1
+        seen |= set(b.granularities)
+        for i, g in zip(idx, b.granularities):
+            if parts and g == "global":       # fell back: the batch's part is hidden in this image
+                assert train_data.boxes[i, PARTS.index(next(iter(parts))), 4] < 0.5
+    assert seen == {"global", *PARTS}
+    mixed = make_batch(train_data, idx, np.random.default_rng(0), PretrainConfig(backbone="tiny"))
+    assert len(set(mixed.granularities)) > 2
+    assert "batch_granularity" not in PretrainConfig().settings() and cfg.settings()["batch_granularity"] == "one"
+    with pytest.raises(ValueError, match="batch_granularity must be one of"):
+        PretrainConfig(batch_granularity="legs")

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PRETRAIN_FORMAT", "PRETRAIN_FORMAT_VERSION", "CAPTIONS_VERSION", "DEFAULT_EPOCHS", "PretrainConfig"]
+__all__ = ["BATCH_GRANULARITIES", "PRETRAIN_FORMAT", "PRETRAIN_FORMAT_VERSION", "CAPTIONS_VERSION", "DEFAULT_EPOCHS", "PretrainConfig"]
 
 PRETRAIN_FORMAT = "muva-clip-pretrain"
 PRETRAIN_FORMAT_VERSION = 1
@@ -19,6 +19,9 @@ DEFAULT_EPOCHS: dict[str, int] = {"tiny": 10, "mini": 3, "small": 3, "vit-b-16":
 
 PRETRAIN_LOSSES = ("clip", "multi_positive")
 """The contrastive losses of :class:`PretrainConfig` (``loss``)."""
+
+BATCH_GRANULARITIES = ("mixed", "one")
+"""How :class:`PretrainConfig` (``batch_granularity``) draws the captions' granularities within a batch."""
 
 
 @dataclass
@@ -47,6 +50,11 @@ class PretrainConfig:
                 changed to another value (:func:`muva_core.data.captions.hard_negative_caption`), extra texts the
                 image must rank below its own caption, so that every attribute a caption names counts, the shoes
                 as much as the shirt (in the reuse key only when > 0)
+    batch_granularity: ``mixed``: each image draws its own granularity (global with ``p_global``, else a visible
+                part); ``one``: the batch draws one (global with ``p_global``, else a part) and every image is
+                captioned at it (global where that part is not visible), so a legs caption is told apart from 63
+                other legs, not from a mix of heads, upper bodies and legs in which the trouser colour alone
+                already picks it out (in the key only when not ``mixed``)
     color_jitter: the photometric jitter of :func:`muva_core.data.transforms.photometric_jitter` on every
                 training image (lighting and camera changes; in the reuse key only when on)
     """
@@ -69,6 +77,7 @@ class PretrainConfig:
     color_jitter: bool = False
     loss: str = "clip"
     hard_negatives: int = 0
+    batch_granularity: str = "mixed"
 
     def __post_init__(self) -> None:
         from ..data.synthetic import SCALES
@@ -87,6 +96,8 @@ class PretrainConfig:
         if not 0 <= int(self.hard_negatives) <= 8:
             raise ValueError(f"hard_negatives must be in 0..8, got {self.hard_negatives}")
         self.hard_negatives = int(self.hard_negatives)
+        if self.batch_granularity not in BATCH_GRANULARITIES:
+            raise ValueError(f"batch_granularity must be one of {BATCH_GRANULARITIES}, got {self.batch_granularity!r}")
         self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
 
     def settings(self) -> dict[str, Any]:
@@ -101,6 +112,8 @@ class PretrainConfig:
             del d["loss"]
         if not d["hard_negatives"]:
             del d["hard_negatives"]
+        if d["batch_granularity"] == "mixed":
+            del d["batch_granularity"]
         d.update(generator_version=GENERATOR_VERSION, captions_version=CAPTIONS_VERSION,
                  format_version=PRETRAIN_FORMAT_VERSION)
         return d

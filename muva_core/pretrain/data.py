@@ -175,7 +175,9 @@ def make_batch(data: PretrainImages, index: Sequence[int], rng: np.random.Genera
     """The batch of images ``index``: flips, captions, part masking and the tokens to keep.
 
     Per image: flip with probability 0.5; a global caption with probability ``cfg.p_global``,
-    else a part caption of a random visible part (that part masked in, the rest zeroed).
+    else a part caption of a random visible part (that part masked in, the rest zeroed); with
+    ``cfg.batch_granularity == "one"`` the batch draws the granularity once and every image takes it (global
+    where that part is not visible).
     With ``cfg.keep_tokens`` > 0: ``keep_tokens`` random patches, those on the captioned part first.
     With ``cfg.hard_negatives`` = n > 0: up to n hard negative captions per image
     (:func:`~muva_core.data.captions.hard_negative_caption`) in ``negatives``.
@@ -189,13 +191,19 @@ def make_batch(data: PretrainImages, index: Sequence[int], rng: np.random.Genera
     k = int(cfg.keep_tokens)
     keep = [] if 0 < k < n_tok else None
     texts, grans, facts, negatives = [], [], [], []
+    one = None   # batch_granularity "one": the batch's granularity
+    if cfg.batch_granularity == "one":
+        one = "global" if rng.random() < cfg.p_global else PARTS[int(rng.integers(len(PARTS)))]
     for b, i in enumerate(index):
         boxes = data.boxes[i].copy()
         if rng.random() < 0.5:
             x[b] = x[b].flip(-1)
             boxes[:, [0, 2]] = w - boxes[:, [2, 0]]
         g = "global"
-        if rng.random() >= cfg.p_global:
+        if one is not None:
+            if one != "global" and boxes[PARTS.index(one), 4] >= cfg.min_part_visible:
+                g = one
+        elif rng.random() >= cfg.p_global:
             visible = [p for j, p in enumerate(PARTS) if boxes[j, 4] >= cfg.min_part_visible]
             if visible:
                 g = visible[int(rng.integers(len(visible)))]
