@@ -527,13 +527,17 @@ def test_supervised_ceiling_learns_from_labels_deterministically_and_the_tool_ru
     assert a["steps"] == 4 * 6 and len(a["loss"]) == 4 and a["loss"][-1] < a["loss"][0]
     with pytest.raises(ValueError, match="resize both"):
         supervised_attribute_ceiling(train, held.resized((128, 64)), backbone="tiny", batch_size=16)
+    with pytest.raises(ValueError, match="mode must be"):
+        supervised_attribute_ceiling(train, held, backbone="tiny", mode="legs", batch_size=16)
+    whole = supervised_attribute_ceiling(train, held, backbone="tiny", mode="global", epochs=2, batch_size=16)
+    assert set(whole["balanced_accuracy"]) == set(a["balanced_accuracy"]) and whole["steps"] == 2 * 6
 
     tool = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "attribute_ceiling.py"))
     out = tmp_path / "ceiling.json"
     assert tool["main"](["--root", str(pt_root), "--backbone", "tiny", "--image-size", "256x128", "--epochs", "1",
-                         "--train", "64", "--test", "20", "--json", str(out)]) == 0
+                         "--mode", "global", "--train", "64", "--test", "20", "--json", str(out)]) == 0
     saved = json.loads(out.read_text())
-    assert saved["settings"]["train_images"] == 64 and set(saved["balanced_accuracy"]) >= set(ZERO_SHOT_ATTRIBUTES)
+    assert saved["settings"]["train_images"] == 64 and saved["settings"]["mode"] == "global" and set(saved["balanced_accuracy"]) >= set(ZERO_SHOT_ATTRIBUTES)
 
 
 def test_one_granularity_batches_caption_every_image_at_the_batch_granularity(train_data):

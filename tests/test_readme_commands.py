@@ -92,6 +92,10 @@ DOCS_COMMANDS = {
         "test_synthetic_workbook_commands (tiny, 1 epoch, the small scale)",
     "python tools/probe_clip.py --root data/synthetic-pretrain-wide random data/clip-wide/clip-mini-192x96-seed0.safetensors":
         "tests/test_pretrain_clip.py::test_probe_tool_as_docs_pretraining_writes_it",
+    **{f"python tools/attribute_ceiling.py --root data/synthetic-pretrain-wide --image-size {size} --epochs 6 "
+       f"--train 12000{mode}": "tests/test_pretrain_clip.py::"
+       "test_supervised_ceiling_learns_from_labels_deterministically_and_the_tool_runs (tiny)"
+       for size, mode in (("192x96", ""), ("256x128", ""), ("192x96", " --mode global"))},
     REGIME_TRAIN: "test_synthetic_workbook_commands (tiny, 1 epoch per stage, the small scale, the tiny CLIP)",
     REGIME_BASELINE: "test_synthetic_workbook_commands (the small scale, the tiny CLIP)",
     # docs/evidence.md

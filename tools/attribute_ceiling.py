@@ -23,6 +23,8 @@ def main(argv=None) -> int:
     ap.add_argument("--root", required=True, help="a generated pretraining set (synth_P, synth_Q, synth_R)")
     ap.add_argument("--image-size", default="192x96", help="HxW the images are resized to")
     ap.add_argument("--backbone", default="mini")
+    ap.add_argument("--mode", choices=["part", "global"], default="part", help="part: one part masked in per step "
+                    "(the zero-shot part mode); global: whole images, every attribute at every step")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--train", type=int, default=12000, help="training images")
     ap.add_argument("--test", type=int, default=1000, help="held-out images they are scored on")
@@ -38,11 +40,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     train = load_pretrain_images(args.root, "train", limit=args.train, seed=args.seed + 1).resized(size)
     test = load_pretrain_images(args.root, "test", limit=args.test, seed=args.seed + 2).resized(size)
-    res = supervised_attribute_ceiling(train, test, backbone=args.backbone, epochs=args.epochs, seed=args.seed,
+    res = supervised_attribute_ceiling(train, test, backbone=args.backbone, mode=args.mode,
+                                       epochs=args.epochs, seed=args.seed,
                                        progress=True)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     res["settings"] = {**vars(args), "train_images": len(train), "test_images": len(test)}
-    print(f"{args.backbone} at {size[0]}x{size[1]}, {args.epochs} epochs on {len(train)} images, {len(test)} held out: "
+    print(f"{args.backbone} at {size[0]}x{size[1]} ({args.mode}), {args.epochs} epochs on {len(train)} images, {len(test)} held out: "
           "supervised balanced accuracy " + ", ".join(f"{a} {v:.2f}" for a, v in res["balanced_accuracy"].items())
           + f" ({res['seconds']:.0f} s)")
     if args.json:

@@ -200,13 +200,15 @@ def probe_attributes(model, train: PretrainImages, test: PretrainImages, part_pa
 
 
 def supervised_attribute_ceiling(train: PretrainImages, test: PretrainImages, backbone: str = "mini",
-                                 epochs: int = 6, batch_size: int = 64, lr: float = 5e-4, weight_decay: float = 0.05,
-                                 part_pad: int = 4, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+                                 mode: str = "part", epochs: int = 6, batch_size: int = 64, lr: float = 5e-4,
+                                 weight_decay: float = 0.05, part_pad: int = 4, seed: int = 0,
+                                 progress: bool = False) -> dict[str, Any]:
     """What the image tower can learn of each zero-shot attribute from its labels: the ``backbone``'s image tower,
     from random weights at the images' size, trained with a linear head per attribute (class-weighted
-    cross-entropy, AdamW with a one-cycle schedule, horizontal flips) on ``train``, as the ``part`` zero-shot mode
-    sees the images (each step one part masked in, in turn head, upper, legs, and the loss of that part's
-    attributes), then scored on ``test`` (balanced accuracy). Where even this stays near chance, no caption or
+    cross-entropy, AdamW with a one-cycle schedule, horizontal flips) on ``train``, as the zero-shot ``mode`` sees
+    the images (``part``: each step one part masked in, in turn head, upper, legs, and the loss of that part's
+    attributes; ``global``: the whole image and every attribute's loss at every step), then scored on ``test``
+    (balanced accuracy). Where even this stays near chance, no caption or
     contrastive loss can teach the attribute to that tower at that input size.
 
     Returns ``{"balanced_accuracy": {attribute: ..., "mean": ...}, "chance": {attribute: 1 / values present},
@@ -217,6 +219,8 @@ def supervised_attribute_ceiling(train: PretrainImages, test: PretrainImages, ba
     from .config import PretrainConfig
     from .model import build_pretrain_clip
 
+    if mode not in ("part", "global"):
+        raise ValueError(f"mode must be 'part' or 'global', got {mode!r}")
     if epochs < 1 or len(train) < batch_size:
         raise ValueError(f"need epochs >= 1 and at least batch_size={batch_size} training images, got epochs={epochs} "
                          f"and {len(train)} images")
@@ -236,6 +240,13 @@ def supervised_attribute_ceiling(train: PretrainImages, test: PretrainImages, ba
         inverse = counts.sum() / counts
         weights.append(inverse / inverse.mean())
     of_part = {p: [k for k, a in enumerate(attrs) if ZERO_SHOT_ATTRIBUTES[a].part == p] for p in PARTS}
+    views = list(PARTS) if mode == "part" else ["global"]
+    of_view = {**of_part, "global": list(range(len(attrs)))}
+
+    def images(d: PretrainImages, index: Sequence[int], view: str) -> torch.Tensor:
+        return normalise_images(d.images[list(index)]) if view == "global" else masked_part_images(d, index, view,
+                                                                                                  part_pad)
+
     size = tuple(int(v) for v in train.images.shape[-2:])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -253,13 +264,13 @@ def supervised_attribute_ceiling(train: PretrainImages, test: PretrainImages, ba
             order, total = torch.randperm(len(train)), 0.0
             for s in range(0, per_epoch * batch_size, batch_size):
                 index = order[s:s + batch_size].tolist()
-                part = PARTS[step % len(PARTS)]
-                x = masked_part_images(train, index, part, part_pad)
+                view = views[step % len(views)]
+                x = images(train, index, view)
                 flip = torch.rand(len(index)) < 0.5
                 x[flip] = x[flip].flip(-1)
                 features, y = tower(x), y_train[index]
                 loss = sum(nn.functional.cross_entropy(heads[k](features), y[:, k], weight=weights[k], ignore_index=-1)
-                           for k in of_part[part])
+                           for k in of_view[view])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -273,10 +284,10 @@ def supervised_attribute_ceiling(train: PretrainImages, test: PretrainImages, ba
     accuracy: dict[str, float] = {}
     chance: dict[str, float] = {}
     with torch.no_grad():
-        for part in PARTS:
-            x = masked_part_images(test, range(len(test)), part, part_pad)
+        for view in views:
+            x = images(test, range(len(test)), view)
             features = torch.cat([tower(x[s:s + 128]) for s in range(0, len(test), 128)])
-            for k in of_part[part]:
+            for k in of_view[view]:
                 y = y_test[:, k]
                 keep = y >= 0
                 hit = (heads[k](features[keep]).argmax(1) == y[keep]).float()
