@@ -43,19 +43,22 @@ class PretrainImages:
         return PretrainImages(self.images[idx], self.boxes[idx], [self.attrs[i] for i in idx], self.pids[idx],
                               [self.domains[i] for i in idx], [self.relpaths[i] for i in idx])
 
-    def resized(self, size: Sequence[int]) -> "PretrainImages":
-        """The images resized to ``size`` = (H, W) (bilinear, antialiased), boxes scaled with them."""
+    def resized(self, size: Sequence[int], chunk: int = 256) -> "PretrainImages":
+        """The images resized to ``size`` = (H, W) (bilinear, antialiased), boxes scaled with them; ``chunk`` images
+        at a time, so that only that many are ever held as floats (the whole wide set as floats would be ~7 GB)."""
         h, w = (int(v) for v in size)
         H, W = self.images.shape[-2:]
         if (h, w) == (H, W):
             return self
-        x = torch.nn.functional.interpolate(self.images.float(), size=(h, w), mode="bilinear", antialias=True,
-                                            align_corners=False)
+        out = torch.empty((len(self), self.images.shape[1], h, w), dtype=torch.uint8)
+        for s in range(0, len(self), chunk):
+            x = torch.nn.functional.interpolate(self.images[s:s + chunk].float(), size=(h, w), mode="bilinear",
+                                                antialias=True, align_corners=False)
+            out[s:s + chunk] = x.round().clamp(0, 255).to(torch.uint8)
         boxes = self.boxes.copy()
         boxes[..., [0, 2]] *= w / W
         boxes[..., [1, 3]] *= h / H
-        return PretrainImages(x.round().clamp(0, 255).to(torch.uint8), boxes, self.attrs, self.pids,
-                              self.domains, self.relpaths)
+        return PretrainImages(out, boxes, self.attrs, self.pids, self.domains, self.relpaths)
 
 
 def load_pretrain_images(root: str | os.PathLike, split: str = "train", domains: Sequence[str] | None = None,
