@@ -332,8 +332,8 @@ def cmd_baseline(args) -> int:
     return 0
 
 
-def _image_size(text: str) -> tuple[int, int]:
-    """``"256x128"`` -> ``(256, 128)`` (height x width)."""
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``"256x128"`` -> ``(256, 128)`` (height x width); a clear exit on anything else (the commands and tools/)."""
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -355,7 +355,7 @@ def cmd_pretrain_clip(args) -> int:
         options["hard_negatives"] = args.hard_negatives
     if args.batch_granularity:
         options["batch_granularity"] = args.batch_granularity
-    image_size = _image_size(args.image_size)
+    image_size = parse_image_size(args.image_size)
     path = pretrain_clip(args.out, backbone=args.backbone, seed=args.seed, epochs=args.epochs, scale=args.scale,
                          synth_root=args.synth_root, overwrite=args.overwrite, progress=not args.quiet,
                          image_size=image_size, reid_root=args.reid_root, **options)

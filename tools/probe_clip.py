@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from muva_core.cli import parse_image_size
 from muva_core.pretrain.config import PretrainConfig
 from muva_core.pretrain.data import load_pretrain_images
 from muva_core.pretrain.files import load_pretrained_clip
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     cache = {}
     for ck in args.checkpoints:
         if ck == "random":
-            cfg = PretrainConfig(backbone=args.backbone, image_size=tuple(int(v) for v in args.image_size.split("x")))
+            cfg = PretrainConfig(backbone=args.backbone, image_size=parse_image_size(args.image_size))
             model, _ = build_pretrain_clip(cfg)
         else:
             model, _, cfg = load_pretrained_clip(ck)

@@ -208,8 +208,8 @@ def supervised_attribute_ceiling(train: PretrainImages, test: PretrainImages, ba
     cross-entropy, AdamW with a one-cycle schedule, horizontal flips) on ``train``, as the zero-shot ``mode`` sees
     the images (``part``: each step one part masked in, in turn head, upper, legs, and the loss of that part's
     attributes; ``global``: the whole image and every attribute's loss at every step), then scored on ``test``
-    (balanced accuracy). Where even this stays near chance, no caption or
-    contrastive loss can teach the attribute to that tower at that input size.
+    (balanced accuracy). Where even this stays near chance, no caption or contrastive loss can teach the attribute to
+    that tower at that input size.
 
     Returns ``{"balanced_accuracy": {attribute: ..., "mean": ...}, "chance": {attribute: 1 / values present},
     "loss": [mean loss of each epoch], "steps": n}``. Deterministic for a seed (the global torch RNG is left as
@@ -239,15 +239,14 @@ def supervised_attribute_ceiling(train: PretrainImages, test: PretrainImages, ba
         counts = torch.bincount(y_train[:, k][y_train[:, k] >= 0], minlength=len(values[a])).float().clamp(min=1)
         inverse = counts.sum() / counts
         weights.append(inverse / inverse.mean())
-    of_part = {p: [k for k, a in enumerate(attrs) if ZERO_SHOT_ATTRIBUTES[a].part == p] for p in PARTS}
     views = list(PARTS) if mode == "part" else ["global"]
-    of_view = {**of_part, "global": list(range(len(attrs)))}
+    of_view = {v: [k for k, a in enumerate(attrs) if v in ("global", ZERO_SHOT_ATTRIBUTES[a].part)] for v in views}
 
     def images(d: PretrainImages, index: Sequence[int], view: str) -> torch.Tensor:
         return normalise_images(d.images[list(index)]) if view == "global" else masked_part_images(d, index, view,
                                                                                                   part_pad)
 
-    size = tuple(int(v) for v in train.images.shape[-2:])
+    size = tuple(train.images.shape[-2:])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model, _ = build_pretrain_clip(PretrainConfig(backbone=backbone, image_size=size, seed=seed))
@@ -269,8 +268,8 @@ def supervised_attribute_ceiling(train: PretrainImages, test: PretrainImages, ba
                 flip = torch.rand(len(index)) < 0.5
                 x[flip] = x[flip].flip(-1)
                 features, y = tower(x), y_train[index]
-                loss = sum(nn.functional.cross_entropy(heads[k](features), y[:, k], weight=weights[k], ignore_index=-1)
-                           for k in of_view[view])
+                loss = sum(nn.functional.cross_entropy(heads[k](features), y[:, k], weight=weights[k],
+                                                       ignore_index=-1) for k in of_view[view])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -285,8 +284,7 @@ def supervised_attribute_ceiling(train: PretrainImages, test: PretrainImages, ba
     chance: dict[str, float] = {}
     with torch.no_grad():
         for view in views:
-            x = images(test, range(len(test)), view)
-            features = torch.cat([tower(x[s:s + 128]) for s in range(0, len(test), 128)])
+            features = _encode_images(model, images(test, range(len(test)), view), 128)
             for k in of_view[view]:
                 y = y_test[:, k]
                 keep = y >= 0
