@@ -349,6 +349,8 @@ def cmd_pretrain_clip(args) -> int:
     options = {} if args.keep_tokens is None else {"keep_tokens": args.keep_tokens}
     if args.color_jitter:
         options["color_jitter"] = True
+        if args.color_jitter != "reid":
+            options["jitter_ranges"] = args.color_jitter
     if args.loss:
         options["loss"] = args.loss
     if args.hard_negatives:
@@ -608,8 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "configs' height/width must match, the 16-pixel patch grid is not resized)")
     p.add_argument("--keep-tokens", type=int, default=None, help="patch tokens kept per training image "
                    "(default 32 of the 128 at 256x128; all when at least the grid size)")
-    p.add_argument("--color-jitter", action="store_true", help="photometric jitter (lighting, camera) on every "
-                   "training image")
+    p.add_argument("--color-jitter", nargs="?", const="reid", default=None, choices=["reid", "wide"],
+                   help="photometric jitter (lighting, camera) on every training image, with the Re-ID training's "
+                   "ranges (plain --color-jitter) or wider ones (--color-jitter wide: strong colour casts, "
+                   "contrast, noise, low resolution)")
     p.add_argument("--loss", choices=["clip", "multi_positive"], default=None, help="contrastive loss (default clip: "
                    "one positive per image; multi_positive: every caption of the batch true of an image is one)")
     p.add_argument("--hard-negatives", type=int, default=0, metavar="N", help="per image, N captions with one "

@@ -109,6 +109,38 @@ def test_color_jitter_changes_the_images_not_the_captions_and_enters_the_key_onl
     assert "color_jitter" not in plain.settings() and jitter.settings()["color_jitter"] is True
 
 
+def test_wide_jitter_draws_stronger_looks_and_enters_the_key_only_when_asked(train_data):
+    """``jitter_ranges="wide"`` (``--color-jitter wide``): the Re-ID ranges draw exactly as before, the wide ones
+    give other images from the same batch rng (casts, low resolution), the key names them, and a wide jitter
+    without the jitter on, or unknown ranges, is refused with the key named."""
+    from muva_core.data.transforms import PHOTOMETRIC_RANGES, WIDE_PHOTOMETRIC_RANGES, photometric_jitter
+
+    x = torch.rand(3, 48, 24, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(photometric_jitter(x, torch.Generator().manual_seed(1), p=1.0),
+                       photometric_jitter(x, torch.Generator().manual_seed(1), p=1.0, ranges=PHOTOMETRIC_RANGES))
+    # the resolution drop alone (every other factor at identity): pixel noise is smoothed away, the mean kept
+    only_lowres = {**{k: (1.0, 1.0) for k in ("gain", "brightness", "gamma", "contrast", "saturation")},
+                   "noise": (0.0, 0.0), "lowres": (3.0, 3.0)}
+    smooth = photometric_jitter(x, torch.Generator().manual_seed(1), p=1.0, ranges=only_lowres)
+    assert smooth.shape == x.shape and float(smooth.std()) < 0.6 * float(x.std())
+    assert abs(float(smooth.mean() - x.mean())) < 0.02
+    assert WIDE_PHOTOMETRIC_RANGES["gain"][0] <= 0.68 and WIDE_PHOTOMETRIC_RANGES["gain"][1] >= 1.2
+
+    idx = list(range(8))
+    reid = PretrainConfig(backbone="tiny", p_global=1.0, keep_tokens=0, color_jitter=True)
+    wide = PretrainConfig(backbone="tiny", p_global=1.0, keep_tokens=0, color_jitter=True, jitter_ranges="wide")
+    a = make_batch(train_data, idx, np.random.default_rng(3), reid)
+    b = make_batch(train_data, idx, np.random.default_rng(3), wide)
+    c = make_batch(train_data, idx, np.random.default_rng(3), wide)
+    assert torch.equal(b.images, c.images) and a.texts == b.texts
+    assert not torch.equal(a.images, b.images)
+    assert "jitter_ranges" not in reid.settings() and wide.settings()["jitter_ranges"] == "wide"
+    with pytest.raises(ValueError, match="jitter_ranges='wide' needs color_jitter"):
+        PretrainConfig(backbone="tiny", jitter_ranges="wide")
+    with pytest.raises(ValueError, match="jitter_ranges must be one of"):
+        PretrainConfig(backbone="tiny", color_jitter=True, jitter_ranges="huge")
+
+
 def test_pretraining_loss_decreases_over_a_few_steps(train_data):
     cfg = PretrainConfig(backbone="tiny", lr=2e-3, weight_decay=0.0)
     torch.manual_seed(0)
@@ -451,10 +483,14 @@ def test_cli_passes_the_pretraining_options_through(monkeypatch, tmp_path):
                  "--color-jitter", "--loss", "multi_positive", "--hard-negatives", "2", "--batch-granularity", "one",
                  "--quiet"]) == 0
     assert seen["scale"] == "pretrain-wide" and seen["color_jitter"] is True and seen["loss"] == "multi_positive"
-    assert seen["hard_negatives"] == 2 and seen["batch_granularity"] == "one"
+    assert seen["hard_negatives"] == 2 and seen["batch_granularity"] == "one" and "jitter_ranges" not in seen
+    assert main(["pretrain-clip", "--out", str(tmp_path), "--color-jitter", "wide", "--quiet"]) == 0
+    assert seen["color_jitter"] is True and seen["jitter_ranges"] == "wide"
     assert syn.SCALES["pretrain-wide"]["ids_per_domain"] == 4 * syn.SCALES["pretrain"]["ids_per_domain"]
     with pytest.raises(SystemExit):
         main(["pretrain-clip", "--out", str(tmp_path), "--loss", "triplet"])
+    with pytest.raises(SystemExit):
+        main(["pretrain-clip", "--out", str(tmp_path), "--color-jitter", "huge"])
 
 
 def test_linear_probe_reads_what_the_features_hold_and_the_tool_loads_checkpoints(tiny_ckpt, pt_root, train_data):

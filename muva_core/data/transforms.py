@@ -37,6 +37,8 @@ __all__ = [
     "flip_patch_mask",
     "shift_patch_mask",
     "PHOTOMETRIC_RANGES",
+    "WIDE_PHOTOMETRIC_RANGES",
+    "JITTER_RANGES",
     "photometric_jitter",
     "ReIDTransform",
     "build_train_transform",
@@ -124,14 +126,33 @@ PHOTOMETRIC_RANGES: dict[str, tuple[float, float]] = {
 }
 """Uniform ranges of :func:`photometric_jitter`'s factors: wide enough to cover lighting and camera changes
 from a bright indoor hall to a dim, warm-lit street (the synthetic domains' styles span gain 0.68-1.2,
-brightness 0.72-1.04, gamma 0.88-1.25, contrast 0.82-1.6, saturation 0.72-1.3)."""
+brightness 0.72-1.04, gamma 0.88-1.25, contrast 0.82-1.6, saturation 0.72-1.3; the colour cast is the one factor
+this range does not span)."""
+
+WIDE_PHOTOMETRIC_RANGES: dict[str, tuple[float, float]] = {
+    "lowres": (1.0, 3.0),        # downscale by this factor and back up (bilinear): low resolution and blur
+    "gain": (0.65, 1.35),        # per colour channel: casts as strong as a sodium-lit night street's
+    "brightness": (0.45, 1.3),
+    "gamma": (0.7, 1.5),
+    "contrast": (0.6, 1.7),
+    "saturation": (0.6, 1.4),
+    "noise": (0.0, 0.06),
+}
+"""The ranges of a wider world of looks (the CLIP's pretraining, ``muva pretrain-clip --color-jitter wide``): a
+web-scale CLIP has seen night streets, colour casts and low-resolution cameras, a CLIP pretrained on three
+daylight domains has not. Every synthetic camera style lies inside them (casts 0.68-1.2, low resolution up to
+2.8, contrast up to 1.6)."""
+
+JITTER_RANGES: dict[str, dict[str, tuple[float, float]]] = {"reid": PHOTOMETRIC_RANGES, "wide": WIDE_PHOTOMETRIC_RANGES}
+"""The named ranges :func:`photometric_jitter` draws from (``reid``: the Re-ID training's; ``wide``)."""
 
 
 def photometric_jitter(image: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.8,
                        ranges: Mapping[str, tuple[float, float]] = PHOTOMETRIC_RANGES) -> torch.Tensor:
     """With probability ``p``, a random colour cast, brightness, gamma, contrast, saturation and sensor noise
     (in that order) on ``image [3, H, W]`` in [0, 1]; returns a new tensor in [0, 1]. Geometry is unchanged, so
-    the part mask is too. Every factor is drawn from ``ranges`` with ``generator``."""
+    the part mask is too. Every factor is drawn from ``ranges`` with ``generator``; where ``ranges`` has
+    ``lowres``, the image is first scaled down by a factor drawn from it and back up (bilinear)."""
     if _rand(generator) >= p:
         return image
 
@@ -139,6 +160,14 @@ def photometric_jitter(image: torch.Tensor, generator: torch.Generator | None = 
         low, high = ranges[name]
         return low + (high - low) * _rand(generator)
 
+    if "lowres" in ranges:
+        factor = draw("lowres")
+        h, w = image.shape[-2:]
+        small = (max(1, round(h / factor)), max(1, round(w / factor)))
+        if small != (h, w):
+            down = torch.nn.functional.interpolate(image[None], size=small, mode="bilinear", antialias=True,
+                                                   align_corners=False)
+            image = torch.nn.functional.interpolate(down, size=(h, w), mode="bilinear", align_corners=False)[0]
     # in place on one new tensor (the same operations in the same order as the out-of-place formulas)
     gain = torch.tensor([draw("gain") for _ in range(3)], dtype=image.dtype)[:, None, None]
     x = (image * gain).mul_(draw("brightness")).clamp_(0.0, 1.0).pow_(draw("gamma"))

@@ -58,6 +58,10 @@ class PretrainConfig:
                 already picks it out (in the key only when not ``mixed``)
     color_jitter: the photometric jitter of :func:`muva_core.data.transforms.photometric_jitter` on every
                 training image (lighting and camera changes; in the reuse key only when on)
+    jitter_ranges: the jitter's ranges (:data:`muva_core.data.transforms.JITTER_RANGES`): ``reid``, the Re-ID
+                training's, or ``wide``: stronger colour casts, contrast and saturation, more noise and a random
+                resolution drop (a wider world of looks than the three pretraining domains'; in the key only when
+                not ``reid``; needs ``color_jitter``)
     """
 
     backbone: str = "small"
@@ -79,6 +83,7 @@ class PretrainConfig:
     loss: str = "clip"
     hard_negatives: int = 0
     batch_granularity: str = "mixed"
+    jitter_ranges: str = "reid"
 
     def __post_init__(self) -> None:
         from ..data.synthetic import SCALES
@@ -99,6 +104,13 @@ class PretrainConfig:
         self.hard_negatives = int(self.hard_negatives)
         if self.batch_granularity not in BATCH_GRANULARITIES:
             raise ValueError(f"batch_granularity must be one of {BATCH_GRANULARITIES}, got {self.batch_granularity!r}")
+        from ..data.transforms import JITTER_RANGES
+
+        if self.jitter_ranges not in JITTER_RANGES:
+            raise ValueError(f"jitter_ranges must be one of {sorted(JITTER_RANGES)}, got {self.jitter_ranges!r}")
+        if self.jitter_ranges != "reid" and not self.color_jitter:
+            raise ValueError(f"jitter_ranges={self.jitter_ranges!r} needs color_jitter=True (no jitter is drawn "
+                             "without it)")
         self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
 
     def settings(self) -> dict[str, Any]:
@@ -115,6 +127,8 @@ class PretrainConfig:
             del d["hard_negatives"]
         if d["batch_granularity"] == "mixed":
             del d["batch_granularity"]
+        if d["jitter_ranges"] == "reid":
+            del d["jitter_ranges"]
         d.update(generator_version=GENERATOR_VERSION, captions_version=CAPTIONS_VERSION,
                  format_version=PRETRAIN_FORMAT_VERSION)
         return d

@@ -121,13 +121,15 @@ def load_pretrain_images(root: str | os.PathLike, split: str = "train", domains:
                           domains=[r[0] for r in rows], relpaths=[r[1] for r in rows])
 
 
-def normalise_images(images: torch.Tensor, jitter: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 ``[B, 3, H, W]`` -> CLIP-normalised floats; with ``jitter``, each image photometrically jittered first."""
-    from ..data.transforms import CLIP_MEAN, CLIP_STD, photometric_jitter
+def normalise_images(images: torch.Tensor, jitter: torch.Generator | None = None,
+                     ranges: str = "reid") -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` -> CLIP-normalised floats; with ``jitter``, each image photometrically jittered first
+    with the named ``ranges`` (:data:`muva_core.data.transforms.JITTER_RANGES`)."""
+    from ..data.transforms import CLIP_MEAN, CLIP_STD, JITTER_RANGES, photometric_jitter
 
     x = images.float().div_(255.0)
     if jitter is not None:
-        x = torch.stack([photometric_jitter(im, jitter) for im in x])
+        x = torch.stack([photometric_jitter(im, jitter, ranges=JITTER_RANGES[ranges]) for im in x])
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -187,7 +189,7 @@ def make_batch(data: PretrainImages, index: Sequence[int], rng: np.random.Genera
     """
     index = [int(i) for i in index]
     jitter = torch.Generator().manual_seed(int(rng.integers(2**31))) if cfg.color_jitter else None
-    x = normalise_images(data.images[index], jitter)
+    x = normalise_images(data.images[index], jitter, cfg.jitter_ranges)
     h, w = x.shape[-2:]
     grid = (h // patch, w // patch)
     n_tok = grid[0] * grid[1]
