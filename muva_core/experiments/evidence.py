@@ -119,10 +119,16 @@ def clip_command(spec: dict, reid_root: str | Path | None = None) -> str:
     from ..paths import portable
 
     h, w = spec["image_size"]
+    jitter = spec.get("jitter_ranges", "reid")
+    options = [(" --color-jitter" + ("" if jitter == "reid" else f" {jitter}")) if spec.get("color_jitter") else "",
+               f" --loss {spec['loss']}" if spec.get("loss", "clip") != "clip" else "",
+               f" --hard-negatives {spec['hard_negatives']}" if spec.get("hard_negatives") else "",
+               f" --batch-granularity {spec['batch_granularity']}" if spec.get("batch_granularity", "mixed") != "mixed"
+               else "",
+               f" --seed {spec['seed']}" if spec["seed"] else "",
+               f" --reid-root {portable(reid_root)}" if reid_root else ""]
     return (f"muva pretrain-clip --out {portable(spec['out_dir'])} --backbone {spec['backbone']} --image-size {h}x{w} "
-            f"--epochs {spec['epochs']} --scale {spec['scale']}" + (" --color-jitter" if spec.get("color_jitter") else "")
-            + (f" --seed {spec['seed']}" if spec["seed"] else "")
-            + (f" --reid-root {portable(reid_root)}" if reid_root else ""))
+            f"--epochs {spec['epochs']} --scale {spec['scale']}" + "".join(options))
 
 
 def scale_overrides(scale: str, protocol: str, base: dict, progress: bool = True) -> dict:
