@@ -49,7 +49,7 @@ def test_regime_scale_trains_re_id_sized_sources_to_the_end_from_the_wide_clip(t
     base = {"reports_dir": str(tmp_path / "reports"), "data_root": str(tmp_path / "data")}
     configs = protocol_configs(base, "regime", scale_protocols("regime"), progress=False, make_clip=False)
     assert list(configs) == ["synth:A2B", "synth:C2D"]
-    clip = tmp_path / "data" / "clip-wide" / "clip-mini-192x96-seed0.safetensors"
+    clip = tmp_path / "data" / "clip-wide-one" / "clip-mini-192x96-seed0.safetensors"
     for cfg in configs.values():
         assert (cfg.data.synth_scale, cfg.model.backbone, cfg.data.height, cfg.data.width) == ("reid", "mini", 192, 96)
         assert (cfg.train.stage2_epochs, cfg.train.lr_milestones, cfg.train.stage2_lr) == (28, [24], 3e-4)
@@ -65,11 +65,12 @@ def test_regime_scale_trains_re_id_sized_sources_to_the_end_from_the_wide_clip(t
     assert own["synth:A2B"].model.checkpoint_path == mine and not clip.exists()   # nothing pretrained
     random = protocol_configs({**base, "pretrained": "none"}, "regime", ["synth:A2B"], progress=False)["synth:A2B"]
     assert random.model.checkpoint_path == "" and random.model.pretrained == "none" and not clip.exists()
-    # the CLIP is the one docs/pretraining.md makes (clip2 there), by the same command
+    # the CLIP is the one docs/pretraining.md makes (clip5 there), by the same command
     docs = (Path(__file__).resolve().parents[1] / "docs" / "pretraining.md").read_text()
     command = clip_command(scale_clip("regime", "data"), "data/synthetic-reid")
-    assert command == ("muva pretrain-clip --out data/clip-wide --backbone mini --image-size 192x96 --epochs 16 "
-                       "--scale pretrain-wide --color-jitter --reid-root data/synthetic-reid") and command in docs
+    assert command == ("muva pretrain-clip --out data/clip-wide-one --backbone mini --image-size 192x96 --epochs 16 "
+                       "--scale pretrain-wide --color-jitter --loss multi_positive --batch-granularity one "
+                       "--reid-root data/synthetic-reid") and command in docs
 
 
 def test_regime_scale_makes_its_clip_when_missing_and_reuses_it(small_synth_root, tmp_path, monkeypatch, capsys):

@@ -90,6 +90,9 @@ DOCS_COMMANDS = {
     "muva pretrain-clip --out data/clip-regime --backbone mini --image-size 192x96 --epochs 16 --scale pretrain-wide "
     "--color-jitter --hard-negatives 2 --reid-root data/synthetic-reid":
         "test_synthetic_workbook_commands (tiny, 1 epoch, the small scale)",
+    "muva pretrain-clip --out data/clip-wide-one --backbone mini --image-size 192x96 --epochs 16 --scale "
+    "pretrain-wide --color-jitter --loss multi_positive --batch-granularity one --reid-root data/synthetic-reid":
+        "test_synthetic_workbook_commands (tiny, 1 epoch, the small scale)",
     "python tools/probe_clip.py --root data/synthetic-pretrain-wide random data/clip-wide/clip-mini-192x96-seed0.safetensors":
         "tests/test_pretrain_clip.py::test_probe_tool_as_docs_pretraining_writes_it",
     **{f"python tools/attribute_ceiling.py --root data/synthetic-pretrain-wide --image-size {size} --epochs 6 "
@@ -327,14 +330,15 @@ def test_synthetic_workbook_commands(small_synth_root, tmp_path, capsys, monkeyp
     reid_root = tmp_path / "synthetic-reid"
     assert json.loads((reid_root / "manifest.json").read_text())["scale"] == "small"
     small_clip = ["--backbone", "tiny", "--scale", "small", "--epochs", "1", "--reid-root", str(reid_root), "--quiet"]
-    for name, negatives in (("clip-wide", None), ("clip-regime", 2)):
+    for name, extra in (("clip-wide", ""), ("clip-regime", " --hard-negatives 2"),
+                        ("clip-wide-one", " --loss multi_positive --batch-granularity one")):
         command = (f"muva pretrain-clip --out data/{name} --backbone mini --image-size 192x96 --epochs 16 --scale "
-                   "pretrain-wide --color-jitter" + (f" --hard-negatives {negatives}" if negatives else "")
-                   + " --reid-root data/synthetic-reid")
+                   f"pretrain-wide --color-jitter{extra} --reid-root data/synthetic-reid")
         out = _run(command, ["--out", str(tmp_path / name), *small_clip], capsys=capsys)
         made = tmp_path / name / "clip-tiny-192x96-seed0.safetensors"
         report = json.loads(made.with_suffix(".json").read_text())
-        assert made.is_file() and report["settings"].get("hard_negatives") == negatives
+        assert made.is_file() and report["settings"].get("hard_negatives") == (2 if "negatives" in extra else None)
+        assert report["settings"].get("batch_granularity") == ("one" if "granularity" in extra else None)
         assert report["settings"]["color_jitter"] and report["settings"]["image_size"] == [192, 96]
         assert set(report["zero_shot"]["reid_domains"]) == {"A", "B", "C", "D", "mean"}
         assert report["data"]["root"] == str((tmp_path / "synthetic-small").resolve())   # beside the out folder

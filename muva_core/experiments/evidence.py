@@ -61,13 +61,16 @@ SCALES: dict[str, dict] = {
     "regime": {
         # issue 18: Re-ID sized sources (702 training identities per domain), models trained to the end (training-ID
         # accuracy >= 0.9 at the last epoch: 28 epochs, the learning-rate drop at 24, chosen on held-out A), the mini
-        # CLIP at 192x96 language-pretrained on 4x the people with the Re-ID photometric jitter (docs/pretraining.md,
-        # clip2). About 40 min a run on one core: the variants are cut to the pairs the claims judge (Table 5: the
-        # full model against the global token alone), the protocols to the two single-source ones.
+        # CLIP at 192x96 language-pretrained on 4x the people with the Re-ID photometric jitter, every batch at one
+        # granularity with soft positives (docs/pretraining.md, clip5: chosen over clip2 and clip6 on held-out
+        # pretraining people and held-out A; 2026-12-06, session 11, after 11 runs from clip2). About 35-40 min a run
+        # on one core: the variants are cut to the pairs the claims judge (Table 5: the full model against the
+        # global token alone), the protocols to the two single-source ones.
         "seeds": (0, 1, 2),
         "protocols": ("synth:A2B", "synth:C2D"),
-        "clip": {"folder": "clip-wide", "backbone": "mini", "image_size": (192, 96), "epochs": 16,
-                 "scale": "pretrain-wide", "color_jitter": True, "seed": 0},
+        "clip": {"folder": "clip-wide-one", "backbone": "mini", "image_size": (192, 96), "epochs": 16,
+                 "scale": "pretrain-wide", "color_jitter": True, "loss": "multi_positive", "batch_granularity": "one",
+                 "seed": 0},
         "overrides": {"synth_scale": "reid", "synth_root": "data/synthetic-reid", "backbone": "mini", "height": 192,
                       "width": 96, "pretrained": "none", "stage2_lr": 3.0e-4, "stage2_epochs": 28,
                       "lr_milestones": [24], "memory_rebuild": "train_pass", "num_workers": 0},
