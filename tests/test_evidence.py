@@ -116,6 +116,27 @@ def test_claims_from_hand_made_runs():
     assert r1["difference"] == pytest.approx(2.0) and r1["verdict"] == "holds"  # 2 > 2 * 0.82
 
 
+def test_the_page_says_where_the_runs_start_when_the_command_names_a_checkpoint(tmp_path):
+    """A page collected with ``-p checkpoint_path=...`` (the runs of an earlier CLIP) names that checkpoint and the
+    command's settings, not the scale's CLIP or random weights."""
+    from muva_core.report.evidence import write_evidence
+
+    rows = [{"table": 5, "protocol": "synth:A2B", "variant": v, "seed": 0, "mAP": m, "Rank-1": m, "mask IoU": 0.5,
+             "recipe": "workbook"} for v, m in (("G", 15.0), ("G+H+U+L", 14.0))]
+    runs = pd.DataFrame(rows)
+    clip = "muva pretrain-clip --out data/clip-wide-one --backbone mini"
+    page = tmp_path / "page.md"
+    kwargs = dict(settings=evidence.SCALES["regime"], recipes={"workbook": (5,)}, clip=clip)
+    write_evidence(page, evaluate_claims(runs), runs, "regime", (0,), ("synth:A2B",), **kwargs)
+    assert f"starting from the language-pretrained CLIP of `{clip}`" in page.read_text()
+    old = "data/clip-wide/clip-mini-192x96-seed0.safetensors"
+    write_evidence(page, evaluate_claims(runs), runs, "regime", (0,), ("synth:A2B",),
+                   **{**kwargs, "clip": None}, user={"checkpoint_path": old})
+    text = page.read_text()
+    assert f"starting from the checkpoint `{old}`" in text and '`{"checkpoint_path": "' in text
+    assert "random weights" not in text and "clip-wide-one" not in text
+
+
 @pytest.mark.slow
 def test_small_scale_study_produces_every_table(small_synth_root, tmp_path, capsys):
     """`muva evidence --scale small` in two shards (one of them with --jobs 2) started at once; the page the last

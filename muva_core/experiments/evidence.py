@@ -249,7 +249,8 @@ def run_evidence(base_cfg, scale: str = "full", protocols: Sequence[str] | None 
     clip = None if {"checkpoint_path", "pretrained"} & set(base_cfg) else scale_clip(scale, first_cfg.data.data_root)
     write_evidence(out, claims, runs, scale, seeds, protocols, settings=SCALES[scale],
                    recipes={r: RECIPE_TABLES[r] for r in plans}, diagnostics=diagnostics(first, runs),
-                   notes=read_notes(out), clip=clip_command(clip, first_cfg.data.synth_root) if clip else None)
+                   notes=read_notes(out), clip=clip_command(clip, first_cfg.data.synth_root) if clip else None,
+                   user=base_cfg)
     return out
 
 

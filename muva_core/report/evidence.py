@@ -95,10 +95,13 @@ def read_notes(page: Path) -> str | None:
 def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: str, seeds, protocols,
                    settings: dict, recipes: Mapping[str, Sequence[int]],
                    diagnostics: dict[str, pd.DataFrame] | None = None, notes: str | None = None,
-                   clip: str | None = None) -> None:
+                   clip: str | None = None, user: Mapping[str, object] | None = None) -> None:
     """The page at ``path``: ``settings`` = the scale's ``overrides`` (and ``multi_source``, ``variants``),
     ``recipes`` = the tables run under each recipe, ``notes`` = the hand-written reading (:func:`read_notes`),
-    ``clip`` = the command that made the CLIP the runs start from when the scale names one."""
+    ``clip`` = the command that made the CLIP the runs start from when the scale names one, ``user`` = the
+    command's own ``-p`` settings (on top of the scale's; a ``checkpoint_path`` among them is where the runs
+    start)."""
+    user = dict(user or {})
     runs = runs if "recipe" in runs.columns else runs.assign(recipe="workbook")
     metrics = ["mAP", "Rank-1", "mask IoU"] + (["held-out mAP"] if "held-out mAP" in runs.columns else [])
     summary = (runs.groupby(["recipe", "protocol", "table", "variant"], sort=False)[metrics]
@@ -116,10 +119,12 @@ def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: 
         f"Settings on top of `configs/<protocol>.yaml`: `{json.dumps(settings['overrides'])}`"
         + (f"; multi-source protocols also `{json.dumps(settings['multi_source'])}`"
            if "multi_source" in settings else "")
-        + (f"; starting from the language-pretrained CLIP of `{clip}` (made first when missing)" if clip else
+        + (f"; the command's own settings `{json.dumps(user)}`" if user else "")
+        + (f"; starting from the checkpoint `{user['checkpoint_path']}`" if user.get("checkpoint_path") else
+           f"; starting from the language-pretrained CLIP of `{clip}` (made first when missing)" if clip else
            "; `pretrained: pretrain-clip` = starting from the language-pretrained CLIP of `muva pretrain-clip --out "
            "data/clip --backbone small --seed 0` (made first when missing)"
-           if settings["overrides"].get("pretrained") == "pretrain-clip" else
+           if user.get("pretrained", settings["overrides"].get("pretrained")) == "pretrain-clip" else
            "; starting from random weights (`pretrained: none`)")
         + (f"; trained variants cut to `{json.dumps(settings['variants'])}` (per table)" if "variants" in settings
            else "") + ".",
