@@ -140,8 +140,8 @@ WIDE_PHOTOMETRIC_RANGES: dict[str, tuple[float, float]] = {
 }
 """The ranges of a wider world of looks (the CLIP's pretraining, ``muva pretrain-clip --color-jitter wide``): a
 web-scale CLIP has seen night streets, colour casts and low-resolution cameras, a CLIP pretrained on three
-daylight domains has not. Every synthetic camera style lies inside them (casts 0.68-1.2, low resolution up to
-2.8, contrast up to 1.6)."""
+daylight domains has not. Every synthetic domain's base style lies inside them (casts 0.68-1.2, low resolution
+up to 2.8, contrast up to 1.6, noise up to 14 / 255)."""
 
 JITTER_RANGES: dict[str, dict[str, tuple[float, float]]] = {"reid": PHOTOMETRIC_RANGES, "wide": WIDE_PHOTOMETRIC_RANGES}
 """The named ranges :func:`photometric_jitter` draws from (``reid``: the Re-ID training's; ``wide``)."""
