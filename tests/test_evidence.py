@@ -73,6 +73,30 @@ def test_regime_scale_trains_re_id_sized_sources_to_the_end_from_the_wide_clip(t
                        "--reid-root data/synthetic-reid") and command in docs
 
 
+@pytest.mark.parametrize("late", [{}, {"color_jitter": True}, {"color_jitter": True, "jitter_ranges": "wide"},
+                                  {"loss": "multi_positive", "hard_negatives": 2, "batch_granularity": "one"}])
+def test_the_clip_command_makes_the_checkpoint_of_its_spec(late, monkeypatch):
+    """Every option a scale's CLIP sets away from its default is written as a flag, so the documented command
+    rebuilds the same reuse key (the command is parsed and run by the CLI up to the pretraining call)."""
+    import shlex
+
+    from muva_core import cli
+    from muva_core.pretrain import loop, provision
+    from muva_core.pretrain.config import LATE_OPTIONS, PretrainConfig
+
+    spec = {"out_dir": "data/clip-x", "backbone": "mini", "image_size": (192, 96), "epochs": 16,
+            "scale": "pretrain-wide", "seed": 3, **late}
+    seen = {}
+    monkeypatch.setattr(loop, "pretrain_clip", lambda out, **kw: seen.update(kw) or out)
+    monkeypatch.setattr(provision, "pretrain_clip_summary", lambda *a: "")
+    argv = shlex.split(clip_command(spec))[1:]
+    assert cli.main(argv) == 0
+    made = {k: v for k, v in seen.items() if k not in ("synth_root", "overwrite", "progress", "reid_root")}
+    wanted = PretrainConfig(**{k: v for k, v in spec.items() if k != "out_dir"})
+    assert PretrainConfig(**made).settings() == wanted.settings()
+    assert set(wanted.changed_late_options()) == set(late) and set(late) <= set(LATE_OPTIONS)
+
+
 def test_regime_scale_makes_its_clip_when_missing_and_reuses_it(small_synth_root, tmp_path, monkeypatch, capsys):
     """The study pretrains the CLIP its scale names before any run (here a tiny one, 1 epoch on the small set)."""
     from muva_core.pretrain.files import read_pretrain_report

@@ -121,15 +121,22 @@ def clip_command(spec: dict, reid_root: str | Path | None = None) -> str:
     with the zero-shot accuracy on the Re-ID domains under ``reid_root``, as the study's runs make it)."""
     from ..paths import portable
 
+    import dataclasses
+
+    from ..pretrain.config import PretrainConfig
+
+    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
+    late = PretrainConfig(**{k: v for k, v in spec.items() if k in fields}).changed_late_options()
+    flags = {"color_jitter": lambda v: " --color-jitter" + ("" if late.get("jitter_ranges") is None
+                                                             else f" {late['jitter_ranges']}"),
+             "jitter_ranges": lambda v: "",     # written with --color-jitter
+             "loss": lambda v: f" --loss {v}",
+             "hard_negatives": lambda v: f" --hard-negatives {v}",
+             "batch_granularity": lambda v: f" --batch-granularity {v}"}
     h, w = spec["image_size"]
-    jitter = spec.get("jitter_ranges", "reid")
-    options = [(" --color-jitter" + ("" if jitter == "reid" else f" {jitter}")) if spec.get("color_jitter") else "",
-               f" --loss {spec['loss']}" if spec.get("loss", "clip") != "clip" else "",
-               f" --hard-negatives {spec['hard_negatives']}" if spec.get("hard_negatives") else "",
-               f" --batch-granularity {spec['batch_granularity']}" if spec.get("batch_granularity", "mixed") != "mixed"
-               else "",
-               f" --seed {spec['seed']}" if spec["seed"] else "",
-               f" --reid-root {portable(reid_root)}" if reid_root else ""]
+    options = [flags[name](value) for name, value in late.items()]
+    options += [f" --seed {spec['seed']}" if spec["seed"] else "",
+                f" --reid-root {portable(reid_root)}" if reid_root else ""]
     return (f"muva pretrain-clip --out {portable(spec['out_dir'])} --backbone {spec['backbone']} --image-size {h}x{w} "
             f"--epochs {spec['epochs']} --scale {spec['scale']}" + "".join(options))
 

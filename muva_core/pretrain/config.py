@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BATCH_GRANULARITIES", "PRETRAIN_FORMAT", "PRETRAIN_FORMAT_VERSION", "CAPTIONS_VERSION", "DEFAULT_EPOCHS",
+__all__ = ["BATCH_GRANULARITIES", "LATE_OPTIONS", "PRETRAIN_FORMAT", "PRETRAIN_FORMAT_VERSION", "CAPTIONS_VERSION", "DEFAULT_EPOCHS",
            "PretrainConfig"]
 
 PRETRAIN_FORMAT = "muva-clip-pretrain"
@@ -23,6 +23,9 @@ PRETRAIN_LOSSES = ("clip", "multi_positive")
 
 BATCH_GRANULARITIES = ("mixed", "one")
 """How :class:`PretrainConfig` (``batch_granularity``) draws the captions' granularities within a batch."""
+
+LATE_OPTIONS = ("color_jitter", "loss", "hard_negatives", "batch_granularity", "jitter_ranges")
+""":class:`PretrainConfig` fields added after checkpoints existed: in the reuse key only when not at their default."""
 
 
 @dataclass
@@ -119,17 +122,20 @@ class PretrainConfig:
 
         d = dataclasses.asdict(self)
         d["image_size"] = list(self.image_size)
-        if not d["color_jitter"]:   # added later: in the key only when on, so earlier checkpoints keep theirs
-            del d["color_jitter"]
-        if d["loss"] == "clip":     # likewise
-            del d["loss"]
-        if not d["hard_negatives"]:
-            del d["hard_negatives"]
-        if d["batch_granularity"] == "mixed":
-            del d["batch_granularity"]
-        if d["jitter_ranges"] == "reid":
-            del d["jitter_ranges"]
+        for name in self.late_options():   # added later: in the key only when set, so earlier checkpoints keep theirs
+            del d[name]
         d.update(generator_version=GENERATOR_VERSION, captions_version=CAPTIONS_VERSION,
                  format_version=PRETRAIN_FORMAT_VERSION)
         return d
+
+    def late_options(self) -> dict[str, Any]:
+        """The options added after the first checkpoints were made (:data:`LATE_OPTIONS`) that are at their
+        defaults: what :meth:`settings` leaves out of the key and ``muva pretrain-clip`` needs no flag for."""
+        return {f.name: f.default for f in dataclasses.fields(self)
+                if f.name in LATE_OPTIONS and getattr(self, f.name) == f.default}
+
+    def changed_late_options(self) -> dict[str, Any]:
+        """The :data:`LATE_OPTIONS` set away from their defaults (in the key; the flags a command must write)."""
+        at_default = self.late_options()
+        return {name: getattr(self, name) for name in LATE_OPTIONS if name not in at_default}
 
