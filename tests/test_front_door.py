@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -157,9 +156,8 @@ def test_an_interrupted_training_resumes_and_says_from_which_epoch(small_synth_r
     (["--steps", "99"], "--steps 99: no notebook matches"),
 ])
 def test_bad_values_fail_before_any_work_naming_the_key(tmp_path, capsys, args, expected):
-    t0 = time.perf_counter()
     code = main(["run", "--protocol", "synth:A2B", "-p", f"reports_dir={tmp_path / 'reports'}", *args])
-    assert code == 2 and time.perf_counter() - t0 < 10
+    assert code == 2
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "reports").exists()
 
@@ -180,10 +178,8 @@ def test_empty_and_protocol_less_configs_are_errors(tmp_path, capsys, text, expe
 def test_an_impossible_batch_plan_is_refused_before_grounding(small_synth_root, tmp_path, capsys):
     values = {"synth_root": str(small_synth_root), "synth_scale": "small", "cache_dir": str(tmp_path / "cache"),
               "reports_dir": str(tmp_path / "reports")}      # configs/synth_A2B.yaml's batch of 8 x 4 on the small set
-    t0 = time.perf_counter()
     assert main(["run", "--protocol", "synth:A2B", *_cli_params(values)]) == 2
     err = capsys.readouterr().err
-    assert time.perf_counter() - t0 < 10
     assert "batch_size=32 with num_instances=4" in err and "identities" in err and "lower batch_size" in err
     assert not list((tmp_path / "cache").glob("*/boxes-*")), "grounding ran before the check"
     assert not (tmp_path / "reports").exists()
