@@ -161,6 +161,32 @@ def test_the_page_says_where_the_runs_start_when_the_command_names_a_checkpoint(
     assert "random weights" not in text and "clip-wide-one" not in text
 
 
+def test_the_page_says_how_long_the_runs_took_counting_every_resumed_part(tmp_path):
+    """A run's seconds are its epochs' seconds from both histories (a resumed run's record only has its last
+    process's); the page sums them."""
+    from muva_core.paths import RunFiles
+    from muva_core.report.evidence import write_evidence
+    from muva_core.train.run import epoch_seconds
+
+    folder = tmp_path / "run-1"
+    folder.mkdir()
+    assert epoch_seconds(folder) is None
+    files = RunFiles(folder)
+    pd.DataFrame({"epoch": [1, 2], "loss": [1.0, 0.5], "seconds": [10.0, 20.0]}).to_csv(files.history(1), index=False)
+    # stage 2: epochs 1-2 by one process, 3-4 by the process that resumed it
+    pd.DataFrame({"epoch": [1, 2, 3, 4], "seconds": [600.0, 600.0, 900.0, 870.0]}).to_csv(files.history(2),
+                                                                                          index=False)
+    assert epoch_seconds(folder) == 3000.0
+    rows = [{"table": 5, "protocol": "synth:A2B", "variant": v, "seed": 0, "mAP": 10.0, "Rank-1": 10.0,
+             "mask IoU": 0.5, "recipe": "workbook", "seconds": sec} for v, sec in (("G", 3000.0), ("G+H+U+L", 4200.0))]
+    runs = pd.DataFrame(rows)
+    page = tmp_path / "page.md"
+    write_evidence(page, evaluate_claims(runs), runs, "regime", (0,), ("synth:A2B",),
+                   settings=evidence.SCALES["regime"], recipes={"workbook": (5,)})
+    assert "Training time: 2.0 hours of one process for the 2 runs" in page.read_text()
+    assert "60 minutes a run on average" in page.read_text()
+
+
 @pytest.mark.slow
 def test_small_scale_study_produces_every_table(small_synth_root, tmp_path, capsys):
     """`muva evidence --scale small` in two shards (one of them with --jobs 2) started at once; the page the last

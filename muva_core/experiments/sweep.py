@@ -281,7 +281,7 @@ def run_sweep(cfg: RunConfig, table: int, seeds: Sequence[int] = (0,), variants:
             run = runs[f"{name}, seed {seed}"]
             rec = json.loads(run_record(run).read_text())
             row = {"variant": name, "seed": seed, "mAP": rec["metrics"]["mAP"], "Rank-1": rec["metrics"]["Rank-1"],
-                   "seconds": rec.get("seconds"), "run": run.run_dir}
+                   "seconds": _seconds(run, rec), "run": run.run_dir}
             iou = rec.get("mask_iou_truth") or {}
             row["mask IoU"] = float(np.mean(list(iou.values()))) if iou else np.nan
             held = [h["metrics"]["mAP"] for h in (rec.get("heldout_source") or {}).values()]
@@ -291,6 +291,14 @@ def run_sweep(cfg: RunConfig, table: int, seeds: Sequence[int] = (0,), variants:
     summary = summarise(per_run, table)
     write_sweep(summary, per_run, out or sweep_dir(cfg, table), table, cfg.data.protocol, seeds, command)
     return summary
+
+
+def _seconds(run: RunConfig, rec: dict) -> float | None:
+    """A run's training time: its epochs' seconds from the histories (every resumed segment), else the record's."""
+    from ..train.run import epoch_seconds
+
+    seconds = epoch_seconds(resolve(run.run_dir))
+    return rec.get("seconds") if seconds is None else round(seconds, 1)
 
 
 def summarise(per_run: pd.DataFrame, table: int) -> pd.DataFrame:

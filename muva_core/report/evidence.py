@@ -92,6 +92,17 @@ def read_notes(page: Path) -> str | None:
     return notes.read_text() if notes.is_file() else None
 
 
+def _compute_line(runs: pd.DataFrame) -> str:
+    """How long the runs took: their training seconds (the per-run table's ``seconds``) summed."""
+    seconds = pd.to_numeric(runs.get("seconds", pd.Series(dtype=float)), errors="coerce")
+    if not seconds.notna().any():
+        return "Training time: not recorded."
+    return (f"Training time: {seconds.sum() / 3600:.1f} hours of one process for the {int(seconds.notna().sum())} "
+            f"runs (`seconds` in the per-run table: each run's epochs of both stages, summed from its histories, "
+            f"so a run resumed across sessions counts every part; {seconds.mean() / 60:.0f} minutes a run on "
+            f"average).")
+
+
 def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: str, seeds, protocols,
                    settings: dict, recipes: Mapping[str, Sequence[int]],
                    diagnostics: dict[str, pd.DataFrame] | None = None, notes: str | None = None,
@@ -138,6 +149,8 @@ def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: 
         + ". Each claim is judged per recipe and protocol.",
         "",
         f"mAP verdicts: {', '.join(f'{k} {v}' for k, v in held.items()) or 'none'}.",
+        "",
+        _compute_line(runs),
         "",
         "## Claims",
         "",

@@ -74,6 +74,20 @@ def _read_history(path: Path, upto_epoch: int) -> pd.DataFrame | None:
     return frame[frame["epoch"] <= upto_epoch]
 
 
+def epoch_seconds(folder: str | Path) -> float | None:
+    """The training time of a run folder: the ``seconds`` of every epoch of both stages' histories, summed (so a
+    run resumed across processes counts each segment, where ``metrics/train.json``'s ``seconds`` is the last
+    process's); None when the folder has no history with that column."""
+    files, total, found = RunFiles(Path(folder)), 0.0, False
+    for stage in (1, 2):
+        path = files.history(stage)
+        if path.is_file():
+            frame = pd.read_csv(path)
+            if "seconds" in frame.columns:
+                total, found = total + float(frame["seconds"].sum()), True
+    return total if found else None
+
+
 def training_device(cfg: RunConfig, info: DistInfo) -> torch.device:
     """The device a (torchrun) process trains on: its local GPU under torchrun, else ``cfg.device``."""
     if info.enabled and torch.cuda.is_available() and cfg.device in ("auto", "cuda"):
