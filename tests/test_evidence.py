@@ -178,8 +178,9 @@ def test_the_page_says_how_long_the_runs_took_counting_every_resumed_part(tmp_pa
                                                                                           index=False)
     assert epoch_seconds(folder) == 3000.0
     rows = [{"table": 5, "protocol": "synth:A2B", "variant": v, "seed": 0, "mAP": 10.0, "Rank-1": 10.0,
-             "mask IoU": 0.5, "recipe": "workbook", "seconds": sec} for v, sec in (("G", 3000.0), ("G+H+U+L", 4200.0))]
-    runs = pd.DataFrame(rows)
+             "mask IoU": 0.5, "recipe": "workbook", "seconds": sec, "run": f"runs/{v}"}
+            for v, sec in (("G", 3000.0), ("G+H+U+L", 4200.0))]
+    runs = pd.DataFrame(rows + [{**rows[1], "table": 8, "variant": "AM-MSA"}])   # one run, two tables' rows
     page = tmp_path / "page.md"
     write_evidence(page, evaluate_claims(runs), runs, "regime", (0,), ("synth:A2B",),
                    settings=evidence.SCALES["regime"], recipes={"workbook": (5,)})

@@ -338,3 +338,21 @@ def test_eval_reports_every_unreadable_target_image_in_one_message(trained_tiny,
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert query[0].name in err and query[1].name in err and "2 of" in err
+
+
+def test_mask_placement_tool_on_a_trained_run(trained_tiny, capsys):
+    """`python tools/mask_placement.py RUN` (reports/evidence-regime-notes.md): on every image its IoU at the
+    0.5 threshold is the one the run recorded; the placement table has a row per part, for target and held-out."""
+    import runpy
+
+    tool = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "mask_placement.py"))
+    assert tool["main"]([str(trained_tiny), "--images", "100000", "--thresholds", "0.5"]) == 0
+    out = capsys.readouterr().out
+    recorded = json.loads((trained_tiny / "metrics" / "train.json").read_text())["mask_iou_truth"]
+    target = out.split("(held-out)")[0]
+    assert "## synth_B (target)" in target and "## synth_A (held-out)" in out
+    assert "0.5: " + " / ".join(f"{recorded[p]:.3f}" for p in ("head", "upper", "legs")) in target
+    assert target.count("top-k precision") == 1 and all(f"| {p} " in target for p in ("head", "upper", "legs"))
+    with pytest.raises(SystemExit):
+        tool["main"]([str(trained_tiny), "--images", "0"])
+    assert "--images must be >= 1, got 0" in capsys.readouterr().err

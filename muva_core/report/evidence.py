@@ -93,8 +93,10 @@ def read_notes(page: Path) -> str | None:
 
 
 def _compute_line(runs: pd.DataFrame) -> str:
-    """How long the runs took: their training seconds (the per-run table's ``seconds``) summed."""
-    seconds = pd.to_numeric(runs.get("seconds", pd.Series(dtype=float)), errors="coerce")
+    """How long the runs took: their training seconds (the per-run table's ``seconds``) summed, each run folder
+    once (the full model is a row of several tables)."""
+    unique = runs.drop_duplicates("run") if "run" in runs.columns else runs
+    seconds = pd.to_numeric(unique.get("seconds", pd.Series(dtype=float)), errors="coerce")
     if not seconds.notna().any():
         return "Training time: not recorded."
     return (f"Training time: {seconds.sum() / 3600:.1f} hours of one process for the {int(seconds.notna().sum())} "

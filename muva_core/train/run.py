@@ -239,15 +239,24 @@ def evaluate_split(cfg: RunConfig, model: MUVAReID, query, gallery, dataset, dev
                                 rerank=cfg.eval.rerank, k1=cfg.eval.k1, k2=cfg.eval.k2,
                                 lambda_value=cfg.eval.lambda_value)
     iou = {}
-    from ..grounding.simulated import dataset_truth
-
-    truth = dataset_truth(dataset) if probs is not None and dataset is not None else None
+    truth = true_part_masks(cfg, model, samples, dataset) if probs is not None else None
     if truth is not None:
-        truth = truth_patch_masks(truth, [s.key for s in samples], (cfg.data.height, cfg.data.width),
-                                  cfg.grounding.patch_size)
-        values = mask_iou(probs, torch.as_tensor(truth)[:, part_indices(model.parts)], cfg.model.mask_threshold)
+        values = mask_iou(probs, truth, cfg.model.mask_threshold)
         iou = {p: float(v) for p, v in zip(model.parts, values)}
     return metrics.as_dict(), iou
+
+
+def true_part_masks(cfg: RunConfig, model: MUVAReID, samples, dataset) -> torch.Tensor | None:
+    """The ground-truth part boxes of ``samples`` (from ``dataset``, synthetic domains) as patch masks
+    ``[N, P, Npatch]`` of ``model``'s parts, what its predicted masks are scored against; None without boxes."""
+    from ..grounding.simulated import dataset_truth
+
+    truth = dataset_truth(dataset) if dataset is not None else None
+    if truth is None:
+        return None
+    masks = truth_patch_masks(truth, [s.key for s in samples], (cfg.data.height, cfg.data.width),
+                              cfg.grounding.patch_size)
+    return torch.as_tensor(masks)[:, part_indices(model.parts)]
 
 
 def evaluate_model(cfg: RunConfig, model: MUVAReID, data, device, progress: bool = True) -> tuple[dict, dict]:
