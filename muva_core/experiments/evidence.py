@@ -119,10 +119,9 @@ def scale_clip(scale: str, data_root: str | Path) -> dict | None:
 def clip_command(spec: dict, reid_root: str | Path | None = None) -> str:
     """``muva pretrain-clip ...``: the command that makes the CLIP of :func:`scale_clip`'s arguments (its report
     with the zero-shot accuracy on the Re-ID domains under ``reid_root``, as the study's runs make it)."""
-    from ..paths import portable
-
     import dataclasses
 
+    from ..paths import portable
     from ..pretrain.config import PretrainConfig
 
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}

@@ -122,13 +122,13 @@ class PretrainConfig:
 
         d = dataclasses.asdict(self)
         d["image_size"] = list(self.image_size)
-        for name in self.late_options():   # added later: in the key only when set, so earlier checkpoints keep theirs
+        for name in self.late_options_at_default():   # added later: in the key only when set (earlier keys stay)
             del d[name]
         d.update(generator_version=GENERATOR_VERSION, captions_version=CAPTIONS_VERSION,
                  format_version=PRETRAIN_FORMAT_VERSION)
         return d
 
-    def late_options(self) -> dict[str, Any]:
+    def late_options_at_default(self) -> dict[str, Any]:
         """The options added after the first checkpoints were made (:data:`LATE_OPTIONS`) that are at their
         defaults: what :meth:`settings` leaves out of the key and ``muva pretrain-clip`` needs no flag for."""
         return {f.name: f.default for f in dataclasses.fields(self)
@@ -136,6 +136,6 @@ class PretrainConfig:
 
     def changed_late_options(self) -> dict[str, Any]:
         """The :data:`LATE_OPTIONS` set away from their defaults (in the key; the flags a command must write)."""
-        at_default = self.late_options()
+        at_default = self.late_options_at_default()
         return {name: getattr(self, name) for name in LATE_OPTIONS if name not in at_default}
 
