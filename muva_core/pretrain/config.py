@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BATCH_GRANULARITIES", "LATE_OPTIONS", "PRETRAIN_FORMAT", "PRETRAIN_FORMAT_VERSION", "CAPTIONS_VERSION", "DEFAULT_EPOCHS",
-           "PretrainConfig"]
+__all__ = ["BATCH_GRANULARITIES", "LATE_OPTIONS", "PRETRAIN_FORMAT", "PRETRAIN_FORMAT_VERSION", "CAPTIONS_VERSION",
+           "DEFAULT_EPOCHS", "PretrainConfig"]
 
 PRETRAIN_FORMAT = "muva-clip-pretrain"
 PRETRAIN_FORMAT_VERSION = 1
