@@ -356,3 +356,6 @@ def test_mask_placement_tool_on_a_trained_run(trained_tiny, capsys):
     with pytest.raises(SystemExit):
         tool["main"]([str(trained_tiny), "--images", "0"])
     assert "--images must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tool["main"]([str(trained_tiny.parent / "run-none")])
+    assert "run folder not found" in capsys.readouterr().err

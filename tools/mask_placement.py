@@ -29,7 +29,10 @@ def main(argv=None) -> int:
     if args.images < 1:
         ap.error(f"--images must be >= 1, got {args.images}")
     thresholds = [float(t) for t in args.thresholds.split(",")]
-    cfg, model = load_run_model(args.run, device="cpu")
+    try:
+        cfg, model = load_run_model(args.run, device="cpu")
+    except (FileNotFoundError, ValueError) as exc:   # no run folder, no model, a config it cannot read
+        ap.error(str(exc))
     if not model.parts:
         ap.error(f"{args.run}: the model has no part masks (granularity {cfg.model.granularity})")
     data = eval_preflight(cfg, None, progress=False)
