@@ -246,10 +246,6 @@ def test_make_test_is_the_ci_command():
     assert "\ndemo: install\n\t$(BIN)/muva demo\n" in (ROOT / "Makefile").read_text()
 
 
-def test_make_lab_is_muva_lab():
-    assert "\nlab: install\n\t$(BIN)/muva lab\n" in (ROOT / "Makefile").read_text()
-
-
 def _params(values: dict) -> list[str]:
     out = []
     for k, v in values.items():
