@@ -33,7 +33,8 @@ OWN_IMAGES = "tests/test_own_images.py::test_own_images_page_commands"
 README_COMMANDS = {
     "make demo": "test_synthetic_workbook_commands",
     "make test": "test_make_test_is_the_ci_command",
-    "make lab": "test_make_lab_is_muva_lab (tests/test_explorer_browser.py starts it)",
+    "make lab": "tests/test_front_door.py::test_make_lab_serves_the_project_root_and_opens_notebooks "
+                "(tests/test_explorer_browser.py starts it)",
     "muva protocols": "test_synthetic_workbook_commands",
     "muva run --protocol MS2MA": "test_real_layout_commands",
     "muva train --protocol synth:B2C -p stage2_epochs=8": "test_synthetic_workbook_commands",
