@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     data = eval_preflight(cfg, None, progress=False)
     splits = {f"{data.protocol.target} (target)": (data.query, data.gallery, data.datasets.get(data.protocol.target))}
     splits.update({f"{name} (held-out)": (ds.query, ds.gallery, ds) for name, ds in heldout_sources(data).items()})
-    grid = (cfg.data.height // cfg.grounding.patch_size, cfg.data.width // cfg.grounding.patch_size)
+    grid = model.encoder.grid          # the patch grid the masks are predicted on
     for name, (query, gallery, dataset) in splits.items():
         samples = (list(query) + list(gallery))[:args.images]
         truth = true_part_masks(cfg, model, samples, dataset)
