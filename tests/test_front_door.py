@@ -204,23 +204,6 @@ def test_checkpoint_path_that_does_not_exist_is_named(tmp_path, capsys):
     assert code == 2 and "checkpoint_path=data/clip/nope.safetensors: no such file" in capsys.readouterr().err
 
 
-# ---- 4. progress from the notebooks reaches the terminal; no kernel warnings -------------------------
-@pytest.mark.slow
-def test_muva_run_prints_the_notebooks_progress_and_no_kernel_warning(small_synth_root, tmp_path, capfd):
-    values = tiny_values(small_synth_root, tmp_path)
-    assert main(["run", "--protocol", "synth:A2B", "--steps", "01-05", *_cli_params(values)]) == 0
-    out, err = capfd.readouterr()
-    assert "[04_stage1_prompts] stage 1 epoch 2/2: loss" in out
-    assert "[05_stage2_reid] stage 2 epoch 1/2: loss" in out and "[05_stage2_reid] stage 2 epoch 2/2: loss" in out
-    assert "without encryption" not in out + err and "IPKernelApp" not in out + err
-    folder = run_folder(resolve_config("synth:A2B", overrides=values))
-    assert "stage 2 epoch 2/2" in (folder / "progress.log").read_text()
-    # the same run folder is what `muva train` uses for the same settings: it resumes, trains nothing
-    assert main(["train", "--protocol", "synth:A2B", *_cli_params(values)]) == 0
-    out, _ = capfd.readouterr()
-    assert "stage 2 finished earlier" in out and f"run folder: {folder}" in out
-
-
 # ---- 2 + 8. reopening a run from anywhere: eval, export-onnx, the explorer ------------------------------
 @pytest.fixture(scope="module")
 def trained_tiny(small_synth_root, tmp_path_factory):

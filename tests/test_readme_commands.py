@@ -23,6 +23,7 @@ import pytest
 
 from muva_core.cli import main
 from muva_core.config import resolve_config
+from muva_core.experiments.runner import parse_steps
 from muva_core.runs import run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,9 +276,33 @@ def tiny(tmp_path: Path, synth_root: Path, **extra) -> dict:
     return values
 
 
+def _check_demo_folder(demo: Path, summary: dict, reports: Path) -> None:
+    """What `muva demo` leaves in its run folder and in the runs index, beside metrics.json (``summary``)."""
+    from muva_core.report.index import results_table
+
+    assert set(summary["mask_iou_truth"]) == {"head", "upper", "legs"}
+    for nb in parse_steps(None):
+        assert (demo / "notebooks" / f"{nb}.ipynb").is_file(), nb
+    assert (demo / "figures" / "05_stage2_losses.png").is_file()
+    assert "rmp_layernorm = False" in (demo / "notebooks" / "05_stage2_reid.ipynb").read_text()
+    figures = json.loads((demo / "metrics" / "07_figures.json").read_text())
+    assert {"07_figure5_box_heights.png", "07_figure7_predicted_masks.png"} <= set(figures["figures"])
+    assert set(figures["cost"]) == {"MUVA", "MUVA (w/o AM-MSA)"}
+    assert figures["cost"]["MUVA"]["params_infer_M"] > figures["cost"]["MUVA (w/o AM-MSA)"]["params_infer_M"]
+    table = results_table(reports)
+    rr = summary["metrics_reranked"]   # notebook 06's k-reciprocal re-ranked metrics beside the paper's protocol
+    assert rr["num_valid_queries"] == summary["metrics"]["num_valid_queries"]
+    assert f"| {rr['mAP']:.1f} / {rr['Rank-1']:.1f} |" in table
+    assert f"| synth:A2B | tiny CLIP (random init), G+H+U+L, predicted masks | {summary['metrics']['mAP']:.1f} |" in table
+    index = (reports / "README.md").read_text()
+    assert f"{summary['metrics']['mAP']:.1f}" in index and demo.name in index
+
+
 @pytest.mark.slow
-def test_synthetic_workbook_commands(small_synth_root, tmp_path, capsys, monkeypatch):
-    small = tiny(tmp_path, small_synth_root)
+def test_synthetic_workbook_commands(small_synth_root, tmp_path, capfd, monkeypatch):
+    capsys = capfd             # the notebooks' kernels write to the file descriptors: their warnings are seen too
+    # rmp_layernorm: a key that no parameters cell declares, which must still reach the kernels
+    small = tiny(tmp_path, small_synth_root, rmp_layernorm=False)
     p = _params(small)
 
     out = _run("muva protocols", capsys=capsys)
@@ -287,12 +312,19 @@ def test_synthetic_workbook_commands(small_synth_root, tmp_path, capsys, monkeyp
     out = _run("muva demo", p, capsys=capsys)
     demo = run_folder(resolve_config("synth:A2B", overrides=small))
     summary = json.loads((demo / "metrics.json").read_text())
-    assert summary["metrics"]["mAP"] > 0
+    assert summary["metrics"]["mAP"] > 0 and set(summary["steps"]) == set(parse_steps(None))
     assert summary["command"] == "muva " + shlex.join(["demo", *p])   # not `make demo`: other settings were given
     assert (demo / "figures" / "06_ranked_lists.png").stat().st_size > 20000   # what `make demo` copies to reports/
-    assert "[05_stage2_reid] stage 2 epoch 1/1" in out
+    # the notebooks' progress reaches the terminal, and no kernel warning does
+    assert "[04_stage1_prompts] stage 1 epoch 1/1: loss" in out and "[05_stage2_reid] stage 2 epoch 1/1: loss" in out
+    assert "without encryption" not in out and "IPKernelApp" not in out
+    assert "stage 2 epoch 1/1" in (demo / "progress.log").read_text()
+    _check_demo_folder(demo, summary, tmp_path / "reports")
     out = _run("muva run --protocol synth:A2B", p, capsys=capsys)
     assert out.count("skipped") == 7
+    # the same run folder is what `muva train` uses for the same settings: it resumes, trains nothing
+    out = _run("muva train --protocol synth:A2B", p, capsys=capsys)
+    assert "stage 2 finished earlier" in out and f"run folder: {demo}" in out
     out = _run("muva run --protocol synth:A2B --steps 04-06", p, capsys=capsys)
     assert out.count("skipped") == 3 and "[04_stage1_prompts]" in out and "[07_figures]" not in out
     out = _run("muva run --protocol synth:A2B --steps 08", p, capsys=capsys)
