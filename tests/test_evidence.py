@@ -180,12 +180,15 @@ def test_the_page_says_how_long_the_runs_took_counting_every_resumed_part(tmp_pa
     rows = [{"table": 5, "protocol": "synth:A2B", "variant": v, "seed": 0, "mAP": 10.0, "Rank-1": 10.0,
              "mask IoU": 0.5, "recipe": "workbook", "seconds": sec, "run": f"runs/{v}"}
             for v, sec in (("G", 3000.0), ("G+H+U+L", 4200.0))]
+    rows[0]["precision"], rows[1]["precision"] = "bfloat16", "float32"
     runs = pd.DataFrame(rows + [{**rows[1], "table": 8, "variant": "AM-MSA"}])   # one run, two tables' rows
     page = tmp_path / "page.md"
     write_evidence(page, evaluate_claims(runs), runs, "regime", (0,), ("synth:A2B",),
                    settings=evidence.SCALES["regime"], recipes={"workbook": (5,)})
     assert "Training time: 2.0 hours of one process for the 2 runs" in page.read_text()
     assert "60 minutes a run on average" in page.read_text()
+    assert "Precision of each run's last process" in page.read_text()
+    assert ": 1 in bfloat16, 1 in float32." in page.read_text()         # counted once per run folder
 
 
 @pytest.mark.slow

@@ -281,7 +281,7 @@ def run_sweep(cfg: RunConfig, table: int, seeds: Sequence[int] = (0,), variants:
             run = runs[f"{name}, seed {seed}"]
             rec = json.loads(run_record(run).read_text())
             row = {"variant": name, "seed": seed, "mAP": rec["metrics"]["mAP"], "Rank-1": rec["metrics"]["Rank-1"],
-                   "seconds": _seconds(run, rec), "run": run.run_dir}
+                   "seconds": _seconds(run, rec), "precision": _precision(rec), "run": run.run_dir}
             iou = rec.get("mask_iou_truth") or {}
             row["mask IoU"] = float(np.mean(list(iou.values()))) if iou else np.nan
             held = [h["metrics"]["mAP"] for h in (rec.get("heldout_source") or {}).values()]
@@ -299,6 +299,13 @@ def _seconds(run: RunConfig, rec: dict) -> float | None:
 
     seconds = epoch_seconds(resolve(run.run_dir))
     return rec.get("seconds") if seconds is None else round(seconds, 1)
+
+
+def _precision(rec: dict) -> str:
+    """The arithmetic of the run's last process, as its record notes it (``bfloat16``, ``float16``, ``float32``;
+    ``""`` for runs recorded before the note existed)."""
+    note = str(rec.get("precision") or "").split()
+    return note[0] if note else ""
 
 
 def summarise(per_run: pd.DataFrame, table: int) -> pd.DataFrame:

@@ -99,10 +99,25 @@ def _compute_line(runs: pd.DataFrame) -> str:
     seconds = pd.to_numeric(unique.get("seconds", pd.Series(dtype=float)), errors="coerce")
     if not seconds.notna().any():
         return "Training time: not recorded."
-    return (f"Training time: {seconds.sum() / 3600:.1f} hours of one process for the {int(seconds.notna().sum())} "
+    line = (f"Training time: {seconds.sum() / 3600:.1f} hours of one process for the {int(seconds.notna().sum())} "
             f"runs (`seconds` in the per-run table: each run's epochs of both stages, summed from its histories, "
             f"so a run resumed across sessions counts every part; {seconds.mean() / 60:.0f} minutes a run on "
             f"average).")
+    return line + _precision_clause(unique)
+
+
+def _precision_clause(runs: pd.DataFrame) -> str:
+    """Which arithmetic the runs' last processes used (the CPU decides: bfloat16 autocast where it computes
+    bfloat16 natively, float32 elsewhere), when the per-run table says."""
+    names = runs["precision"].fillna("").astype(str) if "precision" in runs.columns else pd.Series(dtype=str)
+    counts = names[names != ""].value_counts()
+    if counts.empty:
+        return ""
+    parts = ", ".join(f"{n} in {name}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    unknown = int((names == "").sum())
+    return (f" Precision of each run's last process (`precision` in the per-run table; it follows the CPU: "
+            f"bfloat16 autocast where the CPU computes bfloat16 natively, else float32): {parts}"
+            + (f", {unknown} not recorded" if unknown else "") + ".")
 
 
 def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: str, seeds, protocols,
