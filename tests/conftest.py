@@ -20,6 +20,24 @@ import pytest
 # (the CLI, papermill kernels) inherit it.
 os.environ.setdefault("MUVA_CPU_AMP", "0")
 
+# Under pytest-xdist (`make test` runs one worker per core) the workers share the cores: each computes on
+# cores // workers threads, since workers of a whole machine's threads each would oversubscribe it. Subprocesses
+# (the CLI, papermill kernels) inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    _threads = max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_threads)
+    import torch
+
+    torch.set_num_threads(_threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist the end-to-end tests (marked slow: up to minutes each) are handed out first, so the
+    longest of them does not start when the other workers are nearly done. A plain run keeps the file order."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 @lru_cache(maxsize=None)
 def _image_bytes(fmt: str, color: tuple[int, int, int]) -> bytes:
