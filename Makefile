@@ -31,7 +31,7 @@ lab: install
 	$(BIN)/muva lab
 
 test: install browser
-	$(BIN)/python -m pytest -n auto --maxprocesses=4 --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n auto --maxprocesses=4 --maxschedchunk=1 --durations=15 $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

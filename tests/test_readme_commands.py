@@ -242,7 +242,7 @@ def test_readme_is_short_and_every_relative_link_of_readme_and_docs_resolves():
 
 def test_make_test_is_the_ci_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text().splitlines()[-1]
-    assert "\ntest: install browser\n\t$(BIN)/python -m pytest -n auto --maxprocesses=4 --durations=15 $(PYTEST_ARGS)\n" in (ROOT / "Makefile").read_text()
+    assert "\ntest: install browser\n\t$(BIN)/python -m pytest -n auto --maxprocesses=4 --maxschedchunk=1 --durations=15 $(PYTEST_ARGS)\n" in (ROOT / "Makefile").read_text()
     assert ('\ntest-fast: install\n\t$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)\n'
             in (ROOT / "Makefile").read_text())
     assert "\ndemo: install\n\t$(BIN)/muva demo\n" in (ROOT / "Makefile").read_text()
