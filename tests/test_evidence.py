@@ -181,6 +181,7 @@ def test_the_page_says_how_long_the_runs_took_counting_every_resumed_part(tmp_pa
              "mask IoU": 0.5, "recipe": "workbook", "seconds": sec, "run": f"runs/{v}"}
             for v, sec in (("G", 3000.0), ("G+H+U+L", 4200.0))]
     rows[0]["precision"], rows[1]["precision"] = "bfloat16", "float32"
+    rows[0]["start"], rows[1]["start"] = "", "0123456789ab"      # the first run recorded no digest
     runs = pd.DataFrame(rows + [{**rows[1], "table": 8, "variant": "AM-MSA"}])   # one run, two tables' rows
     page = tmp_path / "page.md"
     write_evidence(page, evaluate_claims(runs), runs, "regime", (0,), ("synth:A2B",),
@@ -189,6 +190,7 @@ def test_the_page_says_how_long_the_runs_took_counting_every_resumed_part(tmp_pa
     assert "60 minutes a run on average" in page.read_text()
     assert "Precision of each run's last process" in page.read_text()
     assert ": 1 in bfloat16, 1 in float32." in page.read_text()         # counted once per run folder
+    assert "by its SHA-256 (`start` in the per-run table): 1 from `0123456789ab`, 1 not recorded." in page.read_text()
 
 
 @pytest.mark.slow

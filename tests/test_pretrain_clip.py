@@ -608,3 +608,32 @@ def test_resizing_in_chunks_gives_the_images_of_one_pass(train_data):
     small = sub.resized((192, 96), chunk=7)
     assert torch.equal(one.images, small.images) and one.images.dtype == torch.uint8
     assert one.images.shape == (40, 3, 192, 96) and np.array_equal(one.boxes, small.boxes)
+
+
+def test_a_run_records_the_clip_file_it_started_from_by_its_digest(tiny_ckpt, small_synth_root, tmp_path):
+    """``metrics/train.json`` names the CLIP file a run started from and the SHA-256 of its bytes (a CLIP re-made
+    on another machine keeps its name; the digest tells the builds apart); random weights record None."""
+    import hashlib
+
+    from conftest import tiny_run_config
+    from muva_core.config import RunConfig
+    from muva_core.model.checkpoints import config_clip_path, start_record
+    from muva_core.runs import train_protocol
+
+    cfg = tiny_run_config(small_synth_root, tmp_path / "run", tmp_path / "cache", checkpoint_path=str(tiny_ckpt),
+                          stage1_epochs=1, stage2_epochs=1, lr_milestones=[1])
+    result = train_protocol(cfg, progress=False)
+    record = json.loads((result.run_dir / "metrics" / "train.json").read_text())
+    digest = hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()
+    assert record["start_checkpoint"] == {"path": str(tiny_ckpt), "sha256": digest}
+    # another build under the same name: another digest
+    other = tmp_path / "other" / tiny_ckpt.name
+    other.parent.mkdir()
+    data = bytearray(tiny_ckpt.read_bytes())
+    data[-1] ^= 1
+    other.write_bytes(bytes(data))
+    assert start_record(RunConfig().update({"checkpoint_path": str(other)}))["sha256"] != digest
+    # `pretrained: pretrain-clip` names the file of the pretraining (no digest while it is not made)
+    made = RunConfig().update({"pretrained": "pretrain-clip", "data_root": str(tmp_path / "data"), "backbone": "tiny"})
+    assert start_record(made) == {"path": str(config_clip_path(made)), "sha256": None}
+    assert start_record(RunConfig().update({"pretrained": "none"})) is None

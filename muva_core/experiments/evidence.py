@@ -182,16 +182,6 @@ def protocol_configs(base_cfg: dict, scale: str, protocols: Sequence[str], progr
     return configs
 
 
-def start_checkpoint(cfg) -> str | None:
-    """The CLIP file a run configuration starts from (``checkpoint_path``, or the one ``pretrained: pretrain-clip``
-    names), None for random weights or an open_clip tag."""
-    from ..model.checkpoints import config_clip_path, uses_pretrain_clip
-
-    if uses_pretrain_clip(cfg):
-        return str(config_clip_path(cfg))
-    return cfg.model.checkpoint_path or None
-
-
 def plan_runs(configs: dict, tables: Sequence[int], seeds: Sequence[int], scale: str | None = None) -> list:
     """Every distinct run configuration of the study (a run shared by several tables appears once; at ``scale``,
     the variants it keeps)."""
@@ -270,7 +260,9 @@ def diagnostics(configs: dict, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
         labels = labels.drop(columns="protocol").drop_duplicates(["source", "pseudo labels", "part"])
         labels = labels.round(3).reset_index(drop=True)
     stripes = pd.DataFrame({cfg.data.protocol: stripe_quality(cfg, data[p]) for p, cfg in configs.items()}).T.round(3)
-    checkpoints = {start_checkpoint(cfg) for cfg in configs.values()}
+    from ..model.checkpoints import start_file
+
+    checkpoints = {start_file(cfg) for cfg in configs.values()}
     floors = pd.DataFrame([{"protocol": cfg.data.protocol, "baseline": name, **m}
                            for p, cfg in configs.items() for name, m in target_baselines(cfg, data[p]).items()])
     return {

@@ -281,7 +281,7 @@ def run_sweep(cfg: RunConfig, table: int, seeds: Sequence[int] = (0,), variants:
             run = runs[f"{name}, seed {seed}"]
             rec = json.loads(run_record(run).read_text())
             row = {"variant": name, "seed": seed, "mAP": rec["metrics"]["mAP"], "Rank-1": rec["metrics"]["Rank-1"],
-                   "seconds": _seconds(run, rec), "precision": _precision(rec), "run": run.run_dir}
+                   "seconds": _seconds(run, rec), "precision": _precision(rec), "start": _start(rec), "run": run.run_dir}
             iou = rec.get("mask_iou_truth") or {}
             row["mask IoU"] = float(np.mean(list(iou.values()))) if iou else np.nan
             held = [h["metrics"]["mAP"] for h in (rec.get("heldout_source") or {}).values()]
@@ -306,6 +306,13 @@ def _precision(rec: dict) -> str:
     ``""`` for runs recorded before the note existed)."""
     note = str(rec.get("precision") or "").split()
     return note[0] if note else ""
+
+
+def _start(rec: dict) -> str:
+    """The first 12 hex digits of the SHA-256 of the CLIP file the run started from, as its record says (``""``
+    for runs from random weights or recorded before the digest was)."""
+    digest = (rec.get("start_checkpoint") or {}).get("sha256")
+    return str(digest)[:12] if digest else ""
 
 
 def summarise(per_run: pd.DataFrame, table: int) -> pd.DataFrame:

@@ -1,5 +1,6 @@
 """Names of the pretrained CLIP checkpoint files the model factory loads, and which CLIP a run configuration starts
-from (:func:`uses_pretrain_clip`, :func:`clip_start`); no training code here.
+from (:func:`uses_pretrain_clip`, :func:`clip_start`, :func:`start_file`) and which file that was, by its digest
+(:func:`start_record`, in each run's record); no training code here.
 
 ``muva pretrain-clip`` (:mod:`muva_core.pretrain`) writes ``<out_dir>/clip-<backbone>-seed<seed>.safetensors``;
 a run configuration with ``pretrained: pretrain-clip`` starts from the one at
@@ -9,6 +10,7 @@ the model imports nothing above it.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +18,7 @@ from typing import Sequence
 from ..paths import resolve
 
 __all__ = ["PRETRAINED_TAG", "CONFIG_CLIP_SEED", "pretrained_clip_file", "config_clip_dir", "config_clip_path",
-           "uses_pretrain_clip", "clip_start"]
+           "uses_pretrain_clip", "clip_start", "start_file", "start_record", "file_sha256"]
 
 PRETRAINED_TAG = "pretrain-clip"
 """The ``pretrained`` value of a run configuration that starts from the CLIP of ``muva pretrain-clip``."""
@@ -65,3 +67,32 @@ def clip_start(cfg) -> str:
     if m.pretrained == "auto":
         return "openai" if m.backbone == "vit-b-16" else "random init"
     return m.pretrained
+
+
+def start_file(cfg) -> str | None:
+    """The CLIP file a run configuration starts from (``checkpoint_path``, or the one ``pretrained: pretrain-clip``
+    names), None for random weights or an open_clip tag."""
+    if uses_pretrain_clip(cfg):
+        return str(config_clip_path(cfg))
+    return cfg.model.checkpoint_path or None
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def start_record(cfg) -> dict | None:
+    """``{"path": <start file, as configured>, "sha256": <its digest>}`` for a run that starts from a CLIP file
+    (:func:`start_file`), so a run's record says which build of that file it started from (a CLIP re-made on
+    another machine has the same name); None when the run starts from random weights or an open_clip tag. The
+    digest is None when the file is gone."""
+    name = start_file(cfg)
+    if name is None:
+        return None
+    path = resolve(name)
+    return {"path": str(name), "sha256": file_sha256(path) if path.is_file() else None}

@@ -103,7 +103,7 @@ def _compute_line(runs: pd.DataFrame) -> str:
             f"runs (`seconds` in the per-run table: each run's epochs of both stages, summed from its histories, "
             f"so a run resumed across sessions counts every part; {seconds.mean() / 60:.0f} minutes a run on "
             f"average).")
-    return line + _precision_clause(unique)
+    return line + _precision_clause(unique) + _start_clause(unique)
 
 
 def _precision_clause(runs: pd.DataFrame) -> str:
@@ -117,6 +117,19 @@ def _precision_clause(runs: pd.DataFrame) -> str:
     unknown = int((names == "").sum())
     return (f" Precision of each run's last process (`precision` in the per-run table; it follows the CPU: "
             f"bfloat16 autocast where the CPU computes bfloat16 natively, else float32): {parts}"
+            + (f", {unknown} not recorded" if unknown else "") + ".")
+
+
+def _start_clause(runs: pd.DataFrame) -> str:
+    """Which builds of the CLIP file the runs started from (``start`` in the per-run table: the first digits of
+    the file's SHA-256), when the per-run table says: a CLIP re-made on another machine keeps its name."""
+    digests = runs["start"].fillna("").astype(str) if "start" in runs.columns else pd.Series(dtype=str)
+    counts = digests[digests != ""].value_counts()
+    if counts.empty:
+        return ""
+    parts = ", ".join(f"{n} from `{d}`" for d, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    unknown = int((digests == "").sum())
+    return (f" The CLIP file each run started from, by its SHA-256 (`start` in the per-run table): {parts}"
             + (f", {unknown} not recorded" if unknown else "") + ".")
 
 

@@ -38,6 +38,7 @@ from ..eval.masks import mask_iou
 from ..grounding.voting import truth_patch_masks
 from ..io import atomic_path
 from ..locks import check_held, shared_data
+from ..model.checkpoints import start_record
 from ..model.factory import BuiltModel, MUVAReID, build_muva, part_indices
 from ..paths import RunFiles
 from ..precision import precision_plan
@@ -387,6 +388,7 @@ def finish_run(ctx: RunContext, progress: bool = True) -> tuple[dict, dict]:
                                   "heldout_source": heldout, "precision": precision_plan(ctx.device, cfg).note,
                                   "seconds": round(time.perf_counter() - ctx.started, 2),
                                   "num_classes": ctx.data.num_classes, "train_images": len(ctx.data.train),
+                                  "start_checkpoint": start_record(cfg),
                                   "trained_by": {"host": socket.gethostname(), "pid": os.getpid()}})
     barrier(ctx.info)
     return metrics, iou
