@@ -106,31 +106,31 @@ def _compute_line(runs: pd.DataFrame) -> str:
     return line + _precision_clause(unique) + _start_clause(unique)
 
 
+def _counted_clause(runs: pd.DataFrame, column: str, lead: str, item: str) -> str:
+    """`` <lead>: <n> <item>, ..., <m> not recorded.`` counting the per-run table's ``column`` values (most
+    frequent first), ``""`` when no run records one; ``item`` formats a value (``{v}``)."""
+    values = runs[column].fillna("").astype(str) if column in runs.columns else pd.Series(dtype=str)
+    counts = values[values != ""].value_counts()
+    if counts.empty:
+        return ""
+    parts = ", ".join(f"{n} " + item.format(v=v) for v, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    unknown = int((values == "").sum())
+    return f" {lead}: {parts}" + (f", {unknown} not recorded" if unknown else "") + "."
+
+
 def _precision_clause(runs: pd.DataFrame) -> str:
     """Which arithmetic the runs' last processes used (the CPU decides: bfloat16 autocast where it computes
     bfloat16 natively, float32 elsewhere), when the per-run table says."""
-    names = runs["precision"].fillna("").astype(str) if "precision" in runs.columns else pd.Series(dtype=str)
-    counts = names[names != ""].value_counts()
-    if counts.empty:
-        return ""
-    parts = ", ".join(f"{n} in {name}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-    unknown = int((names == "").sum())
-    return (f" Precision of each run's last process (`precision` in the per-run table; it follows the CPU: "
-            f"bfloat16 autocast where the CPU computes bfloat16 natively, else float32): {parts}"
-            + (f", {unknown} not recorded" if unknown else "") + ".")
+    return _counted_clause(runs, "precision", "Precision of each run's last process (`precision` in the per-run "
+                           "table; it follows the CPU: bfloat16 autocast where the CPU computes bfloat16 natively, "
+                           "else float32)", "in {v}")
 
 
 def _start_clause(runs: pd.DataFrame) -> str:
     """Which builds of the CLIP file the runs started from (``start`` in the per-run table: the first digits of
     the file's SHA-256), when the per-run table says: a CLIP re-made on another machine keeps its name."""
-    digests = runs["start"].fillna("").astype(str) if "start" in runs.columns else pd.Series(dtype=str)
-    counts = digests[digests != ""].value_counts()
-    if counts.empty:
-        return ""
-    parts = ", ".join(f"{n} from `{d}`" for d, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-    unknown = int((digests == "").sum())
-    return (f" The CLIP file each run started from, by its SHA-256 (`start` in the per-run table): {parts}"
-            + (f", {unknown} not recorded" if unknown else "") + ".")
+    return _counted_clause(runs, "start", "The CLIP file each run started from, by its SHA-256 (`start` in the "
+                           "per-run table)", "from `{v}`")
 
 
 def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: str, seeds, protocols,
