@@ -360,7 +360,7 @@ def cmd_pretrain_clip(args) -> int:
     image_size = parse_image_size(args.image_size)
     path = pretrain_clip(args.out, backbone=args.backbone, seed=args.seed, epochs=args.epochs, scale=args.scale,
                          synth_root=args.synth_root, overwrite=args.overwrite, progress=not args.quiet,
-                         image_size=image_size, reid_root=args.reid_root, **options)
+                         image_size=image_size, reid_root=args.reid_root, threads=args.threads, **options)
     print(pretrain_clip_summary(path, args.backbone, image_size))
     return 0
 
@@ -623,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(harder negatives: 63 other legs instead of a mix of parts)")
     p.add_argument("--reid-root", default=None, help="a generated synthetic Re-ID set (e.g. data/synthetic): the "
                    "report adds zero-shot accuracy on the test images of its domains A-D")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="compute on N CPU threads (default: "
+                   "torch's). The weights' last bits follow the thread count: the same command on the same number "
+                   "of threads and the same kind of CPU makes the same file (not a setting of the reuse key)")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint made with other settings")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_pretrain_clip)

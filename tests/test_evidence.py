@@ -1,6 +1,7 @@
 """`muva evidence`: claims judged against seed noise; the small-scale study produces every table."""
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pandas as pd
@@ -70,7 +71,7 @@ def test_regime_scale_trains_re_id_sized_sources_to_the_end_from_the_wide_clip(t
     command = clip_command(scale_clip("regime", "data"), "data/synthetic-reid")
     assert command == ("muva pretrain-clip --out data/clip-wide-one --backbone mini --image-size 192x96 --epochs 16 "
                        "--scale pretrain-wide --color-jitter --loss multi_positive --batch-granularity one "
-                       "--reid-root data/synthetic-reid") and command in docs
+                       "--reid-root data/synthetic-reid --threads 1") and command in docs
 
 
 @pytest.mark.parametrize("late", [{}, {"color_jitter": True}, {"color_jitter": True, "jitter_ranges": "wide"},
@@ -85,14 +86,15 @@ def test_the_clip_command_makes_the_checkpoint_of_its_spec(late, monkeypatch):
     from muva_core.pretrain.config import LATE_OPTIONS, PretrainConfig
 
     spec = {"out_dir": "data/clip-x", "backbone": "mini", "image_size": (192, 96), "epochs": 16,
-            "scale": "pretrain-wide", "seed": 3, **late}
+            "scale": "pretrain-wide", "seed": 3, "threads": 1, **late}
     seen = {}
     monkeypatch.setattr(loop, "pretrain_clip", lambda out, **kw: seen.update(kw) or out)
     monkeypatch.setattr(provision, "pretrain_clip_summary", lambda *a: "")
     argv = shlex.split(clip_command(spec))[1:]
     assert cli.main(argv) == 0
-    made = {k: v for k, v in seen.items() if k not in ("synth_root", "overwrite", "progress", "reid_root")}
-    wanted = PretrainConfig(**{k: v for k, v in spec.items() if k != "out_dir"})
+    assert seen["threads"] == 1                 # made on the spec's threads (not a setting of the reuse key)
+    made = {k: v for k, v in seen.items() if k not in ("synth_root", "overwrite", "progress", "reid_root", "threads")}
+    wanted = PretrainConfig(**{k: v for k, v in spec.items() if k not in ("out_dir", "threads")})
     assert PretrainConfig(**made).settings() == wanted.settings()
     assert set(wanted.changed_late_options()) == set(late) and set(late) <= set(LATE_OPTIONS)
 
@@ -101,9 +103,12 @@ def test_regime_scale_makes_its_clip_when_missing_and_reuses_it(small_synth_root
     """The study pretrains the CLIP its scale names before any run (here a tiny one, 1 epoch on the small set)."""
     from muva_core.pretrain.files import read_pretrain_report
 
+    import torch
+
     tiny = {"folder": "clip-wide", "backbone": "tiny", "image_size": (192, 96), "epochs": 1, "scale": "small",
-            "color_jitter": True, "seed": 0}
+            "color_jitter": True, "seed": 0, "threads": 1, "sha256": "0" * 64}
     monkeypatch.setitem(evidence.SCALES["regime"], "clip", tiny)
+    threads = torch.get_num_threads()
     base = {"reports_dir": str(tmp_path / "reports"), "data_root": str(tmp_path / "data"),
             "synth_root": str(small_synth_root), "synth_scale": "small"}
     cfg = protocol_configs(base, "regime", ["synth:A2B"])["synth:A2B"]
@@ -112,9 +117,15 @@ def test_regime_scale_makes_its_clip_when_missing_and_reuses_it(small_synth_root
     report = read_pretrain_report(made)
     assert report["settings"]["color_jitter"] and report["settings"]["epochs"] == 1
     assert "A" in report["zero_shot"]["reid_domains"]          # scored on the study's Re-ID domains
-    capsys.readouterr()
+    assert report["threads"] == 1 and torch.get_num_threads() == threads   # made on one thread, the rest left alone
+    # not the build the study names: said (the page counts the runs per build)
+    digest = hashlib.sha256(made.read_bytes()).hexdigest()
+    err = capsys.readouterr().err
+    assert f"is another build of the study's CLIP (SHA-256 {digest[:12]}" in err and "0" * 12 in err
+    monkeypatch.setitem(tiny, "sha256", digest)
     protocol_configs(base, "regime", ["synth:A2B"])
-    assert "reusing" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "reusing" in out and "another build" not in err
 
 
 def test_verdict_against_twice_the_standard_error():
@@ -274,9 +285,12 @@ def test_regime_scale_study_writes_its_page(small_synth_root, tmp_path, monkeypa
     command."""
     from muva_core.cli import main
 
+    import torch
+
     tiny = {"folder": "clip-wide", "backbone": "tiny", "image_size": (192, 96), "epochs": 1, "scale": "small",
-            "color_jitter": True, "seed": 0}
+            "color_jitter": True, "seed": 0, "threads": 1, "sha256": "0" * 64}
     monkeypatch.setitem(evidence.SCALES["regime"], "clip", tiny)
+    threads = torch.get_num_threads()
     base = {"synth_root": str(small_synth_root), "synth_scale": "small", "data_root": str(tmp_path / "data"),
             "cache_dir": str(tmp_path / "cache"), "reports_dir": str(tmp_path / "reports"), "device": "cpu",
             "backbone": "tiny", "stage1_epochs": 1, "stage2_epochs": 1, "lr_milestones": [1], "batch_size": 16}

@@ -481,16 +481,21 @@ def test_cli_passes_the_pretraining_options_through(monkeypatch, tmp_path):
     monkeypatch.setattr(provision, "pretrain_clip_summary", lambda *a, **k: "summary")
     assert main(["pretrain-clip", "--out", str(tmp_path), "--backbone", "tiny", "--scale", "pretrain-wide",
                  "--color-jitter", "--loss", "multi_positive", "--hard-negatives", "2", "--batch-granularity", "one",
-                 "--quiet"]) == 0
+                 "--threads", "1", "--quiet"]) == 0
     assert seen["scale"] == "pretrain-wide" and seen["color_jitter"] is True and seen["loss"] == "multi_positive"
+    assert seen["threads"] == 1
     assert seen["hard_negatives"] == 2 and seen["batch_granularity"] == "one" and "jitter_ranges" not in seen
     assert main(["pretrain-clip", "--out", str(tmp_path), "--color-jitter", "wide", "--quiet"]) == 0
-    assert seen["color_jitter"] is True and seen["jitter_ranges"] == "wide"
+    assert seen["color_jitter"] is True and seen["jitter_ranges"] == "wide" and seen["threads"] is None
     assert syn.SCALES["pretrain-wide"]["ids_per_domain"] == 4 * syn.SCALES["pretrain"]["ids_per_domain"]
     with pytest.raises(SystemExit):
         main(["pretrain-clip", "--out", str(tmp_path), "--loss", "triplet"])
     with pytest.raises(SystemExit):
         main(["pretrain-clip", "--out", str(tmp_path), "--color-jitter", "huge"])
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="threads: expected a positive number of CPU threads, got 0"):
+        loop.pretrain_clip(tmp_path / "none", backbone="tiny", threads=0)   # refused before any work
+    assert not (tmp_path / "none").exists()
 
 
 def test_linear_probe_reads_what_the_features_hold_and_the_tool_loads_checkpoints(tiny_ckpt, pt_root, train_data):

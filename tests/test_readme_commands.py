@@ -93,8 +93,8 @@ DOCS_COMMANDS = {
     "--color-jitter --hard-negatives 2 --reid-root data/synthetic-reid":
         "test_synthetic_workbook_commands (tiny, 1 epoch, the small scale)",
     "muva pretrain-clip --out data/clip-wide-one --backbone mini --image-size 192x96 --epochs 16 --scale "
-    "pretrain-wide --color-jitter --loss multi_positive --batch-granularity one --reid-root data/synthetic-reid":
-        "test_synthetic_workbook_commands (tiny, 1 epoch, the small scale)",
+    "pretrain-wide --color-jitter --loss multi_positive --batch-granularity one --reid-root data/synthetic-reid "
+    "--threads 1": "test_synthetic_workbook_commands (tiny, 1 epoch, the small scale)",
     "python tools/probe_clip.py --root data/synthetic-pretrain-wide random data/clip-wide/clip-mini-192x96-seed0.safetensors":
         "tests/test_pretrain_clip.py::test_probe_tool_as_docs_pretraining_writes_it",
     **{f"python tools/attribute_ceiling.py --root data/synthetic-pretrain-wide --image-size {size} --epochs 6 "
@@ -359,10 +359,10 @@ def test_synthetic_workbook_commands(small_synth_root, tmp_path, capfd, monkeypa
     reid_root = tmp_path / "synthetic-reid"
     assert json.loads((reid_root / "manifest.json").read_text())["scale"] == "small"
     small_clip = ["--backbone", "tiny", "--scale", "small", "--epochs", "1", "--reid-root", str(reid_root), "--quiet"]
-    for name, extra in (("clip-wide", ""), ("clip-regime", " --hard-negatives 2"),
-                        ("clip-wide-one", " --loss multi_positive --batch-granularity one")):
+    for name, extra, last in (("clip-wide", "", ""), ("clip-regime", " --hard-negatives 2", ""),
+                              ("clip-wide-one", " --loss multi_positive --batch-granularity one", " --threads 1")):
         command = (f"muva pretrain-clip --out data/{name} --backbone mini --image-size 192x96 --epochs 16 --scale "
-                   f"pretrain-wide --color-jitter{extra} --reid-root data/synthetic-reid")
+                   f"pretrain-wide --color-jitter{extra} --reid-root data/synthetic-reid{last}")
         out = _run(command, ["--out", str(tmp_path / name), *small_clip], capsys=capsys)
         made = tmp_path / name / "clip-tiny-192x96-seed0.safetensors"
         report = json.loads(made.with_suffix(".json").read_text())
@@ -371,6 +371,8 @@ def test_synthetic_workbook_commands(small_synth_root, tmp_path, capfd, monkeypa
         assert report["settings"]["color_jitter"] and report["settings"]["image_size"] == [192, 96]
         assert set(report["zero_shot"]["reid_domains"]) == {"A", "B", "C", "D", "mean"}
         assert report["data"]["root"] == str((tmp_path / "synthetic-small").resolve())   # beside the out folder
+        if last:
+            assert report["threads"] == 1
     regime = {**small, "synth_root": str(reid_root), "backbone": "tiny",
               "checkpoint_path": str(tmp_path / "clip-wide" / "clip-tiny-192x96-seed0.safetensors")}
     out = _run(REGIME_TRAIN, _params(regime), capsys=capsys)

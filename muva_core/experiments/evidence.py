@@ -25,12 +25,13 @@ folders' locks, or by ``shard=(i, n)``; the page is written by the process that 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 
-from ..paths import RunFiles, resolve
+from ..paths import RunFiles, portable, resolve
 from ..report.evidence import CLAIMS, evaluate_claims, read_notes, write_evidence
 from .sweep import VARIANTS, all_done, pending_runs, run_sweep, sweep_dir, train_runs, variant_config
 
@@ -68,9 +69,13 @@ SCALES: dict[str, dict] = {
         # global token alone), the protocols to the two single-source ones.
         "seeds": (0, 1, 2),
         "protocols": ("synth:A2B", "synth:C2D"),
+        # made on one thread, so that every machine of the same CPU kind makes the same bytes; ``sha256``: the build
+        # the study's runs started from since 2026-12-06 (session 14: made on an AMD EPYC, AVX2, torch 2.14.1; the
+        # first build, of the runs before, was made on the default threads and differs in its last bits)
         "clip": {"folder": "clip-wide-one", "backbone": "mini", "image_size": (192, 96), "epochs": 16,
                  "scale": "pretrain-wide", "color_jitter": True, "loss": "multi_positive", "batch_granularity": "one",
-                 "seed": 0},
+                 "seed": 0, "threads": 1,
+                 "sha256": "7ae670293f9327bea3efbc37a09de152b89f677a107b681aa46ccbd6369ce615"},
         "overrides": {"synth_scale": "reid", "synth_root": "data/synthetic-reid", "backbone": "mini", "height": 192,
                       "width": 96, "pretrained": "none", "stage2_lr": 3.0e-4, "stage2_epochs": 28,
                       "lr_milestones": [24], "memory_rebuild": "train_pass", "num_workers": 0},
@@ -112,8 +117,25 @@ def scale_clip(scale: str, data_root: str | Path) -> dict | None:
     spec = SCALES[scale].get("clip")
     if spec is None:
         return None
-    args = {k: v for k, v in spec.items() if k != "folder"}
+    args = {k: v for k, v in spec.items() if k not in ("folder", "sha256")}
     return {"out_dir": resolve(data_root) / spec["folder"], **args}
+
+
+def clip_build_note(scale: str, path: str | Path) -> str | None:
+    """A note when the CLIP file at ``path`` is not the build the study at ``scale`` names (its ``clip``'s
+    ``sha256``): runs from it start from other weights under the same name (the page counts the runs per build)."""
+    from ..model.checkpoints import file_sha256
+
+    expected = (SCALES[scale].get("clip") or {}).get("sha256")
+    if not expected or not Path(path).is_file():
+        return None
+    digest = file_sha256(path)
+    if digest == expected:
+        return None
+    return (f"note: {portable(path)} is another build of the study's CLIP (SHA-256 {digest[:12]}, the study's runs "
+            f"since 2026-12-06 start from {expected[:12]}): its runs start from other weights of the same settings "
+            "(made on another number of threads or another kind of CPU); the evidence page counts the runs per "
+            "build")
 
 
 def clip_command(spec: dict, reid_root: str | Path | None = None) -> str:
@@ -121,7 +143,6 @@ def clip_command(spec: dict, reid_root: str | Path | None = None) -> str:
     with the zero-shot accuracy on the Re-ID domains under ``reid_root``, as the study's runs make it)."""
     import dataclasses
 
-    from ..paths import portable
     from ..pretrain.config import PretrainConfig
 
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}
@@ -135,7 +156,8 @@ def clip_command(spec: dict, reid_root: str | Path | None = None) -> str:
     h, w = spec["image_size"]
     options = [flags[name](value) for name, value in late.items()]
     options += [f" --seed {spec['seed']}" if spec["seed"] else "",
-                f" --reid-root {portable(reid_root)}" if reid_root else ""]
+                f" --reid-root {portable(reid_root)}" if reid_root else "",
+                f" --threads {spec['threads']}" if spec.get("threads") else ""]
     return (f"muva pretrain-clip --out {portable(spec['out_dir'])} --backbone {spec['backbone']} --image-size {h}x{w} "
             f"--epochs {spec['epochs']} --scale {spec['scale']}" + "".join(options))
 
@@ -176,6 +198,9 @@ def protocol_configs(base_cfg: dict, scale: str, protocols: Sequence[str], progr
         if make_clip:
             with shared_data(cfg):
                 pretrain_clip(progress=progress, reid_root=resolve(cfg.data.synth_root), **spec)
+            note = clip_build_note(scale, path)
+            if note:
+                print(note, file=sys.stderr, flush=True)
     for cfg in configs.values() if make_clip else ():
         with shared_data(cfg):
             ensure_pretrained_clip(cfg, progress=progress)

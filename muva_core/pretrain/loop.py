@@ -154,7 +154,8 @@ def _reid_domains(root: str | os.PathLike | None) -> list[str]:
 
 def pretrain_clip(out_dir: str | os.PathLike, backbone: str = "small", seed: int = 0, epochs: int | None = None,
                   scale: str = "pretrain", synth_root: str | os.PathLike | None = None, overwrite: bool = False,
-                  progress: bool = True, reid_root: str | os.PathLike | None = None, **options: Any) -> Path:
+                  progress: bool = True, reid_root: str | os.PathLike | None = None, threads: int | None = None,
+                  **options: Any) -> Path:
     """Pretrain a named CLIP config on captioned synthetic pedestrians; return the checkpoint path.
 
     out_dir:    folder of ``clip-<backbone>-seed<seed>.safetensors`` and its ``.json`` report
@@ -164,10 +165,27 @@ def pretrain_clip(out_dir: str | os.PathLike, backbone: str = "small", seed: int
     overwrite:  replace a checkpoint made with other settings (otherwise :class:`CheckpointExistsError`)
     reid_root:  a generated synthetic Re-ID set (``synth_A`` .. ``synth_D``): the report adds the zero-shot accuracy
                 on the test images of the domains it holds (``zero_shot["reid_domains"]``; not a setting)
+    threads:    compute on this many CPU threads (default: torch's; not a setting). The weights' last bits follow
+                the thread count (float sums split across threads): the same settings on the same number of
+                threads and the same kind of CPU give the same bytes; the report records the count
     options:    other :class:`PretrainConfig` fields (batch_size, lr, eval_images, ...)
 
     Returns at once when the checkpoint exists with the same settings.
     """
+    from contextlib import nullcontext
+
+    from ..eval.distance import torch_threads
+
+    if threads is not None and int(threads) < 1:
+        raise ValueError(f"threads: expected a positive number of CPU threads, got {threads}")
+    with nullcontext() if threads is None else torch_threads(int(threads)):
+        return _pretrain_clip(out_dir, backbone, seed, epochs, scale, synth_root, overwrite, progress, reid_root,
+                              **options)
+
+
+def _pretrain_clip(out_dir, backbone, seed, epochs, scale, synth_root, overwrite, progress, reid_root,
+                   **options: Any) -> Path:
+    """:func:`pretrain_clip` on the threads it was given."""
     cfg = PretrainConfig(backbone=backbone, seed=int(seed), scale=scale,
                          epochs=int(epochs if epochs is not None else DEFAULT_EPOCHS.get(backbone, 4)), **options)
     settings = cfg.settings()
