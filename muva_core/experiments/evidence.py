@@ -70,8 +70,9 @@ SCALES: dict[str, dict] = {
         "seeds": (0, 1, 2),
         "protocols": ("synth:A2B", "synth:C2D"),
         # made on one thread, so that every machine of the same CPU kind makes the same bytes; ``sha256``: the build
-        # the study's runs started from since 2026-12-06 (session 14: made on an AMD EPYC, AVX2, torch 2.14.1; the
-        # first build, of the runs before, was made on the default threads and differs in its last bits)
+        # the study's runs start from since 2026-12-06 (session 14: an AMD EPYC with AVX-512 and native bfloat16,
+        # torch 2.14.1; the first build, of the 15 runs before, was made on an AVX2 machine and differs in its last
+        # bits: docs/evidence.md)
         "clip": {"folder": "clip-wide-one", "backbone": "mini", "image_size": (192, 96), "epochs": 16,
                  "scale": "pretrain-wide", "color_jitter": True, "loss": "multi_positive", "batch_granularity": "one",
                  "seed": 0, "threads": 1,
