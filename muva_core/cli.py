@@ -625,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "report adds zero-shot accuracy on the test images of its domains A-D")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="compute on N CPU threads (default: "
                    "torch's). The weights' last bits follow the thread count: the same command on the same number "
-                   "of threads and the same kind of CPU makes the same file (not a setting of the reuse key)")
+                   "of threads and the same kind of CPU makes the same weights (not a setting of the reuse key)")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint made with other settings")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_pretrain_clip)

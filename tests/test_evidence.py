@@ -1,7 +1,6 @@
 """`muva evidence`: claims judged against seed noise; the small-scale study produces every table."""
 from __future__ import annotations
 
-import hashlib
 import math
 
 import pandas as pd
@@ -11,6 +10,7 @@ from muva_core.experiments import evidence
 from muva_core.experiments.evidence import (RECIPE_TABLES, PROTOCOLS, TABLES, claim_variants, clip_command, plan_runs,
                                              protocol_configs, run_evidence, scale_clip, scale_overrides,
                                              scale_protocols)
+from muva_core.model.checkpoints import weights_sha256
 from muva_core.report.evidence import CLAIMS, evaluate_claims, verdict
 from muva_core.report.paper import ABLATIONS
 
@@ -106,7 +106,7 @@ def test_regime_scale_makes_its_clip_when_missing_and_reuses_it(small_synth_root
     import torch
 
     tiny = {"folder": "clip-wide", "backbone": "tiny", "image_size": (192, 96), "epochs": 1, "scale": "small",
-            "color_jitter": True, "seed": 0, "threads": 1, "sha256": "0" * 64}
+            "color_jitter": True, "seed": 0, "threads": 1, "weights_sha256": "0" * 64}
     monkeypatch.setitem(evidence.SCALES["regime"], "clip", tiny)
     threads = torch.get_num_threads()
     base = {"reports_dir": str(tmp_path / "reports"), "data_root": str(tmp_path / "data"),
@@ -119,10 +119,10 @@ def test_regime_scale_makes_its_clip_when_missing_and_reuses_it(small_synth_root
     assert "A" in report["zero_shot"]["reid_domains"]          # scored on the study's Re-ID domains
     assert report["threads"] == 1 and torch.get_num_threads() == threads   # made on one thread, the rest left alone
     # not the build the study names: said (the page counts the runs per build)
-    digest = hashlib.sha256(made.read_bytes()).hexdigest()
+    digest = weights_sha256(made)
     err = capsys.readouterr().err
-    assert f"is another build of the study's CLIP (SHA-256 {digest[:12]}" in err and "0" * 12 in err
-    monkeypatch.setitem(tiny, "sha256", digest)
+    assert f"is another build of the study's CLIP (weights SHA-256 {digest[:12]}" in err and "0" * 12 in err
+    monkeypatch.setitem(tiny, "weights_sha256", digest)
     protocol_configs(base, "regime", ["synth:A2B"])
     out, err = capsys.readouterr()
     assert "reusing" in out and "another build" not in err
@@ -201,7 +201,8 @@ def test_the_page_says_how_long_the_runs_took_counting_every_resumed_part(tmp_pa
     assert "60 minutes a run on average" in page.read_text()
     assert "Precision of each run's last process" in page.read_text()
     assert ": 1 in bfloat16, 1 in float32." in page.read_text()         # counted once per run folder
-    assert "by its SHA-256 (`start` in the per-run table): 1 from `0123456789ab`, 1 not recorded." in page.read_text()
+    assert ("by the SHA-256 of its weights (`start` in the per-run table): 1 from `0123456789ab`, 1 not recorded."
+            in page.read_text())
 
 
 @pytest.mark.slow
@@ -288,7 +289,7 @@ def test_regime_scale_study_writes_its_page(small_synth_root, tmp_path, monkeypa
     import torch
 
     tiny = {"folder": "clip-wide", "backbone": "tiny", "image_size": (192, 96), "epochs": 1, "scale": "small",
-            "color_jitter": True, "seed": 0, "threads": 1, "sha256": "0" * 64}
+            "color_jitter": True, "seed": 0, "threads": 1, "weights_sha256": "0" * 64}
     monkeypatch.setitem(evidence.SCALES["regime"], "clip", tiny)
     threads = torch.get_num_threads()
     base = {"synth_root": str(small_synth_root), "synth_scale": "small", "data_root": str(tmp_path / "data"),

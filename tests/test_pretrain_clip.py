@@ -615,30 +615,42 @@ def test_resizing_in_chunks_gives_the_images_of_one_pass(train_data):
     assert one.images.shape == (40, 3, 192, 96) and np.array_equal(one.boxes, small.boxes)
 
 
-def test_a_run_records_the_clip_file_it_started_from_by_its_digest(tiny_ckpt, small_synth_root, tmp_path):
-    """``metrics/train.json`` names the CLIP file a run started from and the SHA-256 of its bytes (a CLIP re-made
-    on another machine keeps its name; the digest tells the builds apart); random weights record None."""
+def test_a_run_records_the_clip_file_it_started_from_by_its_weights_digest(tiny_ckpt, small_synth_root, tmp_path):
+    """``metrics/train.json`` names the CLIP file a run started from and the SHA-256 of its weights (a CLIP made
+    again on another machine keeps its name; the digest tells the builds apart); the digest is of the tensors, not
+    of the file's metadata (the build's report, written in no fixed order); random weights record None."""
     import hashlib
+
+    from safetensors.torch import save_file
 
     from conftest import tiny_run_config
     from muva_core.config import RunConfig
-    from muva_core.model.checkpoints import config_clip_path, start_record
+    from muva_core.model.checkpoints import config_clip_path, start_record, weights_sha256
     from muva_core.runs import train_protocol
 
     cfg = tiny_run_config(small_synth_root, tmp_path / "run", tmp_path / "cache", checkpoint_path=str(tiny_ckpt),
                           stage1_epochs=1, stage2_epochs=1, lr_milestones=[1])
     result = train_protocol(cfg, progress=False)
     record = json.loads((result.run_dir / "metrics" / "train.json").read_text())
-    digest = hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()
-    assert record["start_checkpoint"] == {"path": str(tiny_ckpt), "sha256": digest}
-    # another build under the same name: another digest
+    digest = weights_sha256(tiny_ckpt)
+    assert record["start_checkpoint"] == {"path": str(tiny_ckpt), "weights_sha256": digest}
+    # the same tensors under other metadata: another file, the same weights
+    tensors = load_file(str(tiny_ckpt))
+    same = tmp_path / "same" / tiny_ckpt.name
+    same.parent.mkdir()
+    save_file(tensors, str(same), metadata={"note": "written again"})
+    assert hashlib.sha256(same.read_bytes()).digest() != hashlib.sha256(tiny_ckpt.read_bytes()).digest()
+    assert weights_sha256(same) == digest
+    # one weight changed in its last bit: another build under the same name
+    name = sorted(tensors)[0]
+    bits = tensors[name].clone().view(-1).view(torch.int32) if tensors[name].dtype == torch.float32 else None
+    assert bits is not None, tensors[name].dtype
+    bits[0] ^= 1
     other = tmp_path / "other" / tiny_ckpt.name
     other.parent.mkdir()
-    data = bytearray(tiny_ckpt.read_bytes())
-    data[-1] ^= 1
-    other.write_bytes(bytes(data))
-    assert start_record(RunConfig().update({"checkpoint_path": str(other)}))["sha256"] != digest
+    save_file({**tensors, name: bits.view(torch.float32).view(tensors[name].shape)}, str(other))
+    assert start_record(RunConfig().update({"checkpoint_path": str(other)}))["weights_sha256"] != digest
     # `pretrained: pretrain-clip` names the file of the pretraining (no digest while it is not made)
     made = RunConfig().update({"pretrained": "pretrain-clip", "data_root": str(tmp_path / "data"), "backbone": "tiny"})
-    assert start_record(made) == {"path": str(config_clip_path(made)), "sha256": None}
+    assert start_record(made) == {"path": str(config_clip_path(made)), "weights_sha256": None}
     assert start_record(RunConfig().update({"pretrained": "none"})) is None

@@ -69,14 +69,14 @@ SCALES: dict[str, dict] = {
         # global token alone), the protocols to the two single-source ones.
         "seeds": (0, 1, 2),
         "protocols": ("synth:A2B", "synth:C2D"),
-        # made on one thread, so that every machine of the same CPU kind makes the same bytes; ``sha256``: the build
-        # the study's runs start from since 2026-12-06 (session 14: an AMD EPYC with AVX-512 and native bfloat16,
+        # made on one thread, so that every machine of the same CPU kind makes the same weights; ``weights_sha256``:
+        # the build (:func:`muva_core.model.checkpoints.weights_sha256`) the study's runs start from since 2026-12-06 (session 14: an AMD EPYC with AVX-512 and native bfloat16,
         # torch 2.14.1; the first build, of the 15 runs before, was made on an AVX2 machine and differs in its last
         # bits: docs/evidence.md)
         "clip": {"folder": "clip-wide-one", "backbone": "mini", "image_size": (192, 96), "epochs": 16,
                  "scale": "pretrain-wide", "color_jitter": True, "loss": "multi_positive", "batch_granularity": "one",
                  "seed": 0, "threads": 1,
-                 "sha256": "7ae670293f9327bea3efbc37a09de152b89f677a107b681aa46ccbd6369ce615"},
+                 "weights_sha256": "61cd3bbc877732e8baa9412a5e3182761d915a0b5458b66d14471843d58ab3b3"},
         "overrides": {"synth_scale": "reid", "synth_root": "data/synthetic-reid", "backbone": "mini", "height": 192,
                       "width": 96, "pretrained": "none", "stage2_lr": 3.0e-4, "stage2_epochs": 28,
                       "lr_milestones": [24], "memory_rebuild": "train_pass", "num_workers": 0},
@@ -118,22 +118,22 @@ def scale_clip(scale: str, data_root: str | Path) -> dict | None:
     spec = SCALES[scale].get("clip")
     if spec is None:
         return None
-    args = {k: v for k, v in spec.items() if k not in ("folder", "sha256")}
+    args = {k: v for k, v in spec.items() if k not in ("folder", "weights_sha256")}
     return {"out_dir": resolve(data_root) / spec["folder"], **args}
 
 
 def clip_build_note(scale: str, path: str | Path) -> str | None:
     """A note when the CLIP file at ``path`` is not the build the study at ``scale`` names (its ``clip``'s
-    ``sha256``): runs from it start from other weights under the same name (the page counts the runs per build)."""
-    from ..model.checkpoints import file_sha256
+    ``weights_sha256``): runs from it start from other weights under the same name (the page counts the runs per build)."""
+    from ..model.checkpoints import weights_sha256
 
-    expected = (SCALES[scale].get("clip") or {}).get("sha256")
+    expected = (SCALES[scale].get("clip") or {}).get("weights_sha256")
     if not expected or not Path(path).is_file():
         return None
-    digest = file_sha256(path)
+    digest = weights_sha256(path)
     if digest == expected:
         return None
-    return (f"note: {portable(path)} is another build of the study's CLIP (SHA-256 {digest[:12]}, the study's runs "
+    return (f"note: {portable(path)} is another build of the study's CLIP (weights SHA-256 {digest[:12]}, the study's runs "
             f"since 2026-12-06 start from {expected[:12]}): its runs start from other weights of the same settings "
             "(made on another number of threads or another kind of CPU); the evidence page counts the runs per "
             "build")

@@ -309,9 +309,9 @@ def _precision(rec: dict) -> str:
 
 
 def _start(rec: dict) -> str:
-    """The first 12 hex digits of the SHA-256 of the CLIP file the run started from, as its record says (``""``
-    for runs from random weights or recorded before the digest was)."""
-    digest = (rec.get("start_checkpoint") or {}).get("sha256")
+    """The first 12 hex digits of the SHA-256 of the weights of the CLIP file the run started from, as its record
+    says (``""`` for runs from random weights or recorded before the digest was)."""
+    digest = (rec.get("start_checkpoint") or {}).get("weights_sha256")
     return str(digest)[:12] if digest else ""
 
 

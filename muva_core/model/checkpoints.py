@@ -11,14 +11,16 @@ the model imports nothing above it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 from pathlib import Path
 from typing import Sequence
 
 from ..paths import resolve
 
 __all__ = ["PRETRAINED_TAG", "CONFIG_CLIP_SEED", "pretrained_clip_file", "config_clip_dir", "config_clip_path",
-           "uses_pretrain_clip", "clip_start", "start_file", "start_record", "file_sha256"]
+           "uses_pretrain_clip", "clip_start", "start_file", "start_record", "file_sha256", "weights_sha256"]
 
 PRETRAINED_TAG = "pretrain-clip"
 """The ``pretrained`` value of a run configuration that starts from the CLIP of ``muva pretrain-clip``."""
@@ -86,13 +88,31 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a checkpoint's weights: for a ``.safetensors`` file, of its tensors (their names, dtypes,
+    shapes and bytes) and not of its metadata, which ``muva pretrain-clip`` fills with the build's report and which
+    safetensors writes in no fixed key order (two builds of the same weights differ in their file bytes); for other
+    files, of their bytes (:func:`file_sha256`)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return file_sha256(path)
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def start_record(cfg) -> dict | None:
-    """``{"path": <start file, as configured>, "sha256": <its digest>}`` for a run that starts from a CLIP file
-    (:func:`start_file`), so a run's record says which build of that file it started from (a CLIP re-made on
-    another machine has the same name); None when the run starts from random weights or an open_clip tag. The
-    digest is None when the file is gone."""
+    """``{"path": <start file, as configured>, "weights_sha256": <its weights' digest>}`` for a run that starts from
+    a CLIP file (:func:`start_file`), so a run's record says which build of that file it started from (a CLIP made
+    again on another machine keeps its name; :func:`weights_sha256`); None when the run starts from random weights
+    or an open_clip tag. The digest is None when the file is gone."""
     name = start_file(cfg)
     if name is None:
         return None
     path = resolve(name)
-    return {"path": str(name), "sha256": file_sha256(path) if path.is_file() else None}
+    return {"path": str(name), "weights_sha256": weights_sha256(path) if path.is_file() else None}

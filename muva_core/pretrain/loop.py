@@ -167,7 +167,7 @@ def pretrain_clip(out_dir: str | os.PathLike, backbone: str = "small", seed: int
                 on the test images of the domains it holds (``zero_shot["reid_domains"]``; not a setting)
     threads:    compute on this many CPU threads (default: torch's; not a setting). The weights' last bits follow
                 the thread count (float sums split across threads): the same settings on the same number of
-                threads and the same kind of CPU give the same bytes; the report records the count
+                threads and the same kind of CPU give the same weights; the report records the count
     options:    other :class:`PretrainConfig` fields (batch_size, lr, eval_images, ...)
 
     Returns at once when the checkpoint exists with the same settings.

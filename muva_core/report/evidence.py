@@ -128,9 +128,10 @@ def _precision_clause(runs: pd.DataFrame) -> str:
 
 def _start_clause(runs: pd.DataFrame) -> str:
     """Which builds of the CLIP file the runs started from (``start`` in the per-run table: the first digits of
-    the file's SHA-256), when the per-run table says: a CLIP re-made on another machine keeps its name."""
-    return _counted_clause(runs, "start", "The CLIP file each run started from, by its SHA-256 (`start` in the "
-                           "per-run table)", "from `{v}`")
+    the SHA-256 of the file's weights), when the per-run table says: a CLIP re-made on another machine keeps its
+    name."""
+    return _counted_clause(runs, "start", "The CLIP each run started from, by the SHA-256 of its weights (`start` "
+                           "in the per-run table)", "from `{v}`")
 
 
 def write_evidence(path: Path, claims: pd.DataFrame, runs: pd.DataFrame, scale: str, seeds, protocols,
