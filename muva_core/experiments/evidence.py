@@ -70,9 +70,9 @@ SCALES: dict[str, dict] = {
         "seeds": (0, 1, 2),
         "protocols": ("synth:A2B", "synth:C2D"),
         # made on one thread, so that every machine of the same CPU kind makes the same weights; ``weights_sha256``:
-        # the build (:func:`muva_core.model.checkpoints.weights_sha256`) the study's runs start from since 2026-12-06 (session 14: an AMD EPYC with AVX-512 and native bfloat16,
-        # torch 2.14.1; the first build, of the 15 runs before, was made on an AVX2 machine and differs in its last
-        # bits: docs/evidence.md)
+        # the build (:func:`muva_core.model.checkpoints.weights_sha256`) the study's runs start from since
+        # 2026-12-06 (session 14: an AMD EPYC with AVX-512 and native bfloat16, torch 2.14.1; the first build, of
+        # the 15 runs before, was made on an AVX2 machine and differs in its last bits: docs/evidence.md)
         "clip": {"folder": "clip-wide-one", "backbone": "mini", "image_size": (192, 96), "epochs": 16,
                  "scale": "pretrain-wide", "color_jitter": True, "loss": "multi_positive", "batch_granularity": "one",
                  "seed": 0, "threads": 1,
@@ -124,7 +124,8 @@ def scale_clip(scale: str, data_root: str | Path) -> dict | None:
 
 def clip_build_note(scale: str, path: str | Path) -> str | None:
     """A note when the CLIP file at ``path`` is not the build the study at ``scale`` names (its ``clip``'s
-    ``weights_sha256``): runs from it start from other weights under the same name (the page counts the runs per build)."""
+    ``weights_sha256``): runs from it start from other weights under the same name (the page counts the runs per
+    build)."""
     from ..model.checkpoints import weights_sha256
 
     expected = (SCALES[scale].get("clip") or {}).get("weights_sha256")
@@ -133,10 +134,10 @@ def clip_build_note(scale: str, path: str | Path) -> str | None:
     digest = weights_sha256(path)
     if digest == expected:
         return None
-    return (f"note: {portable(path)} is another build of the study's CLIP (weights SHA-256 {digest[:12]}, the study's runs "
-            f"since 2026-12-06 start from {expected[:12]}): its runs start from other weights of the same settings "
-            "(made on another number of threads or another kind of CPU); the evidence page counts the runs per "
-            "build")
+    return (f"note: {portable(path)} is another build of the study's CLIP (weights SHA-256 {digest[:12]}, the "
+            f"study's runs since 2026-12-06 start from {expected[:12]}): its runs start from other weights of the "
+            "same settings (made on another number of threads or another kind of CPU); the evidence page counts the "
+            "runs per build")
 
 
 def clip_command(spec: dict, reid_root: str | Path | None = None) -> str:

@@ -281,7 +281,8 @@ def run_sweep(cfg: RunConfig, table: int, seeds: Sequence[int] = (0,), variants:
             run = runs[f"{name}, seed {seed}"]
             rec = json.loads(run_record(run).read_text())
             row = {"variant": name, "seed": seed, "mAP": rec["metrics"]["mAP"], "Rank-1": rec["metrics"]["Rank-1"],
-                   "seconds": _seconds(run, rec), "precision": _precision(rec), "start": _start(rec), "run": run.run_dir}
+                   "seconds": _seconds(run, rec), "precision": _precision(rec), "start": _start(rec),
+                   "run": run.run_dir}
             iou = rec.get("mask_iou_truth") or {}
             row["mask IoU"] = float(np.mean(list(iou.values()))) if iou else np.nan
             held = [h["metrics"]["mAP"] for h in (rec.get("heldout_source") or {}).values()]
