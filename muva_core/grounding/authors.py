@@ -22,7 +22,6 @@ authors' loader gives it), basenames that match no image, and training images th
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 from collections import OrderedDict
@@ -33,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from ..data.samples import PARTS
+from ..io import file_digest
 from .voting import FORMAT, MaskStore, grid_shape, mask_statistics
 
 __all__ = ["CONVENTIONS", "UnsafePickleError", "ImportReport", "read_authors_pickle", "import_authors_masks",
@@ -229,14 +229,6 @@ class ImportReport:
         return "\n".join(lines)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def import_authors_masks(path: str | os.PathLike, datasets: Sequence, img_size: tuple[int, int] = (256, 128),
                          patch: int = 16, convention: str = "reference") -> tuple[MaskStore, ImportReport]:
     """The authors' mask pickle ``path`` as a :class:`MaskStore` over the images of ``datasets`` (parsed
@@ -319,7 +311,7 @@ def import_authors_masks(path: str | os.PathLike, datasets: Sequence, img_size: 
                                f"datasets e.g. {example}): is it the file of another dataset or layout?")
     meta = {"format": FORMAT, "grid": list(grid), "img_size": [int(v) for v in img_size], "patch": int(patch),
             "parts": list(PARTS), "source": AUTHORS_SOURCE, "authors_file": str(path.resolve()),
-            "authors_sha1": _file_digest(path), "convention": convention, "datasets": report.datasets,
+            "authors_sha1": file_digest(path, "sha1"), "convention": convention, "datasets": report.datasets,
             "rule": "imported", "import": {k: v for k, v in report.as_dict().items()
                                            if k in ("entries", "keys_written", "collisions_count", "unmatched_count",
                                                     "train", "values", "coverage")}}

@@ -17,10 +17,11 @@ import struct
 from pathlib import Path
 from typing import Sequence
 
+from ..io import file_digest
 from ..paths import resolve
 
 __all__ = ["PRETRAINED_TAG", "CONFIG_CLIP_SEED", "pretrained_clip_file", "config_clip_dir", "config_clip_path",
-           "uses_pretrain_clip", "clip_start", "start_file", "start_record", "file_sha256", "weights_sha256"]
+           "uses_pretrain_clip", "clip_start", "start_file", "start_record", "weights_sha256"]
 
 PRETRAINED_TAG = "pretrain-clip"
 """The ``pretrained`` value of a run configuration that starts from the CLIP of ``muva pretrain-clip``."""
@@ -79,23 +80,14 @@ def start_file(cfg) -> str | None:
     return cfg.model.checkpoint_path or None
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """The SHA-256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def weights_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 of a checkpoint's weights: for a ``.safetensors`` file, of its tensors (their names, dtypes,
     shapes and bytes) and not of its metadata, which ``muva pretrain-clip`` fills with the build's report and which
     safetensors writes in no fixed key order (two builds of the same weights differ in their file bytes); for other
-    files, of their bytes (:func:`file_sha256`)."""
+    files, of their bytes."""
     path = Path(path)
     if path.suffix != ".safetensors":
-        return file_sha256(path)
+        return file_digest(path)
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
